@@ -1,0 +1,120 @@
+//! Service configuration: a TOML file, then `BRATS_PREPROCESS_*` environment overrides, then
+//! command-line flags. Every default is documented on its field.
+
+use anyhow::Context;
+use brats_core::StoreConfig;
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix of overrides; nested keys use `__`, e.g. `BRATS_PREPROCESS_STORE__S3_ENDPOINT`.
+pub const ENV_PREFIX: &str = "BRATS_PREPROCESS_";
+
+/// Everything `brats-preprocess serve` can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// gRPC listen address; default `127.0.0.1:50051`.
+    pub listen: String,
+    /// Prometheus `/metrics` listen address; default `127.0.0.1:9464`; empty disables it.
+    pub metrics_listen: String,
+    /// Where outputs go when a request names no `output_uri`: a `file://` path or `s3://bucket/prefix`;
+    /// default `file:data` (relative to the working directory).
+    pub output_root: String,
+    /// Cases preprocessed at once (each holds ~0.5 GB for a full-size case); default 2.
+    pub max_parallel: usize,
+    /// Requests waiting beyond the running ones before RESOURCE_EXHAUSTED; default 16.
+    pub max_queue: usize,
+    /// Largest size per axis accepted; default 1024.
+    pub max_axis: usize,
+    /// Largest voxel count accepted per volume; default 2^28.
+    pub max_voxels: usize,
+    /// Seconds to finish running requests on shutdown; default 30.
+    pub shutdown_grace_s: u64,
+    /// S3 settings (the `AWS_*` variables apply when unset).
+    pub store: StoreConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            listen: "127.0.0.1:50051".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            output_root: "file:data".into(),
+            max_parallel: 2,
+            max_queue: 16,
+            max_axis: 1024,
+            max_voxels: 1 << 28,
+            shutdown_grace_s: 30,
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Loads the file (when given), then applies environment overrides.
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut value = toml::Value::try_from(ServiceConfig::default())?;
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).with_context(|| format!("config file {}", p.display()))?;
+            let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
+            merge(&mut value, file);
+        }
+        for (k, v) in std::env::vars() {
+            let Some(key) = k.strip_prefix(ENV_PREFIX) else { continue };
+            if key == "CONFIG" {
+                continue;
+            }
+            let path: Vec<String> = key.to_ascii_lowercase().split("__").map(str::to_string).collect();
+            // Numbers and booleans parse as TOML scalars; anything else is a string.
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|t| t.get("v").cloned())
+                .unwrap_or(toml::Value::String(v.clone()));
+            let mut overlay = parsed;
+            for seg in path.iter().rev() {
+                let mut t = toml::Table::new();
+                t.insert(seg.clone(), overlay);
+                overlay = toml::Value::Table(t);
+            }
+            merge(&mut value, overlay);
+        }
+        let cfg: ServiceConfig = value
+            .try_into()
+            .with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
+        anyhow::ensure!(cfg.max_parallel >= 1, "max_parallel must be at least 1");
+        Ok(cfg)
+    }
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "max_parallel = 3\n[store]\ns3_region = \"eu-west-1\"\n").unwrap();
+        let cfg = ServiceConfig::load(Some(&p)).unwrap();
+        assert_eq!(cfg.max_parallel, 3);
+        assert_eq!(cfg.store.s3_region.as_deref(), Some("eu-west-1"));
+        assert_eq!(cfg.listen, "127.0.0.1:50051");
+        std::fs::write(&p, "max_paralel = 3\n").unwrap();
+        assert!(ServiceConfig::load(Some(&p)).is_err());
+    }
+}

