@@ -271,7 +271,7 @@ pub fn preprocess(
         CropMode::None => CropBox::full(shape),
         CropMode::Center => transforms::center_crop_box(shape, options.crop_size),
         CropMode::Random => transforms::random_crop_box(shape, options.crop_size, draws.crop_start),
-        CropMode::Foreground => transforms::foreground_box(&image, 4, shape, options.foreground_multiple)
+        CropMode::Foreground => transforms::foreground_box(&image, 4, shape, options.foreground_multiple, 0)
             .ok_or_else(|| CoreError::invalid("crop=foreground: the image has no voxel > 0 after normalisation; use crop=none or center"))?,
     };
     if crop_box != CropBox::full(shape) {

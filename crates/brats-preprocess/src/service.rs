@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
+use sha2::{Digest, Sha256};
 use tracing::{Instrument, info, info_span, warn};
 
 /// Prometheus instruments of the service.
@@ -125,7 +126,7 @@ impl PreprocessService {
 impl ServiceState {
 
     /// Runs one case in a concurrency slot, refusing when too many are already waiting.
-    async fn run_in_slot(&self, job: CaseJob) -> Result<CaseOutput, Status> {
+    async fn run_in_slot(&self, job: CaseJob, root: &StoreUri) -> Result<CaseOutput, Status> {
         if self.slots.available_permits() == 0 && self.metrics.queued.get() as usize >= self.max_waiting {
             return Err(Status::resource_exhausted(format!(
                 "{} cases are running and {} waiting; retry later or raise max_queue",
@@ -137,7 +138,7 @@ impl ServiceState {
         self.metrics.queued.dec();
         let _permit = permit.map_err(|_| Status::unavailable("the service is shutting down; retry on another instance"))?;
         self.metrics.in_flight.inc();
-        let result = jobs::run_case(self.stores.clone(), job, &self.root, self.limits).await;
+        let result = jobs::run_case(self.stores.clone(), job, root, self.limits).await;
         self.metrics.in_flight.dec();
         match &result {
             Ok(out) => {
@@ -169,6 +170,30 @@ pub fn to_status(e: CoreError) -> Status {
         ErrorKind::NotFound => Status::not_found(msg),
         ErrorKind::Unavailable => Status::unavailable(msg),
         ErrorKind::Internal => Status::internal(msg),
+    }
+}
+
+/// The canonical upper-case name of a status code (`INVALID_ARGUMENT`, …).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -282,7 +307,7 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
             let output = if req.output_uri.is_empty() { None } else { Some(parse_uri("output_uri", &req.output_uri)?) };
             let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), req.seed)?;
             let job = CaseJob { case_id: case_id.clone(), images, label, options, output, force: req.force };
-            let out = self.run_in_slot(job).await?;
+            let out = self.run_in_slot(job, &self.root).await?;
             info!(reused = out.reused, seconds = started.elapsed().as_secs_f64(), "case done");
             Ok(Response::new(pb::PreprocessCaseResponse {
                 case_id: out.case_id,
@@ -327,6 +352,10 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                 return Err(s);
             }
         };
+        let dataset_key = {
+            let record = serde_json::json!({"datalist": datalist.to_string(), "sections": req.sections, "options": options, "pipeline": crate::pipeline::PIPELINE_VERSION});
+            hex::encode(&Sha256::digest(record.to_string().as_bytes())[..8])
+        };
         let parallel = if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
         let total = cases.len() as u32;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -340,15 +369,17 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                     let root = output_root.clone();
                     async move {
                         let t = Instant::now();
+                        // Each case draws its own crop from a seed derived from its id.
+                        let seed = u64::from_le_bytes(Sha256::digest(c.case_id.as_bytes())[..8].try_into().unwrap());
                         let job = CaseJob {
                             case_id: c.case_id.clone(),
                             images: c.images,
                             label: c.label,
-                            options,
-                            output: Some(root.join(&format!("cases/{}/prep", c.case_id))),
+                            options: Options { seed, ..options },
+                            output: None,
                             force,
                         };
-                        let r = this.run_in_slot(job).await;
+                        let r = this.run_in_slot(job, &root).await;
                         (c.case_id, c.section, r, t.elapsed().as_secs_f64())
                     }
                 }))
@@ -356,9 +387,9 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                 let (mut completed, mut reused, mut failed) = (0u32, 0u32, 0u32);
                 let mut manifest: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
                 while let Some((case_id, section, r, seconds)) = results.next().await {
+                    completed += 1;
                     let outcome = match r {
                         Ok(out) => {
-                            completed += 1;
                             reused += out.reused as u32;
                             manifest.entry(section.clone()).or_default().push(serde_json::json!({
                                 "case_id": case_id, "tensors": out.tensors_uri.to_string(), "metadata": out.metadata_uri.to_string()
@@ -367,7 +398,7 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                         }
                         Err(s) => {
                             failed += 1;
-                            pb::CaseOutcome { case_id, section, error: s.message().to_string(), error_code: format!("{:?}", s.code()), seconds, ..Default::default() }
+                            pb::CaseOutcome { case_id, section, error: s.message().to_string(), error_code: code_name(s.code()).to_string(), seconds, ..Default::default() }
                         }
                     };
                     let progress = pb::PreprocessDatasetProgress { total, completed, reused, failed, case: Some(outcome), ..Default::default() };
@@ -376,7 +407,7 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                         return;
                     }
                 }
-                let manifest_uri = output_root.join(&format!("datasets/{}-manifest.json", datalist.file_name().trim_end_matches(".json")));
+                let manifest_uri = output_root.join(&format!("datasets/{dataset_key}/manifest.json"));
                 let body = serde_json::json!({ "datalist": datalist.to_string(), "pipeline_version": crate::pipeline::PIPELINE_VERSION, "cases": manifest });
                 let manifest_written = this.stores.put(&manifest_uri, Bytes::from(serde_json::to_vec_pretty(&body).unwrap())).await;
                 let last = match manifest_written {

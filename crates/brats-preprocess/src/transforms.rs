@@ -94,11 +94,12 @@ pub fn random_crop_box(shape: [usize; 3], roi: [usize; 3], start: [usize; 3]) ->
     b
 }
 
-/// MONAI `CropForeground(select_fn=x > 0 on any channel, margin=0, k_divisible=k)`: the tight
-/// box of foreground voxels, grown to a multiple of `k` per axis by moving the start back by
-/// half the growth (floor) — so it may reach outside the volume, where it is zero-padded.
-/// `None` when there is no foreground.
-pub fn foreground_box(image: &[f32], channels: usize, shape: [usize; 3], k: usize) -> Option<CropBox> {
+/// MONAI `CropForeground(select_fn=x > 0 on any channel, margin=margin, k_divisible=k,
+/// allow_smaller=False)`: the tight box of foreground voxels, first grown by `margin` on both
+/// sides (not clamped to the volume), then grown to a multiple of `k` per axis by moving the
+/// start back by half the growth (floor) — so it may reach outside the volume, where it is
+/// zero-padded. `None` when there is no foreground.
+pub fn foreground_box(image: &[f32], channels: usize, shape: [usize; 3], k: usize, margin: usize) -> Option<CropBox> {
     let [nx, ny, nz] = shape;
     let n = nx * ny * nz;
     let (mut lo, mut hi) = ([usize::MAX; 3], [0usize; 3]);
@@ -122,9 +123,11 @@ pub fn foreground_box(image: &[f32], channels: usize, shape: [usize; 3], k: usiz
     }
     let mut b = CropBox::default();
     for a in 0..3 {
-        let size = hi[a] - lo[a];
+        // The margin box: may start before 0 and end past the volume.
+        let start = lo[a] as i64 - margin as i64;
+        let size = hi[a] - lo[a] + 2 * margin;
         let target = if k > 0 { size.div_ceil(k) * k } else { size };
-        b.start[a] = lo[a] as i64 - ((target - size) / 2) as i64;
+        b.start[a] = start - ((target - size) / 2) as i64;
         b.size[a] = target;
     }
     Some(b)
@@ -230,8 +233,13 @@ mod tests {
         let shape = [6, 5, 4];
         let mut img = vec![0f32; 120];
         img[(2 * 5 + 1) * 4 + 3] = 1.0; // voxel (2,1,3)
-        let b = foreground_box(&img, 1, shape, 8).unwrap();
+        let b = foreground_box(&img, 1, shape, 8, 0).unwrap();
         assert_eq!(b, CropBox { start: [-1, -2, 0], size: [8, 8, 8] });
+        // Margin 1 grows the 1-voxel box to 3 (start − 1) before rounding up to 8 (start − 5 / 2):
+        // the same box here; with k = 1 the margin alone shows, unclamped.
+        assert_eq!(foreground_box(&img, 1, shape, 8, 1).unwrap(), CropBox { start: [-1, -2, 0], size: [8, 8, 8] });
+        assert_eq!(foreground_box(&img, 1, shape, 1, 2).unwrap(), CropBox { start: [0, -1, 1], size: [5, 5, 5] });
+        assert_eq!(foreground_box(&[0f32; 120], 1, shape, 8, 1), None);
         let c = crop(&img, 1, shape, &b);
         assert_eq!(c.len(), 512);
         assert_eq!(c[(3 * 8 + 3) * 8 + 3], 1.0);

@@ -1,0 +1,153 @@
+//! Test harness: real servers on loopback (our services in-process, moto as the S3-compatible
+//! store in a child process) and synthetic cases written as real NIfTI files.
+#![allow(dead_code)]
+
+use brats_preprocess::config::ServiceConfig;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A moto S3 server on a free loopback port, killed on drop.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Moto {
+    /// Starts moto (installed by `make bootstrap` into .deps/venv) and creates `bucket`.
+    pub async fn start(bucket: &str) -> Moto {
+        let bin = std::env::var("BRATS_MOTO_SERVER").unwrap_or_else(|_| ".deps/venv/bin/moto_server".into());
+        assert!(
+            Path::new(&bin).exists(),
+            "moto_server not found at {bin}: run `make bootstrap` (scripts/bootstrap.sh) to install the S3 test server"
+        );
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((code, _)) = http("PUT", port, &format!("/{bucket}")).await {
+                assert!(code == 200, "creating bucket {bucket} answered HTTP {code}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "moto did not answer within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        moto
+    }
+
+    /// Store settings that reach this server.
+    pub fn store_config(&self) -> brats_core::StoreConfig {
+        brats_core::StoreConfig {
+            s3_endpoint: Some(self.endpoint.clone()),
+            s3_region: Some("us-east-1".into()),
+            s3_access_key_id: Some("testing".into()),
+            s3_secret_access_key: Some("testing".into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request on loopback; returns status code and body.
+pub async fn http(method: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A preprocessing service running in this process on loopback.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub metrics_port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    pub async fn start(mut cfg: ServiceConfig) -> Service {
+        let metrics_port = free_port();
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.metrics_listen = format!("127.0.0.1:{metrics_port}");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(brats_preprocess::server::serve(
+            cfg,
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(addr_tx),
+        ));
+        let addr = addr_rx.await.expect("service bound");
+        Service { addr, metrics_port, stop: Some(stop_tx), handle: Some(handle) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> brats_proto::v1::preprocessor_client::PreprocessorClient<tonic::transport::Channel> {
+        brats_proto::v1::preprocessor_client::PreprocessorClient::connect(self.url()).await.unwrap()
+    }
+
+    /// Graceful shutdown; returns the server's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.take().unwrap().await.unwrap()
+    }
+}
+
+/// Writes a synthetic case as real `.nii.gz` files; returns (images T1c..FLAIR, label).
+pub fn synth_case(dir: &Path, id: &str, shape: [usize; 3], seed: u64) -> ([PathBuf; 4], PathBuf) {
+    let case = brats_preprocess::synthetic::generate(&brats_preprocess::synthetic::SyntheticSpec::new(shape, seed));
+    let f = brats_preprocess::synthetic::write_case(&case, dir, id).unwrap();
+    (f.images, f.label)
+}
+
+pub fn file_uri(p: &Path) -> String {
+    format!("file://{}", p.display())
+}
+
+/// Every file below `dir`, relative, sorted.
+pub fn list_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(base, &p, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
