@@ -1,0 +1,12 @@
+//! ONNX Runtime inference for SegResNet segmentation models.
+//!
+//! The runtime library is loaded at run time (`ort`'s `load-dynamic`: the ONNX Runtime 1.31
+//! shared library that `scripts/bootstrap.sh` installs, named by `ORT_DYLIB_PATH`), so the
+//! binaries build without it and report a clear error when it is missing.
+//!
+//! [`SegmentationModel`] enforces the platform's model contract: input `image`
+//! `[N, 4, X, Y, Z]` float32, output `logits` `[N, 3, X, Y, Z]` float32.
+
+pub mod runtime;
+
+pub use runtime::{InferenceError, SegmentationModel, SessionOptions};
