@@ -121,7 +121,11 @@ install_venv() {
 
 pin_hash() { local want=$1 pin; for pin in "${pins[@]}"; do set -- $pin; [ "${1%%==*}" = "$want" ] && { echo "$2"; return; }; done; log "no pin for $want"; exit 1; }
 
-fetch_wheels
+installed() {
+  [ -f "$deps/libtorch/.stamp-2.11.0" ] && [ -f "$deps/onnxruntime/libonnxruntime.so.1.31.0" ] &&
+    [ -x "$deps/protoc/bin/protoc" ]
+}
+installed || fetch_wheels
 install_libtorch
 install_onnxruntime
 install_protoc

@@ -104,7 +104,8 @@ async fn case_through_s3_store() {
     };
     let resp = client.preprocess_case(req.clone()).await.unwrap().into_inner();
     assert!(resp.tensors_uri.starts_with("s3://brats/out/cases/s1/prep/"), "{}", resp.tensors_uri);
-    let got = CaseTensors::from_bytes(&stores.get(&StoreUri::parse(&resp.tensors_uri).unwrap()).await.unwrap(), "s3").unwrap();
+    let got = CaseTensors::from_bytes(&stores.get(&StoreUri::parse(&resp.tensors_uri).unwrap()).await.unwrap(), "s3")
+        .unwrap();
     let want = direct(&images, &label);
     assert_eq!(got.image, want.image);
     assert_eq!(got.label, want.label);
@@ -130,7 +131,9 @@ async fn dataset_streams_progress_reports_failures_and_resumes() {
     for (i, seed) in [21u64, 22].iter().enumerate() {
         let (images, label) = synth_case(&data, &format!("ds{i}"), [32, 32, 24], *seed);
         let rel = |p: &Path| p.file_name().unwrap().to_string_lossy().to_string();
-        entries.push(serde_json::json!({"image": images.iter().map(|p| rel(p)).collect::<Vec<_>>(), "label": rel(&label)}));
+        entries.push(
+            serde_json::json!({"image": images.iter().map(|p| rel(p)).collect::<Vec<_>>(), "label": rel(&label)}),
+        );
     }
     // A broken case: one modality does not exist.
     let broken = serde_json::json!({"image": ["ds9-t1c.nii.gz", "ds0-t1n.nii.gz", "ds0-t2w.nii.gz", "ds0-t2f.nii.gz"]});
@@ -147,7 +150,11 @@ async fn dataset_streams_progress_reports_failures_and_resumes() {
         let mut client = client.clone();
         let req = pb::PreprocessDatasetRequest {
             datalist_uri: file_uri(&datalist),
-            crop: Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![16, 16, 16], foreground_multiple: 0 }),
+            crop: Some(pb::CropSpec {
+                mode: pb::CropMode::Random as i32,
+                size: vec![16, 16, 16],
+                foreground_multiple: 0,
+            }),
             force,
             ..Default::default()
         };
@@ -169,15 +176,25 @@ async fn dataset_streams_progress_reports_failures_and_resumes() {
     assert_eq!(failed[0].error_code, "NOT_FOUND");
     assert!(failed[0].error.contains("ds9-t1c.nii.gz"), "{}", failed[0].error);
     let manifest = StoreUri::parse(&last.manifest_uri).unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&Stores::new(Default::default()).get(&manifest).await.unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&Stores::new(Default::default()).get(&manifest).await.unwrap()).unwrap();
     assert_eq!(manifest["cases"]["training"].as_array().unwrap().len(), 1);
     assert_eq!(manifest["cases"]["validation"].as_array().unwrap().len(), 1);
     // Random crops of 16³ were taken.
     let ok = msgs.iter().filter_map(|m| m.case.as_ref()).find(|c| c.error.is_empty()).unwrap();
-    let t = CaseTensors::from_bytes(&std::fs::read(StoreUri::parse(&ok.tensors_uri).map(|u| match u {
-        StoreUri::File(p) => p,
-        _ => unreachable!(),
-    }).unwrap()).unwrap(), "t").unwrap();
+    let t = CaseTensors::from_bytes(
+        &std::fs::read(
+            StoreUri::parse(&ok.tensors_uri)
+                .map(|u| match u {
+                    StoreUri::File(p) => p,
+                    _ => unreachable!(),
+                })
+                .unwrap(),
+        )
+        .unwrap(),
+        "t",
+    )
+    .unwrap();
     assert_eq!(t.metadata.shape, [16, 16, 16]);
 
     // A re-run reuses every finished case: it costs nothing and resumes a crashed run.
@@ -225,7 +242,18 @@ async fn bad_inputs_get_clear_statuses_and_leave_nothing_behind() {
     let bad_label = input.join("badlabel.nii.gz");
     let mut lab = vec![0u8; 48 * 40 * 32];
     lab[100] = 3;
-    std::fs::write(&bad_label, write_nifti(&lab, SHAPE, &[[1.0, 0.0, 0.0, -24.0], [0.0, 1.0, 0.0, -20.0], [0.0, 0.0, 1.0, -16.0], [0.0, 0.0, 0.0, 1.0]], None, Some(1)).unwrap()).unwrap();
+    std::fs::write(
+        &bad_label,
+        write_nifti(
+            &lab,
+            SHAPE,
+            &[[1.0, 0.0, 0.0, -24.0], [0.0, 1.0, 0.0, -20.0], [0.0, 0.0, 1.0, -16.0], [0.0, 0.0, 0.0, 1.0]],
+            None,
+            Some(1),
+        )
+        .unwrap(),
+    )
+    .unwrap();
 
     let with = |i: usize, p: &Path| {
         let mut v = images.to_vec();
@@ -238,7 +266,12 @@ async fn bad_inputs_get_clear_statuses_and_leave_nothing_behind() {
         ("three modalities", request(&images[..3], &label, "e3"), Code::InvalidArgument, "image_uris"),
         ("2D data", request(&with(0, &flat), &label, "e4"), Code::InvalidArgument, "3D"),
         ("truncated gzip", request(&with(3, &truncated_gz), &label, "e5"), Code::InvalidArgument, "truncated.nii.gz"),
-        ("truncated body", request(&with(0, &truncated_body), &label, "e6"), Code::InvalidArgument, "truncated NIfTI body"),
+        (
+            "truncated body",
+            request(&with(0, &truncated_body), &label, "e6"),
+            Code::InvalidArgument,
+            "truncated NIfTI body",
+        ),
         ("NaN voxels", request(&with(0, &nan), &label, "e7"), Code::InvalidArgument, "NaN"),
         ("absurd dimensions", request(&with(0, &absurd), &label, "e8"), Code::InvalidArgument, "absurd.nii"),
         ("unsupported dtype", request(&with(0, &complex), &label, "e9"), Code::InvalidArgument, "complex64"),
@@ -314,12 +347,19 @@ async fn health_reflection_metrics_backpressure_and_graceful_shutdown() {
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::{ServerReflectionRequest, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
     let mut refl = ServerReflectionClient::new(channel.clone());
-    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
     let msg = resp.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("unexpected reflection answer") };
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer")
+    };
     let names: Vec<_> = list.service.iter().map(|s| s.name.clone()).collect();
     assert!(names.contains(&"brats.v1.Preprocessor".to_string()), "{names:?}");
 

@@ -117,9 +117,7 @@ pub fn decompress<'a>(bytes: &'a [u8], file: &str, max_out: usize) -> Result<Cow
         return Ok(Cow::Borrowed(bytes));
     }
     let corrupt = |why: &str| {
-        CoreError::invalid(format!(
-            "{file}: corrupt or truncated gzip data ({why}); re-export or re-download the file"
-        ))
+        CoreError::invalid(format!("{file}: corrupt or truncated gzip data ({why}); re-export or re-download the file"))
     };
     if bytes.len() < 18 {
         return Err(corrupt("shorter than a gzip header"));
@@ -241,7 +239,8 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
     let mut non_finite = 0usize;
     for f in 0..frames {
         let src = &body[f * frame_len * dtype.size()..(f + 1) * frame_len * dtype.size()];
-        non_finite += to_c_order(src, dtype, big_endian, slope, inter, shape, &mut data[f * frame_len..(f + 1) * frame_len]);
+        non_finite +=
+            to_c_order(src, dtype, big_endian, slope, inter, shape, &mut data[f * frame_len..(f + 1) * frame_len]);
     }
     if non_finite > 0 {
         return Err(CoreError::invalid(format!(
@@ -254,7 +253,15 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
 }
 
 /// Converts one Fortran-order frame to f32 in C order; returns how many values were not finite.
-fn to_c_order(src: &[u8], dtype: Dtype, big_endian: bool, slope: f64, inter: f64, shape: [usize; 3], out: &mut [f32]) -> usize {
+fn to_c_order(
+    src: &[u8],
+    dtype: Dtype,
+    big_endian: bool,
+    slope: f64,
+    inter: f64,
+    shape: [usize; 3],
+    out: &mut [f32],
+) -> usize {
     let [nx, ny, nz] = shape;
     let plane = ny * nz;
     let scaled = slope != 1.0 || inter != 0.0;

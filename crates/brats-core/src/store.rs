@@ -189,7 +189,10 @@ impl Stores {
                 let mut b = AmazonS3Builder::new()
                     .with_bucket_name(bucket)
                     .with_region(
-                        c.s3_region.clone().or_else(|| StoreConfig::env("AWS_REGION")).unwrap_or_else(|| "us-east-1".into()),
+                        c.s3_region
+                            .clone()
+                            .or_else(|| StoreConfig::env("AWS_REGION"))
+                            .unwrap_or_else(|| "us-east-1".into()),
                     )
                     .with_retry(RetryConfig {
                         max_retries: c.max_retries.unwrap_or(2),
@@ -212,7 +215,8 @@ impl Stores {
                     b = b.with_secret_access_key(k);
                 }
                 let s: Arc<dyn ObjectStore> = Arc::new(
-                    b.build().map_err(|e| CoreError::invalid(format!("{uri}: cannot configure the S3 client ({e})")))?,
+                    b.build()
+                        .map_err(|e| CoreError::invalid(format!("{uri}: cannot configure the S3 client ({e})")))?,
                 );
                 buckets.insert(bucket.clone(), s.clone());
                 Ok((s, path))
@@ -249,10 +253,7 @@ impl Stores {
     pub async fn head(&self, uri: &StoreUri) -> Result<ObjectVersion> {
         let (store, path) = self.store(uri)?;
         let meta = store.head(&path).await.map_err(|e| map_err(uri, e))?;
-        Ok(ObjectVersion {
-            size: meta.size,
-            version: meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339()),
-        })
+        Ok(ObjectVersion { size: meta.size, version: meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339()) })
     }
 
     /// Deletes an object; a missing one is not an error.

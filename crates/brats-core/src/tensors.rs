@@ -68,13 +68,11 @@ impl CaseTensors {
     pub fn from_bytes(bytes: &[u8], file: &str) -> Result<Self> {
         let st = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| CoreError::invalid(format!("{file}: not a readable safetensors file ({e})")))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
-            .map_err(|e| CoreError::invalid(format!("{file}: {e}")))?;
-        let meta_json = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get(METADATA_KEY))
-            .ok_or_else(|| CoreError::invalid(format!("{file}: has no '{METADATA_KEY}' metadata; was it written by brats-preprocess?")))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| CoreError::invalid(format!("{file}: {e}")))?;
+        let meta_json = header.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)).ok_or_else(|| {
+            CoreError::invalid(format!("{file}: has no '{METADATA_KEY}' metadata; was it written by brats-preprocess?"))
+        })?;
         let metadata: CaseMetadata = serde_json::from_str(meta_json)
             .map_err(|e| CoreError::invalid(format!("{file}: metadata is not valid ({e})")))?;
         let [x, y, z] = metadata.shape;
@@ -124,11 +122,7 @@ mod tests {
             has_label: true,
             ..Default::default()
         };
-        let t = CaseTensors {
-            image: (0..16).map(|v| v as f32 / 3.0).collect(),
-            label: Some(vec![1; 12]),
-            metadata,
-        };
+        let t = CaseTensors { image: (0..16).map(|v| v as f32 / 3.0).collect(), label: Some(vec![1; 12]), metadata };
         let bytes = t.to_bytes().unwrap();
         assert_eq!(CaseTensors::from_bytes(&bytes, "x").unwrap(), t);
         let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

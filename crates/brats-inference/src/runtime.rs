@@ -109,17 +109,24 @@ impl SegmentationModel {
             .with_memory_pattern(options.memory_pattern)
             .map_err(|e| InferenceError::Model(e.to_string()))?;
         if options.intra_threads > 0 {
-            builder = builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Model(e.to_string()))?;
+            builder =
+                builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Model(e.to_string()))?;
         }
         let session = builder
             .commit_from_memory(onnx)
             .map_err(|e| InferenceError::Model(format!("not a loadable ONNX model ({e})")))?;
         let names = |o: &[ort::value::Outlet]| o.iter().map(|x| x.name().to_string()).collect::<Vec<_>>();
         if session.inputs().len() != 1 || session.inputs()[0].name() != INPUT {
-            return Err(InferenceError::Model(format!("inputs are {:?}; expected exactly ['{INPUT}']", names(session.inputs()))));
+            return Err(InferenceError::Model(format!(
+                "inputs are {:?}; expected exactly ['{INPUT}']",
+                names(session.inputs())
+            )));
         }
         if session.outputs().len() != 1 || session.outputs()[0].name() != OUTPUT {
-            return Err(InferenceError::Model(format!("outputs are {:?}; expected exactly ['{OUTPUT}']", names(session.outputs()))));
+            return Err(InferenceError::Model(format!(
+                "outputs are {:?}; expected exactly ['{OUTPUT}']",
+                names(session.outputs())
+            )));
         }
         check_outlet("input", INPUT, session.inputs()[0].dtype(), IN_CHANNELS)?;
         check_outlet("output", OUTPUT, session.outputs()[0].dtype(), OUT_CHANNELS)?;
@@ -143,7 +150,10 @@ impl SegmentationModel {
             outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| InferenceError::Run(e.to_string()))?;
         let expected = [shape[0] as i64, OUT_CHANNELS, shape[2] as i64, shape[3] as i64, shape[4] as i64];
         if out_shape[..] != expected[..] {
-            return Err(InferenceError::Model(format!("returned logits of shape {:?}; expected {expected:?}", &out_shape[..])));
+            return Err(InferenceError::Model(format!(
+                "returned logits of shape {:?}; expected {expected:?}",
+                &out_shape[..]
+            )));
         }
         Ok(data.to_vec())
     }
@@ -160,10 +170,11 @@ mod tests {
     /// The committed 1×1×1 conv head (tests/monai/make_onnx_smoke_fixture.py) computed by hand.
     #[test]
     fn runs_the_contract_model_on_cpu() {
-        let model = SegmentationModel::load(&default_library(), &fixture("pointwise_head.onnx"), &SessionOptions {
-            intra_threads: 1,
-            ..Default::default()
-        })
+        let model = SegmentationModel::load(
+            &default_library(),
+            &fixture("pointwise_head.onnx"),
+            &SessionOptions { intra_threads: 1, ..Default::default() },
+        )
         .expect("ONNX Runtime 1.31 loads (make bootstrap)");
         let shape = [2, 4, 3, 2, 5];
         let n = 3 * 2 * 5;

@@ -106,10 +106,7 @@ pub async fn run_case(stores: Arc<Stores>, job: CaseJob, root: &StoreUri, limits
     let versions = futures::future::try_join_all(all.iter().map(|u| stores.head(u))).await?;
     let ident: Vec<(String, ObjectVersion)> = all.iter().map(|u| u.to_string()).zip(versions).collect();
     let key = cache_key(&job.options, &ident);
-    let prefix = job
-        .output
-        .clone()
-        .unwrap_or_else(|| root.join(&format!("cases/{}/prep/{}", job.case_id, &key[..16])));
+    let prefix = job.output.clone().unwrap_or_else(|| root.join(&format!("cases/{}/prep/{}", job.case_id, &key[..16])));
     let tensors_uri = prefix.join(TENSORS_FILE);
     let metadata_uri = prefix.join(SIDECAR_FILE);
     let mut timings = vec![("check".to_string(), started.elapsed().as_secs_f64())];
@@ -152,7 +149,12 @@ pub async fn run_case(stores: Arc<Stores>, job: CaseJob, root: &StoreUri, limits
 
     let t = Instant::now();
     stores.put(&tensors_uri, encoded).await?;
-    let sidecar = Sidecar { cache_key: key, tensors_uri: tensors_uri.to_string(), metadata: metadata.clone(), timings: timings.clone() };
+    let sidecar = Sidecar {
+        cache_key: key,
+        tensors_uri: tensors_uri.to_string(),
+        metadata: metadata.clone(),
+        timings: timings.clone(),
+    };
     let json = serde_json::to_vec_pretty(&sidecar).map_err(|e| CoreError::Internal(e.to_string()))?;
     if let Err(e) = stores.put(&metadata_uri, Bytes::from(json)).await {
         // Without its sidecar the tensor file is an orphan: remove it rather than leave half a case.
@@ -188,8 +190,9 @@ pub struct DatalistCase {
 /// resolving relative paths against `base`; ids come from the first image's file name with
 /// the modality suffix removed.
 pub fn parse_datalist(json: &[u8], base: &StoreUri, sections: &[String], source: &str) -> Result<Vec<DatalistCase>> {
-    let v: serde_json::Value = serde_json::from_slice(json)
-        .map_err(|e| CoreError::invalid(format!("{source}: not valid JSON ({e}); expected a MONAI decathlon datalist")))?;
+    let v: serde_json::Value = serde_json::from_slice(json).map_err(|e| {
+        CoreError::invalid(format!("{source}: not valid JSON ({e}); expected a MONAI decathlon datalist"))
+    })?;
     let resolve = |p: &str| -> Result<StoreUri> {
         if p.contains("://") || p.starts_with('/') || p.starts_with("file:") {
             StoreUri::parse(p)
@@ -216,7 +219,10 @@ pub fn parse_datalist(json: &[u8], base: &StoreUri, sections: &[String], source:
                 _ => return Err(CoreError::invalid(format!("{field}: missing 'image' (4 paths T1c, T1, T2, FLAIR)"))),
             };
             if images.len() != 4 && images.len() != 1 {
-                return Err(CoreError::invalid(format!("{field}.image has {} paths; give 4 (T1c, T1, T2, FLAIR)", images.len())));
+                return Err(CoreError::invalid(format!(
+                    "{field}.image has {} paths; give 4 (T1c, T1, T2, FLAIR)",
+                    images.len()
+                )));
             }
             let label = match item.get("label") {
                 Some(serde_json::Value::String(s)) => Some(resolve(s)?),
@@ -252,7 +258,8 @@ fn derive_case_id(first_image: &str) -> String {
             }
         }
     }
-    let id: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    let id: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
     let id = id.trim_start_matches('.').to_string();
     if id.is_empty() { "case".into() } else { id.chars().take(100).collect() }
 }
@@ -272,7 +279,8 @@ mod tests {
         assert_eq!(cases[0].images[0].to_string(), "s3://b/data/a/BraTS-001-t1c.nii.gz");
         assert_eq!(cases[1].case_id, "BraTS-002");
         assert!(cases[1].label.is_none());
-        let e = parse_datalist(br#"{"training":[{"image":["a","b"]}]}"#, &base, &["training".into()], "dl.json").unwrap_err();
+        let e = parse_datalist(br#"{"training":[{"image":["a","b"]}]}"#, &base, &["training".into()], "dl.json")
+            .unwrap_err();
         assert!(e.to_string().contains("training[0].image has 2 paths"), "{e}");
         assert!(parse_datalist(b"{", &base, &["training".into()], "dl.json").is_err());
     }

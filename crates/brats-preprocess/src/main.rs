@@ -123,7 +123,18 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Run { image, label, label_convention, crop, crop_size, seed, flip, intensity_scale, intensity_shift, out } => {
+        Command::Run {
+            image,
+            label,
+            label_convention,
+            crop,
+            crop_size,
+            seed,
+            flip,
+            intensity_scale,
+            intensity_shift,
+            out,
+        } => {
             let options = Options {
                 label_convention: LabelConvention::parse(&label_convention)?,
                 crop: CropMode::parse(&crop)?,

@@ -2,12 +2,12 @@
 //! modalities, check they share a grid, normalise, convert the label, crop and augment.
 
 use crate::transforms;
+use brats_core::MODALITIES;
 use brats_core::error::{CoreError, Result};
 use brats_core::labels::LabelConvention;
 use brats_core::metadata::{CaseMetadata, CropBox};
 use brats_core::nifti_io::{self, NiftiVolume, ReadLimits};
 use brats_core::tensors::CaseTensors;
-use brats_core::MODALITIES;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -237,7 +237,10 @@ pub fn preprocess(
     }
     if let (Some(lv), Some(lf)) = (&label_volume, label) {
         if lv.frames != 1 {
-            return Err(CoreError::invalid(format!("{}: a label must be one 3D volume, it has {} volumes", lf.name, lv.frames)));
+            return Err(CoreError::invalid(format!(
+                "{}: a label must be one 3D volume, it has {} volumes",
+                lf.name, lv.frames
+            )));
         }
         check_same_grid(lv, &lf.name, &volumes[0], &images[0].name, options.affine_tolerance)?;
     }
@@ -272,7 +275,11 @@ pub fn preprocess(
         CropMode::Center => transforms::center_crop_box(shape, options.crop_size),
         CropMode::Random => transforms::random_crop_box(shape, options.crop_size, draws.crop_start),
         CropMode::Foreground => transforms::foreground_box(&image, 4, shape, options.foreground_multiple, 0)
-            .ok_or_else(|| CoreError::invalid("crop=foreground: the image has no voxel > 0 after normalisation; use crop=none or center"))?,
+            .ok_or_else(|| {
+                CoreError::invalid(
+                    "crop=foreground: the image has no voxel > 0 after normalisation; use crop=none or center",
+                )
+            })?,
     };
     if crop_box != CropBox::full(shape) {
         image = transforms::crop(&image, 4, shape, &crop_box);

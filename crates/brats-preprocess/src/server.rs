@@ -24,7 +24,8 @@ pub async fn serve(
     let root = StoreUri::parse(&cfg.output_root).context("output_root")?;
     let metrics = Metrics::new();
     let limits = ReadLimits { max_axis: cfg.max_axis, max_voxels: cfg.max_voxels };
-    let service = PreprocessService::new(stores, root.clone(), limits, cfg.max_parallel, cfg.max_queue, metrics.clone());
+    let service =
+        PreprocessService::new(stores, root.clone(), limits, cfg.max_parallel, cfg.max_queue, metrics.clone());
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<PreprocessorServer<PreprocessService>>().await;
@@ -38,11 +39,16 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     if !cfg.metrics_listen.is_empty() {
         let m = metrics.clone();
-        let app = axum::Router::new().route("/metrics", axum::routing::get(move || {
-            let m = m.clone();
-            async move { m.render() }
-        }));
-        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen).await.with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move { m.render() }
+            }),
+        );
+        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
         info!(addr = %ml.local_addr()?, "metrics on /metrics");
         tokio::spawn(async move { axum::serve(ml, app).await });
     }
@@ -85,7 +91,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

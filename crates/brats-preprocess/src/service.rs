@@ -11,12 +11,12 @@ use brats_proto::v1 as pb;
 use bytes::Bytes;
 use futures::StreamExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
-use sha2::{Digest, Sha256};
 use tracing::{Instrument, info, info_span, warn};
 
 /// Prometheus instruments of the service.
@@ -110,7 +110,14 @@ impl std::ops::Deref for PreprocessService {
 
 impl PreprocessService {
     /// Creates the service writing by default under `root`.
-    pub fn new(stores: Arc<Stores>, root: StoreUri, limits: ReadLimits, max_parallel: usize, max_queue: usize, metrics: Metrics) -> Self {
+    pub fn new(
+        stores: Arc<Stores>,
+        root: StoreUri,
+        limits: ReadLimits,
+        max_parallel: usize,
+        max_queue: usize,
+        metrics: Metrics,
+    ) -> Self {
         PreprocessService(Arc::new(ServiceState {
             stores,
             root,
@@ -124,7 +131,6 @@ impl PreprocessService {
 }
 
 impl ServiceState {
-
     /// Runs one case in a concurrency slot, refusing when too many are already waiting.
     async fn run_in_slot(&self, job: CaseJob, root: &StoreUri) -> Result<CaseOutput, Status> {
         if self.slots.available_permits() == 0 && self.metrics.queued.get() as usize >= self.max_waiting {
@@ -136,7 +142,8 @@ impl ServiceState {
         self.metrics.queued.inc();
         let permit = self.slots.clone().acquire_owned().await;
         self.metrics.queued.dec();
-        let _permit = permit.map_err(|_| Status::unavailable("the service is shutting down; retry on another instance"))?;
+        let _permit =
+            permit.map_err(|_| Status::unavailable("the service is shutting down; retry on another instance"))?;
         self.metrics.in_flight.inc();
         let result = jobs::run_case(self.stores.clone(), job, root, self.limits).await;
         self.metrics.in_flight.dec();
@@ -207,12 +214,19 @@ fn label_convention(v: i32) -> Result<LabelConvention, Status> {
         Ok(pb::LabelConvention::Unspecified | pb::LabelConvention::Brats2018) => Ok(LabelConvention::Brats2018),
         Ok(pb::LabelConvention::Brats2023) => Ok(LabelConvention::Brats2023),
         Ok(pb::LabelConvention::Brats2015) => Ok(LabelConvention::Brats2015),
-        Err(_) => Err(Status::invalid_argument(format!("label_convention: unknown value {v}; use BRATS2018, BRATS2023 or BRATS2015"))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "label_convention: unknown value {v}; use BRATS2018, BRATS2023 or BRATS2015"
+        ))),
     }
 }
 
 /// Builds pipeline options from the request's crop, augmentation and seed fields.
-fn options(convention: i32, crop: Option<&pb::CropSpec>, aug: Option<&pb::Augmentation>, seed: u64) -> Result<Options, Status> {
+fn options(
+    convention: i32,
+    crop: Option<&pb::CropSpec>,
+    aug: Option<&pb::Augmentation>,
+    seed: u64,
+) -> Result<Options, Status> {
     let mut o = Options { label_convention: label_convention(convention)?, seed, ..Options::default() };
     if let Some(c) = crop {
         o.crop = match pb::CropMode::try_from(c.mode) {
@@ -271,7 +285,14 @@ pub fn metadata_to_pb(m: &brats_core::CaseMetadata) -> pb::CaseMetadata {
         channels: m
             .channels
             .iter()
-            .map(|c| pb::ChannelStats { name: c.name.clone(), mean: c.mean, std: c.std, nonzero_voxels: c.nonzero_voxels, min: c.min, max: c.max })
+            .map(|c| pb::ChannelStats {
+                name: c.name.clone(),
+                mean: c.mean,
+                std: c.std,
+                nonzero_voxels: c.nonzero_voxels,
+                min: c.min,
+                max: c.max,
+            })
             .collect(),
         flipped: m.flipped.to_vec(),
         intensity_scale: m.intensity_scale,
@@ -284,7 +305,10 @@ type ProgressStream = Pin<Box<dyn futures::Stream<Item = Result<pb::PreprocessDa
 
 #[tonic::async_trait]
 impl pb::preprocessor_server::Preprocessor for PreprocessService {
-    async fn preprocess_case(&self, request: Request<pb::PreprocessCaseRequest>) -> Result<Response<pb::PreprocessCaseResponse>, Status> {
+    async fn preprocess_case(
+        &self,
+        request: Request<pb::PreprocessCaseRequest>,
+    ) -> Result<Response<pb::PreprocessCaseResponse>, Status> {
         let started = Instant::now();
         let req = request.into_inner();
         let case_id = if req.case_id.is_empty() { "case".to_string() } else { req.case_id.clone() };
@@ -329,18 +353,27 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
 
     type PreprocessDatasetStream = ProgressStream;
 
-    async fn preprocess_dataset(&self, request: Request<pb::PreprocessDatasetRequest>) -> Result<Response<ProgressStream>, Status> {
+    async fn preprocess_dataset(
+        &self,
+        request: Request<pb::PreprocessDatasetRequest>,
+    ) -> Result<Response<ProgressStream>, Status> {
         let started = Instant::now();
         let req = request.into_inner();
         let span = info_span!("preprocess_dataset");
         let prepared = async {
             let datalist = parse_uri("datalist_uri", &req.datalist_uri)?;
             let base = if req.base_uri.is_empty() { datalist.parent() } else { parse_uri("base_uri", &req.base_uri)? };
-            let sections = if req.sections.is_empty() { vec!["training".to_string(), "validation".to_string()] } else { req.sections.clone() };
+            let sections = if req.sections.is_empty() {
+                vec!["training".to_string(), "validation".to_string()]
+            } else {
+                req.sections.clone()
+            };
             let json = self.stores.get(&datalist).await.map_err(|e| field_err("datalist_uri", e))?;
-            let cases = jobs::parse_datalist(&json, &base, &sections, &datalist.file_name()).map_err(|e| field_err("datalist_uri", e))?;
+            let cases = jobs::parse_datalist(&json, &base, &sections, &datalist.file_name())
+                .map_err(|e| field_err("datalist_uri", e))?;
             let options = options(req.label_convention, req.crop.as_ref(), None, 0)?;
-            let output_root = if req.output_uri.is_empty() { self.root.clone() } else { parse_uri("output_uri", &req.output_uri)? };
+            let output_root =
+                if req.output_uri.is_empty() { self.root.clone() } else { parse_uri("output_uri", &req.output_uri)? };
             Ok::<_, Status>((datalist, cases, options, output_root))
         }
         .instrument(span.clone())
@@ -356,7 +389,8 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
             let record = serde_json::json!({"datalist": datalist.to_string(), "sections": req.sections, "options": options, "pipeline": crate::pipeline::PIPELINE_VERSION});
             hex::encode(&Sha256::digest(record.to_string().as_bytes())[..8])
         };
-        let parallel = if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
+        let parallel =
+            if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
         let total = cases.len() as u32;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();

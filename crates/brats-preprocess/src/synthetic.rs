@@ -109,7 +109,9 @@ pub fn generate(spec: &SyntheticSpec) -> SyntheticCase {
                         (0, BRAIN)
                     };
                     let texture = 1.0
-                        + 0.12 * ((p[0] * 0.21 + texture_phase).sin() * (p[1] * 0.17).cos() * (p[2] * 0.23 + 1.0).sin()) as f32;
+                        + 0.12
+                            * ((p[0] * 0.21 + texture_phase).sin() * (p[1] * 0.17).cos() * (p[2] * 0.23 + 1.0).sin())
+                                as f32;
                     let edge = (1.0 - b).sqrt().min(0.25) as f32 * 4.0; // darker rim near the brain edge
                     let i = y * nz + z;
                     lab[i] = code;
@@ -157,11 +159,8 @@ pub fn write_case(case: &SyntheticCase, dir: &Path, case_id: &str) -> Result<Cas
     let write = |path: &Path, bytes: Vec<u8>| {
         std::fs::write(path, bytes).map_err(|e| brats_core::CoreError::Internal(format!("{}: {e}", path.display())))
     };
-    let encoded: Vec<Result<Vec<u8>>> = case
-        .modalities
-        .par_iter()
-        .map(|m| write_nifti(m, case.shape, &case.affine, None, Some(6)))
-        .collect();
+    let encoded: Vec<Result<Vec<u8>>> =
+        case.modalities.par_iter().map(|m| write_nifti(m, case.shape, &case.affine, None, Some(6))).collect();
     for (path, bytes) in images.iter().zip(encoded) {
         write(path, bytes?)?;
     }

@@ -229,7 +229,10 @@ mod tests {
     #[test]
     fn crops_follow_monai() {
         assert_eq!(center_crop_box([155, 10, 8], [144, 13, 8]).start, [5, 0, 0]);
-        assert_eq!(random_crop_box([10, 10, 10], [4, 20, 10], [6, 3, 0]), CropBox { start: [6, 0, 0], size: [4, 10, 10] });
+        assert_eq!(
+            random_crop_box([10, 10, 10], [4, 20, 10], [6, 3, 0]),
+            CropBox { start: [6, 0, 0], size: [4, 10, 10] }
+        );
         let shape = [6, 5, 4];
         let mut img = vec![0f32; 120];
         img[(2 * 5 + 1) * 4 + 3] = 1.0; // voxel (2,1,3)

@@ -34,7 +34,6 @@ pub mod brats {
 
 /// Encoded `google.protobuf.FileDescriptorSet` of `proto/brats/v1/*.proto` (with their
 /// imports), for `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("brats_v1_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("brats_v1_descriptor");
 
 pub use brats::v1;

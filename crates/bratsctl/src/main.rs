@@ -103,7 +103,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Preprocess { server, image, label, case_id, out, force } => {
-            let mut client = PreprocessorClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
+            let mut client =
+                PreprocessorClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
             let req = pb::PreprocessCaseRequest {
                 case_id,
                 image_uris: image.iter().map(|i| to_uri(i)).collect::<Result<_, _>>()?,
@@ -117,7 +118,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::PreprocessDataset { server, datalist, out } => {
-            let mut client = PreprocessorClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
+            let mut client =
+                PreprocessorClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
             let req = pb::PreprocessDatasetRequest {
                 datalist_uri: to_uri(&datalist)?,
                 output_uri: out.map(|o| to_uri(&o)).transpose()?.unwrap_or_default(),
@@ -136,7 +138,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     println!("[{}/{}] {} ({}) {what}", p.completed, p.total, c.case_id, c.section);
                 }
                 if p.done {
-                    println!("{} cases, {} reused, {} failed; manifest {}", p.total, p.reused, p.failed, p.manifest_uri);
+                    println!(
+                        "{} cases, {} reused, {} failed; manifest {}",
+                        p.total, p.reused, p.failed, p.manifest_uri
+                    );
                 }
             }
             Ok(())
@@ -162,10 +167,21 @@ fn print_case(r: &pb::PreprocessCaseResponse) {
     if m.has_label {
         println!("  label   [3, {}]  uint8, channels TC WT ET", join(&m.shape));
     }
-    println!("  source  {} voxels, spacing {:?} mm, pipeline {}", join(&m.original_shape), m.spacing, m.pipeline_version);
-    println!("  {:<6} {:>12} {:>10} {:>12} {:>9} {:>9}", "chan", "mean(in)", "std(in)", "nonzero", "min(out)", "max(out)");
+    println!(
+        "  source  {} voxels, spacing {:?} mm, pipeline {}",
+        join(&m.original_shape),
+        m.spacing,
+        m.pipeline_version
+    );
+    println!(
+        "  {:<6} {:>12} {:>10} {:>12} {:>9} {:>9}",
+        "chan", "mean(in)", "std(in)", "nonzero", "min(out)", "max(out)"
+    );
     for c in &m.channels {
-        println!("  {:<6} {:>12.3} {:>10.3} {:>12} {:>9.3} {:>9.3}", c.name, c.mean, c.std, c.nonzero_voxels, c.min, c.max);
+        println!(
+            "  {:<6} {:>12.3} {:>10.3} {:>12} {:>9.3} {:>9.3}",
+            c.name, c.mean, c.std, c.nonzero_voxels, c.min, c.max
+        );
     }
     let timing: Vec<String> = r.timings.iter().map(|t| format!("{} {:.3}s", t.stage, t.seconds)).collect();
     println!("  timing  {}", timing.join(", "));
@@ -216,7 +232,13 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-async fn start_service(bin: &str, args: &[String], log: &Path, health_name: &str, addr: &str) -> anyhow::Result<ServiceProcess> {
+async fn start_service(
+    bin: &str,
+    args: &[String],
+    log: &Path,
+    health_name: &str,
+    addr: &str,
+) -> anyhow::Result<ServiceProcess> {
     let logfile = std::fs::File::create(log)?;
     let child = Command::new(sibling(bin)?)
         .args(args)
@@ -246,7 +268,8 @@ async fn start_service(bin: &str, args: &[String], log: &Path, health_name: &str
 async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
     let dir = std::path::absolute(dir)?;
     std::fs::create_dir_all(&dir)?;
-    let shape: Vec<usize> = shape.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>().context("--shape X,Y,Z")?;
+    let shape: Vec<usize> =
+        shape.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>().context("--shape X,Y,Z")?;
     let shape: [usize; 3] = shape.try_into().map_err(|_| anyhow::anyhow!("--shape needs three values"))?;
 
     println!("1. generating a synthetic BraTS-like case {shape:?} (seed {seed})");
@@ -268,7 +291,8 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
         "--output-root".into(),
         format!("file://{}", store.display()),
     ];
-    let _service = start_service("brats-preprocess", &args, &dir.join("preprocess.log"), "brats.v1.Preprocessor", &addr).await?;
+    let _service =
+        start_service("brats-preprocess", &args, &dir.join("preprocess.log"), "brats.v1.Preprocessor", &addr).await?;
 
     println!("3. PreprocessCase through gRPC");
     let mut client = PreprocessorClient::connect(addr.clone()).await?;
@@ -285,7 +309,11 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
     println!("   round trip {first:.2} s");
     let t = Instant::now();
     let again = client.preprocess_case(req).await.map_err(|s| status_line(&s))?.into_inner();
-    println!("   the same request again: {} in {:.3} s", if again.reused { "reused" } else { "recomputed" }, t.elapsed().as_secs_f64());
+    println!(
+        "   the same request again: {} in {:.3} s",
+        if again.reused { "reused" } else { "recomputed" },
+        t.elapsed().as_secs_f64()
+    );
     println!("4. done; service log at {}", dir.join("preprocess.log").display());
     Ok(())
 }
