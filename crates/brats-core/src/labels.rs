@@ -86,7 +86,7 @@ impl LabelConvention {
         let (wt, et) = rest.split_at_mut(n);
         let mut bad: Vec<f32> = Vec::new();
         for (i, &v) in labels.iter().enumerate() {
-            let code = if v >= 0.0 && v <= 255.0 && v.fract() == 0.0 { table[v as usize] } else { INVALID };
+            let code = if (0.0..=255.0).contains(&v) && v.fract() == 0.0 { table[v as usize] } else { INVALID };
             if code == INVALID {
                 if bad.len() < 8 && !bad.contains(&v) {
                     bad.push(v);

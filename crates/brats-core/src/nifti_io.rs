@@ -128,10 +128,10 @@ pub fn decompress<'a>(bytes: &'a [u8], file: &str, max_out: usize) -> Result<Cow
     if isize >= 348 && isize <= max_out {
         let mut out = vec![0u8; isize];
         let mut d = libdeflater::Decompressor::new();
-        if let Ok(n) = d.gzip_decompress(bytes, &mut out) {
-            if n == isize {
-                return Ok(Cow::Owned(out));
-            }
+        if let Ok(n) = d.gzip_decompress(bytes, &mut out)
+            && n == isize
+        {
+            return Ok(Cow::Owned(out));
         }
     }
     // Multi-member, truncated or corrupt: the streaming decoder tells which.
@@ -190,7 +190,7 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
             )));
         }
     };
-    if shape.iter().any(|&d| d == 0) || frames == 0 {
+    if shape.contains(&0) || frames == 0 {
         return Err(CoreError::invalid(format!("{file}: dimensions {dims:?} contain a zero")));
     }
     if shape.iter().any(|&d| d > limits.max_axis) {
@@ -262,44 +262,61 @@ fn to_c_order(
     shape: [usize; 3],
     out: &mut [f32],
 ) -> usize {
+    macro_rules! go {
+        ($t:ty, $n:expr) => {
+            if big_endian {
+                transpose::<$n>(src, |b| <$t>::from_be_bytes(b) as f64, slope, inter, shape, out)
+            } else {
+                transpose::<$n>(src, |b| <$t>::from_le_bytes(b) as f64, slope, inter, shape, out)
+            }
+        };
+    }
+    match dtype {
+        Dtype::U8 => go!(u8, 1),
+        Dtype::I8 => go!(i8, 1),
+        Dtype::I16 => go!(i16, 2),
+        Dtype::U16 => go!(u16, 2),
+        Dtype::I32 => go!(i32, 4),
+        Dtype::U32 => go!(u32, 4),
+        Dtype::F32 => go!(f32, 4),
+        Dtype::F64 => go!(f64, 8),
+    }
+}
+
+/// The reorder for one element type (monomorphised, so the inner loop has no type dispatch):
+/// parallel over blocks of X, which own contiguous parts of the output; within a block, tiles
+/// of 16 along Z keep both the strided reads and the writes in L1.
+fn transpose<const N: usize>(
+    src: &[u8],
+    decode: impl Fn([u8; N]) -> f64 + Sync,
+    slope: f64,
+    inter: f64,
+    shape: [usize; 3],
+    out: &mut [f32],
+) -> usize {
     let [nx, ny, nz] = shape;
     let plane = ny * nz;
     let scaled = slope != 1.0 || inter != 0.0;
-    let read = move |idx: usize| -> f64 {
-        macro_rules! num {
-            ($t:ty, $n:expr) => {{
-                let b: [u8; $n] = src[idx * $n..idx * $n + $n].try_into().unwrap();
-                if big_endian { <$t>::from_be_bytes(b) as f64 } else { <$t>::from_le_bytes(b) as f64 }
-            }};
-        }
-        match dtype {
-            Dtype::U8 => src[idx] as f64,
-            Dtype::I8 => src[idx] as i8 as f64,
-            Dtype::I16 => num!(i16, 2),
-            Dtype::U16 => num!(u16, 2),
-            Dtype::I32 => num!(i32, 4),
-            Dtype::U32 => num!(u32, 4),
-            Dtype::F32 => num!(f32, 4),
-            Dtype::F64 => num!(f64, 8),
-        }
-    };
-    // Blocks of X rows: each task owns a contiguous part of the output.
-    const BLOCK: usize = 32;
+    const BLOCK: usize = 16;
+    const TILE: usize = 16;
     out.par_chunks_mut(BLOCK * plane)
         .enumerate()
         .map(|(b, chunk)| {
             let i0 = b * BLOCK;
             let bx = chunk.len() / plane;
             let mut bad = 0usize;
-            for k in 0..nz {
-                for j in 0..ny {
-                    let row = nx * (j + ny * k);
+            for j in 0..ny {
+                for k0 in (0..nz).step_by(TILE) {
+                    let k1 = (k0 + TILE).min(nz);
                     for di in 0..bx {
-                        let v = read(row + i0 + di);
-                        let v = if scaled { v * slope + inter } else { v };
-                        let v = v as f32;
-                        bad += (!v.is_finite()) as usize;
-                        chunk[di * plane + j * nz + k] = v;
+                        let dst = &mut chunk[di * plane + j * nz + k0..di * plane + j * nz + k1];
+                        for (dk, d) in dst.iter_mut().enumerate() {
+                            let idx = (i0 + di + nx * (j + ny * (k0 + dk))) * N;
+                            let raw = decode(src[idx..idx + N].try_into().unwrap());
+                            let v = if scaled { (raw * slope + inter) as f32 } else { raw as f32 };
+                            bad += (!v.is_finite()) as usize;
+                            *d = v;
+                        }
                     }
                 }
             }

@@ -28,11 +28,16 @@ pub struct CaseTensors {
     pub metadata: CaseMetadata,
 }
 
+/// Little-endian bytes of an f32 slice, converted in parallel blocks.
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(v.len() * 4);
-    for x in v {
-        out.extend_from_slice(&x.to_le_bytes());
-    }
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 18;
+    let mut out = vec![0u8; v.len() * 4];
+    out.par_chunks_mut(BLOCK * 4).zip(v.par_chunks(BLOCK)).for_each(|(o, i)| {
+        for (d, x) in o.chunks_exact_mut(4).zip(i) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+    });
     out
 }
 

@@ -111,19 +111,19 @@ pub async fn run_case(stores: Arc<Stores>, job: CaseJob, root: &StoreUri, limits
     let metadata_uri = prefix.join(SIDECAR_FILE);
     let mut timings = vec![("check".to_string(), started.elapsed().as_secs_f64())];
 
-    if !job.force {
-        if let Some(side) = read_sidecar(&stores, &metadata_uri).await? {
-            if side.cache_key == key && stores.exists(&tensors_uri).await? {
-                return Ok(CaseOutput {
-                    case_id: job.case_id,
-                    tensors_uri,
-                    metadata_uri,
-                    metadata: side.metadata,
-                    reused: true,
-                    timings,
-                });
-            }
-        }
+    if !job.force
+        && let Some(side) = read_sidecar(&stores, &metadata_uri).await?
+        && side.cache_key == key
+        && stores.exists(&tensors_uri).await?
+    {
+        return Ok(CaseOutput {
+            case_id: job.case_id,
+            tensors_uri,
+            metadata_uri,
+            metadata: side.metadata,
+            reused: true,
+            timings,
+        });
     }
 
     let t = Instant::now();

@@ -131,9 +131,8 @@ impl Draws {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(options.seed);
         let mut d = Draws::default();
         if options.crop == CropMode::Random {
-            for a in 0..3 {
-                let roi = options.crop_size[a];
-                d.crop_start[a] = if shape[a] > roi { rng.random_range(0..=shape[a] - roi) } else { 0 };
+            for ((start, &size), &roi) in d.crop_start.iter_mut().zip(&shape).zip(&options.crop_size) {
+                *start = if size > roi { rng.random_range(0..=size - roi) } else { 0 };
             }
         }
         if options.random_flip {

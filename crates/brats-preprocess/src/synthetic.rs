@@ -70,7 +70,10 @@ pub fn generate(spec: &SyntheticSpec) -> SyntheticCase {
         let slack = (brain_r[a] - edema_r).max(0.0) * 0.5;
         tumour_c[a] = center[a] + rng.random_range(-slack..=slack);
     }
+    // 6.28 is a range bound (≈ 2π, not meant exactly): TAU would change every synthetic case.
+    #[allow(clippy::approx_constant)]
     let lobes: [f64; 3] = [rng.random_range(0.0..6.28), rng.random_range(0.0..6.28), rng.random_range(0.08..0.18)];
+    #[allow(clippy::approx_constant)]
     let texture_phase: f64 = rng.random_range(0.0..6.28);
     let noise_seed: u64 = rng.random();
 
