@@ -12,6 +12,7 @@
 
 pub mod postprocess;
 pub mod runtime;
+pub mod segment;
 pub mod window;
 
 pub use runtime::{InferenceError, SegmentationModel, SessionOptions};

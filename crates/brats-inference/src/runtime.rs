@@ -32,9 +32,52 @@ pub enum InferenceError {
     Run(String),
 }
 
+/// An ONNX Runtime execution provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// NVIDIA TensorRT (fp16 by default, engine and timing caches on disk).
+    TensorRt,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// ONNX Runtime's CPU kernels.
+    Cpu,
+}
+
+impl Provider {
+    /// Parses `tensorrt`, `cuda` or `cpu`.
+    pub fn parse(s: &str) -> Result<Self, InferenceError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tensorrt" | "trt" => Ok(Provider::TensorRt),
+            "cuda" => Ok(Provider::Cuda),
+            "cpu" => Ok(Provider::Cpu),
+            other => Err(InferenceError::Input(format!("provider '{other}' is unknown: use tensorrt, cuda or cpu"))),
+        }
+    }
+
+    /// Lowercase name, as reported in responses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::TensorRt => "tensorrt",
+            Provider::Cuda => "cuda",
+            Provider::Cpu => "cpu",
+        }
+    }
+}
+
 /// Session settings that matter for speed and memory.
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
+    /// Execution providers to try, in order (e.g. TensorRT, CUDA, CPU).
+    pub providers: Vec<Provider>,
+    /// When a requested provider fails to load, fall through to the next one (logged, and
+    /// reported by [`SegmentationModel::provider`]) instead of failing.
+    pub allow_fallback: bool,
+    /// TensorRT: build fp16 engines.
+    pub fp16: bool,
+    /// TensorRT: directory of the engine and timing caches (persist it across restarts).
+    pub cache_dir: Option<PathBuf>,
+    /// CUDA device ordinal.
+    pub device_id: i32,
     /// Threads inside one operator; 0 = ONNX Runtime's default (all cores).
     pub intra_threads: usize,
     /// Graph optimisation level 0–3 (disable, basic, extended, all).
@@ -45,15 +88,31 @@ pub struct SessionOptions {
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { intra_threads: 0, optimization_level: 3, memory_pattern: true }
+        SessionOptions {
+            providers: vec![Provider::Cpu],
+            allow_fallback: false,
+            fp16: true,
+            cache_dir: None,
+            device_id: 0,
+            intra_threads: 0,
+            optimization_level: 3,
+            memory_pattern: true,
+        }
     }
 }
 
 static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
 
-/// The library `ORT_DYLIB_PATH` names, else `libonnxruntime.so` on the loader path.
+/// The library `ORT_DYLIB_PATH` names at run time, else the one the build was configured with
+/// (the bootstrap's, when it still exists), else `libonnxruntime.so` on the loader path.
 pub fn default_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("libonnxruntime.so"))
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return PathBuf::from(p);
+    }
+    match option_env!("ORT_DYLIB_PATH") {
+        Some(p) if Path::new(p).exists() => PathBuf::from(p),
+        _ => PathBuf::from("libonnxruntime.so"),
+    }
 }
 
 /// Loads ONNX Runtime from `library` once per process and returns its environment.
@@ -70,6 +129,7 @@ pub fn environment(library: &Path) -> Result<&'static ort::environment::Environm
 /// A loaded segmentation model with a checked contract.
 pub struct SegmentationModel {
     session: Mutex<Session>,
+    provider: Provider,
 }
 
 fn check_outlet(kind: &str, name: &str, ty: &ValueType, channels: i64) -> Result<(), InferenceError> {
@@ -90,47 +150,117 @@ fn check_outlet(kind: &str, name: &str, ty: &ValueType, channels: i64) -> Result
     }
 }
 
+fn build_session(
+    env: &ort::environment::Environment,
+    onnx: &[u8],
+    options: &SessionOptions,
+    provider: Provider,
+) -> Result<Session, InferenceError> {
+    let builder_err = |e: ort::Error| InferenceError::Runtime(e.to_string());
+    let level = match options.optimization_level {
+        0 => GraphOptimizationLevel::Disable,
+        1 => GraphOptimizationLevel::Level1,
+        2 => GraphOptimizationLevel::Level2,
+        _ => GraphOptimizationLevel::All,
+    };
+    let mut builder = Session::builder(env)
+        .map_err(builder_err)?
+        .with_optimization_level(level)
+        .map_err(|e| InferenceError::Runtime(e.to_string()))?
+        .with_memory_pattern(options.memory_pattern)
+        .map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    if options.intra_threads > 0 {
+        builder = builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    }
+    let ep = match provider {
+        Provider::Cpu => None,
+        Provider::Cuda => Some(ort::ep::CUDA::default().with_device_id(options.device_id).build().error_on_failure()),
+        Provider::TensorRt => {
+            let cache = options.cache_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("brats-trt-cache"));
+            let profile = "image:1x4x240x240x160";
+            Some(
+                ort::ep::TensorRT::default()
+                    .with_device_id(options.device_id)
+                    .with_fp16(options.fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(cache.display())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(cache.display())
+                    .with_profile_min_shapes("image:1x4x32x32x32")
+                    .with_profile_opt_shapes(profile)
+                    .with_profile_max_shapes("image:1x4x256x256x256")
+                    .build()
+                    .error_on_failure(),
+            )
+        }
+    };
+    if let Some(ep) = ep {
+        builder = builder.with_execution_providers([ep]).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    }
+    builder.commit_from_memory(onnx).map_err(|e| {
+        let msg = e.to_string();
+        // Registration failures of GPU providers surface here too; keep them distinct from bad models.
+        if provider != Provider::Cpu && (msg.contains("provider") || msg.contains("Provider") || msg.contains("CUDA") || msg.contains("TensorRT")) {
+            InferenceError::Runtime(msg)
+        } else {
+            InferenceError::Model(format!("not a loadable ONNX model ({msg})"))
+        }
+    })
+}
+
+fn check_contract(session: &Session) -> Result<(), InferenceError> {
+    let names = |o: &[ort::value::Outlet]| o.iter().map(|x| x.name().to_string()).collect::<Vec<_>>();
+    if session.inputs().len() != 1 || session.inputs()[0].name() != INPUT {
+        return Err(InferenceError::Model(format!("inputs are {:?}; expected exactly ['{INPUT}']", names(session.inputs()))));
+    }
+    if session.outputs().len() != 1 || session.outputs()[0].name() != OUTPUT {
+        return Err(InferenceError::Model(format!("outputs are {:?}; expected exactly ['{OUTPUT}']", names(session.outputs()))));
+    }
+    check_outlet("input", INPUT, session.inputs()[0].dtype(), IN_CHANNELS)?;
+    check_outlet("output", OUTPUT, session.outputs()[0].dtype(), OUT_CHANNELS)
+}
+
 impl SegmentationModel {
-    /// Builds a CPU session from ONNX bytes and checks the contract (one input `image`
-    /// `[N,4,X,Y,Z]` f32, one output `logits` `[N,3,X,Y,Z]` f32).
+    /// Builds a session on the first usable provider of `options.providers` from ONNX bytes and
+    /// checks the contract (one input `image` `[N,4,X,Y,Z]` f32, one output `logits`
+    /// `[N,3,X,Y,Z]` f32). A requested provider that fails is an error unless
+    /// `allow_fallback` is set.
     pub fn load(library: &Path, onnx: &[u8], options: &SessionOptions) -> Result<Self, InferenceError> {
         let env = environment(library)?;
-        let model_err = |e: ort::Error| InferenceError::Model(e.to_string());
-        let level = match options.optimization_level {
-            0 => GraphOptimizationLevel::Disable,
-            1 => GraphOptimizationLevel::Level1,
-            2 => GraphOptimizationLevel::Level2,
-            _ => GraphOptimizationLevel::All,
-        };
-        let mut builder = Session::builder(env)
-            .map_err(model_err)?
-            .with_optimization_level(level)
-            .map_err(|e| InferenceError::Model(e.to_string()))?
-            .with_memory_pattern(options.memory_pattern)
-            .map_err(|e| InferenceError::Model(e.to_string()))?;
-        if options.intra_threads > 0 {
-            builder =
-                builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Model(e.to_string()))?;
+        let mut failures = Vec::new();
+        let mut providers = options.providers.clone();
+        if providers.is_empty() {
+            providers.push(Provider::Cpu);
         }
-        let session = builder
-            .commit_from_memory(onnx)
-            .map_err(|e| InferenceError::Model(format!("not a loadable ONNX model ({e})")))?;
-        let names = |o: &[ort::value::Outlet]| o.iter().map(|x| x.name().to_string()).collect::<Vec<_>>();
-        if session.inputs().len() != 1 || session.inputs()[0].name() != INPUT {
-            return Err(InferenceError::Model(format!(
-                "inputs are {:?}; expected exactly ['{INPUT}']",
-                names(session.inputs())
-            )));
+        for (i, &provider) in providers.iter().enumerate() {
+            match build_session(env, onnx, options, provider) {
+                Ok(session) => {
+                    if i > 0 {
+                        tracing::warn!(requested = providers[0].name(), running = provider.name(), ?failures, "execution provider fell back");
+                    }
+                    check_contract(&session)?;
+                    return Ok(SegmentationModel { session: Mutex::new(session), provider });
+                }
+                // A model that does not load will not load on any provider.
+                Err(e @ InferenceError::Model(_)) => return Err(e),
+                Err(e) => {
+                    failures.push(format!("{}: {e}", provider.name()));
+                    if !options.allow_fallback {
+                        break;
+                    }
+                }
+            }
         }
-        if session.outputs().len() != 1 || session.outputs()[0].name() != OUTPUT {
-            return Err(InferenceError::Model(format!(
-                "outputs are {:?}; expected exactly ['{OUTPUT}']",
-                names(session.outputs())
-            )));
-        }
-        check_outlet("input", INPUT, session.inputs()[0].dtype(), IN_CHANNELS)?;
-        check_outlet("output", OUTPUT, session.outputs()[0].dtype(), OUT_CHANNELS)?;
-        Ok(SegmentationModel { session: Mutex::new(session) })
+        Err(InferenceError::Runtime(format!(
+            "no requested execution provider could be used ({}); {}",
+            failures.join("; "),
+            if options.allow_fallback { "install the GPU runtime libraries" } else { "allow fallback to run on the next provider (e.g. CPU)" }
+        )))
+    }
+
+    /// The execution provider the session runs on.
+    pub fn provider(&self) -> Provider {
+        self.provider
     }
 
     /// Runs the model on `image` (`[N, 4, X, Y, Z]`, C order) and returns the logits
@@ -204,5 +334,22 @@ mod tests {
         bytes.truncate(bytes.len() / 2);
         let e = SegmentationModel::load(&default_library(), &bytes, &SessionOptions::default()).err().unwrap();
         assert!(e.to_string().contains("not a loadable ONNX model"), "{e}");
+    }
+
+    /// This machine's ONNX Runtime has no CUDA provider: asking for it fails clearly, and with
+    /// fallback allowed the session runs on CPU and says so.
+    #[test]
+    fn missing_gpu_provider_fails_or_falls_back() {
+        let onnx = fixture("pointwise_head.onnx");
+        let strict = SessionOptions { providers: vec![Provider::Cuda, Provider::Cpu], ..Default::default() };
+        match SegmentationModel::load(&default_library(), &onnx, &strict) {
+            Err(InferenceError::Runtime(msg)) => assert!(msg.contains("cuda"), "{msg}"),
+            Err(other) => panic!("unexpected error {other}"),
+            // A machine with a CUDA-enabled ONNX Runtime may really have it.
+            Ok(m) => assert_eq!(m.provider(), Provider::Cuda),
+        }
+        let lenient = SessionOptions { allow_fallback: true, ..strict };
+        let m = SegmentationModel::load(&default_library(), &onnx, &lenient).unwrap();
+        assert!(matches!(m.provider(), Provider::Cuda | Provider::Cpu));
     }
 }

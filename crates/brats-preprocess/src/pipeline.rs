@@ -191,6 +191,17 @@ pub fn preprocess(
     options: &Options,
     limits: &ReadLimits,
 ) -> Result<(CaseTensors, Timings)> {
+    preprocess_with_header(images, label, options, limits).map(|(t, timings, _)| (t, timings))
+}
+
+/// [`preprocess`], also returning the first image's NIfTI header, so outputs written on the
+/// source grid (label maps) can carry the input's orientation and description.
+pub fn preprocess_with_header(
+    images: &[InputFile],
+    label: Option<&InputFile>,
+    options: &Options,
+    limits: &ReadLimits,
+) -> Result<(CaseTensors, Timings, nifti::NiftiHeader)> {
     options.validate()?;
     if images.len() != 4 && images.len() != 1 {
         return Err(CoreError::invalid(format!(
@@ -252,6 +263,7 @@ pub fn preprocess(
         }
         img
     };
+    let header = volumes[0].header.clone();
     drop(volumes);
     timings.convert = t.elapsed().as_secs_f64();
 
@@ -317,7 +329,7 @@ pub fn preprocess(
         has_label: label_channels.is_some(),
         input_sha256: Vec::new(),
     };
-    Ok((CaseTensors { image, label: label_channels, metadata }, timings))
+    Ok((CaseTensors { image, label: label_channels, metadata }, timings, header))
 }
 
 /// Fails unless `v` has `reference`'s shape and (within `tol`) affine, naming both files.

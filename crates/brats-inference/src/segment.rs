@@ -1,0 +1,83 @@
+//! The in-process segmentation pipeline: preprocess (the same code as the preprocessing
+//! service), sliding-window inference, sigmoid + threshold, label map on the source grid.
+
+use crate::postprocess;
+use crate::runtime::{InferenceError, SegmentationModel};
+use crate::window::{self, SlidingWindow};
+use brats_core::error::CoreError;
+use brats_core::nifti_io::ReadLimits;
+use brats_preprocess::pipeline::{self, InputFile, Options};
+use std::time::Instant;
+
+/// Why a segmentation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// The input volumes are wrong (names the file and the fix).
+    #[error(transparent)]
+    Input(#[from] CoreError),
+    /// The model or the runtime failed.
+    #[error(transparent)]
+    Inference(#[from] InferenceError),
+}
+
+/// A finished segmentation on the source grid.
+pub struct Segmentation {
+    /// Label map (0, 1 = TC not ET, 2 = WT only, 4 = ET), C order `[X, Y, Z]`.
+    pub label: Vec<u8>,
+    /// Stitched logits `[3, X, Y, Z]` before the sigmoid, when asked for.
+    pub logits: Option<Vec<f32>>,
+    /// Spatial shape X, Y, Z.
+    pub shape: [usize; 3],
+    /// The T1c file's affine.
+    pub affine: [[f64; 4]; 4],
+    /// The T1c file's header (so the label map carries its orientation).
+    pub header: nifti::NiftiHeader,
+    /// TC, WT, ET volumes in millilitres.
+    pub volumes_ml: [f64; 3],
+    /// Seconds per stage: decompress, convert, normalise, inference, postprocess.
+    pub timings: Vec<(String, f64)>,
+}
+
+impl Segmentation {
+    /// The label map as a uint8 `.nii.gz` with the T1c file's header and affine.
+    pub fn label_nifti(&self) -> Result<Vec<u8>, CoreError> {
+        brats_core::nifti_io::write_nifti(&self.label, self.shape, &self.affine, Some(&self.header), Some(6))
+    }
+}
+
+/// Segments one case held in memory (4 modalities in T1c, T1, T2, FLAIR order, or one 4D file).
+pub fn segment(
+    model: &SegmentationModel,
+    images: &[InputFile],
+    window: &SlidingWindow,
+    keep_logits: bool,
+    limits: &ReadLimits,
+) -> Result<Segmentation, SegmentError> {
+    let (tensors, stages, header) = pipeline::preprocess_with_header(images, None, &Options::default(), limits)?;
+    let mut timings: Vec<(String, f64)> = stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
+    let shape = tensors.metadata.shape;
+    let t = Instant::now();
+    let logits = window::infer(&tensors.image, 4, shape, 3, window, |w, roi| model.run(w, [1, 4, roi[0], roi[1], roi[2]]))?;
+    timings.push(("inference".into(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let label = postprocess::label_map(&logits);
+    let m = &tensors.metadata;
+    let voxel_mm3 = determinant3(&m.affine).abs();
+    let volumes_ml = postprocess::region_volumes_ml(&logits, voxel_mm3);
+    timings.push(("postprocess".into(), t.elapsed().as_secs_f64()));
+    Ok(Segmentation {
+        label,
+        logits: keep_logits.then_some(logits),
+        shape,
+        affine: m.affine,
+        header,
+        volumes_ml,
+        timings,
+    })
+}
+
+/// Volume of one voxel in mm³: the determinant of the affine's 3×3 part.
+fn determinant3(a: &[[f64; 4]; 4]) -> f64 {
+    a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+        + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+}
