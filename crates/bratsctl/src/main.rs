@@ -196,7 +196,7 @@ fn join(v: &[u32]) -> String {
 /// A service started as a child process, stopped with SIGTERM when dropped.
 struct ServiceProcess {
     child: Child,
-    name: &'static str,
+    name: String,
 }
 
 impl Drop for ServiceProcess {
@@ -246,19 +246,18 @@ async fn start_service(
         .stderr(logfile)
         .spawn()
         .with_context(|| format!("start {bin}"))?;
-    let mut svc = ServiceProcess { child, name: "service" };
+    let mut svc = ServiceProcess { child, name: bin.to_string() };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(Some(status)) = svc.child.try_wait() {
             bail!("{bin} exited with {status} during start-up; see {}", log.display());
         }
-        if let Ok(s) = health(addr, health_name).await {
-            if s == "Serving" {
-                return Ok(svc);
-            }
+        if let Ok(s) = health(addr, health_name).await
+            && s == "Serving"
+        {
+            return Ok(svc);
         }
         if Instant::now() > deadline {
-            svc.name = "service";
             bail!("{bin} did not report SERVING within 30 s; see {}", log.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
