@@ -14,6 +14,7 @@ pub mod metadata;
 pub mod onnx;
 pub mod pickle;
 pub mod pt;
+pub mod reference;
 pub mod segresnet;
 pub mod tensors;
 pub mod weights;
