@@ -55,7 +55,11 @@ enum Command {
 }
 
 fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
-    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>().with_context(|| format!("'{s}': expected X,Y,Z"))?;
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("'{s}': expected X,Y,Z"))?;
     v.try_into().map_err(|_| anyhow::anyhow!("'{s}': expected three values X,Y,Z"))
 }
 
@@ -77,9 +81,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let Command::Segment { model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian } = command;
+    let Command::Segment { model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian } =
+        command;
     let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
-    let window = SlidingWindow { roi: triple(&roi)?, overlap, blend: if gaussian { Blend::Gaussian } else { Blend::Constant } };
+    let window =
+        SlidingWindow { roi: triple(&roi)?, overlap, blend: if gaussian { Blend::Gaussian } else { Blend::Constant } };
     anyhow::ensure!((0.0..1.0).contains(&overlap), "--overlap {overlap} must be in [0, 1)");
     let out = StoreUri::parse(&out)?;
     let logits_uri = logits.map(|l| StoreUri::parse(&l)).transpose()?;
@@ -92,7 +98,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let keep = logits_uri.is_some();
     let (seg, provider) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let model = SegmentationModel::load(&default_library(), &onnx, &options).with_context(|| format!("model {model_uri}"))?;
+        let model = SegmentationModel::load(&default_library(), &onnx, &options)
+            .with_context(|| format!("model {model_uri}"))?;
         let seg = segment(&model, &files, &window, keep, &ReadLimits::default())?;
         Ok((seg, model.provider()))
     })
@@ -109,7 +116,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let [tc, wt, et] = seg.volumes_ml;
     println!("wrote {out} on {} in {:.2} s", provider.name(), started.elapsed().as_secs_f64());
     println!("  volumes  TC {tc:.2} mL, WT {wt:.2} mL, ET {et:.2} mL");
-    let stages: Vec<String> = seg.timings.iter().map(|(s, v)| format!("{s} {v:.3}s")).chain([format!("encode {encode:.3}s")]).collect();
+    let stages: Vec<String> =
+        seg.timings.iter().map(|(s, v)| format!("{s} {v:.3}s")).chain([format!("encode {encode:.3}s")]).collect();
     println!("  timing   {}", stages.join(", "));
     Ok(())
 }

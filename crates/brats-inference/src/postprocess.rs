@@ -27,7 +27,9 @@ pub fn label_map(logits: &[f32]) -> Vec<u8> {
 /// Volumes of TC, WT and ET in millilitres: positive voxels per channel × voxel volume (mm³)/1000.
 pub fn region_volumes_ml(logits: &[f32], voxel_mm3: f64) -> [f64; 3] {
     let n = logits.len() / 3;
-    std::array::from_fn(|c| logits[c * n..(c + 1) * n].iter().filter(|&&l| positive(l)).count() as f64 * voxel_mm3 / 1000.0)
+    std::array::from_fn(|c| {
+        logits[c * n..(c + 1) * n].iter().filter(|&&l| positive(l)).count() as f64 * voxel_mm3 / 1000.0
+    })
 }
 
 #[cfg(test)]

@@ -170,7 +170,8 @@ fn build_session(
         .with_memory_pattern(options.memory_pattern)
         .map_err(|e| InferenceError::Runtime(e.to_string()))?;
     if options.intra_threads > 0 {
-        builder = builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+        builder =
+            builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Runtime(e.to_string()))?;
     }
     let ep = match provider {
         Provider::Cpu => None,
@@ -200,7 +201,12 @@ fn build_session(
     builder.commit_from_memory(onnx).map_err(|e| {
         let msg = e.to_string();
         // Registration failures of GPU providers surface here too; keep them distinct from bad models.
-        if provider != Provider::Cpu && (msg.contains("provider") || msg.contains("Provider") || msg.contains("CUDA") || msg.contains("TensorRT")) {
+        if provider != Provider::Cpu
+            && (msg.contains("provider")
+                || msg.contains("Provider")
+                || msg.contains("CUDA")
+                || msg.contains("TensorRT"))
+        {
             InferenceError::Runtime(msg)
         } else {
             InferenceError::Model(format!("not a loadable ONNX model ({msg})"))
@@ -211,10 +217,16 @@ fn build_session(
 fn check_contract(session: &Session) -> Result<(), InferenceError> {
     let names = |o: &[ort::value::Outlet]| o.iter().map(|x| x.name().to_string()).collect::<Vec<_>>();
     if session.inputs().len() != 1 || session.inputs()[0].name() != INPUT {
-        return Err(InferenceError::Model(format!("inputs are {:?}; expected exactly ['{INPUT}']", names(session.inputs()))));
+        return Err(InferenceError::Model(format!(
+            "inputs are {:?}; expected exactly ['{INPUT}']",
+            names(session.inputs())
+        )));
     }
     if session.outputs().len() != 1 || session.outputs()[0].name() != OUTPUT {
-        return Err(InferenceError::Model(format!("outputs are {:?}; expected exactly ['{OUTPUT}']", names(session.outputs()))));
+        return Err(InferenceError::Model(format!(
+            "outputs are {:?}; expected exactly ['{OUTPUT}']",
+            names(session.outputs())
+        )));
     }
     check_outlet("input", INPUT, session.inputs()[0].dtype(), IN_CHANNELS)?;
     check_outlet("output", OUTPUT, session.outputs()[0].dtype(), OUT_CHANNELS)
@@ -236,7 +248,12 @@ impl SegmentationModel {
             match build_session(env, onnx, options, provider) {
                 Ok(session) => {
                     if i > 0 {
-                        tracing::warn!(requested = providers[0].name(), running = provider.name(), ?failures, "execution provider fell back");
+                        tracing::warn!(
+                            requested = providers[0].name(),
+                            running = provider.name(),
+                            ?failures,
+                            "execution provider fell back"
+                        );
                     }
                     check_contract(&session)?;
                     return Ok(SegmentationModel { session: Mutex::new(session), provider });
@@ -254,7 +271,11 @@ impl SegmentationModel {
         Err(InferenceError::Runtime(format!(
             "no requested execution provider could be used ({}); {}",
             failures.join("; "),
-            if options.allow_fallback { "install the GPU runtime libraries" } else { "allow fallback to run on the next provider (e.g. CPU)" }
+            if options.allow_fallback {
+                "install the GPU runtime libraries"
+            } else {
+                "allow fallback to run on the next provider (e.g. CPU)"
+            }
         )))
     }
 

@@ -54,10 +54,12 @@ pub fn segment(
     limits: &ReadLimits,
 ) -> Result<Segmentation, SegmentError> {
     let (tensors, stages, header) = pipeline::preprocess_with_header(images, None, &Options::default(), limits)?;
-    let mut timings: Vec<(String, f64)> = stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
+    let mut timings: Vec<(String, f64)> =
+        stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
     let shape = tensors.metadata.shape;
     let t = Instant::now();
-    let logits = window::infer(&tensors.image, 4, shape, 3, window, |w, roi| model.run(w, [1, 4, roi[0], roi[1], roi[2]]))?;
+    let logits =
+        window::infer(&tensors.image, 4, shape, 3, window, |w, roi| model.run(w, [1, 4, roi[0], roi[1], roi[2]]))?;
     timings.push(("inference".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let label = postprocess::label_map(&logits);

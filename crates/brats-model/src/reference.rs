@@ -71,4 +71,3 @@ pub fn det_input(c_n: usize, xs: usize, ys: usize, zs: usize) -> Vec<f32> {
     }
     out
 }
-

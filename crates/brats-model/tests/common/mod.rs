@@ -4,10 +4,10 @@
 
 use std::path::PathBuf;
 
-use brats_model::tensors::parse_safetensors;
-use brats_model::{SegResNetConfig, StateDict};
 #[allow(unused_imports)]
 pub use brats_model::reference::{INPUT_STREAM, det_input, det_state_dict, uniform};
+use brats_model::tensors::parse_safetensors;
+use brats_model::{SegResNetConfig, StateDict};
 use sha2::{Digest, Sha256};
 
 /// The repository root.
