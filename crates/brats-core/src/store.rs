@@ -256,6 +256,23 @@ impl Stores {
         Ok(ObjectVersion { size: meta.size, version: meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339()) })
     }
 
+    /// Every object below `prefix` (recursively), as URIs, sorted.
+    pub async fn list(&self, prefix: &StoreUri) -> Result<Vec<StoreUri>> {
+        use futures::TryStreamExt;
+        let (store, path) = self.store(prefix)?;
+        let metas: Vec<object_store::ObjectMeta> =
+            store.list(Some(&path)).try_collect().await.map_err(|e| map_err(prefix, e))?;
+        let mut out: Vec<StoreUri> = metas
+            .into_iter()
+            .map(|m| match prefix {
+                StoreUri::File(_) => StoreUri::File(std::path::PathBuf::from(format!("/{}", m.location))),
+                StoreUri::S3 { bucket, .. } => StoreUri::S3 { bucket: bucket.clone(), key: m.location.to_string() },
+            })
+            .collect();
+        out.sort_by_key(|u| u.to_string());
+        Ok(out)
+    }
+
     /// Deletes an object; a missing one is not an error.
     pub async fn delete(&self, uri: &StoreUri) -> Result<()> {
         let (store, path) = self.store(uri)?;
@@ -312,6 +329,8 @@ mod tests {
         stores.put(&uri, Bytes::from_static(b"hello")).await.unwrap();
         assert_eq!(stores.get(&uri).await.unwrap(), Bytes::from_static(b"hello"));
         assert!(stores.exists(&uri).await.unwrap());
+        let listed = stores.list(&StoreUri::File(dir.path().to_path_buf())).await.unwrap();
+        assert_eq!(listed, vec![uri.clone()]);
         let missing = StoreUri::File(dir.path().join("nope"));
         let e = stores.get(&missing).await.unwrap_err();
         assert_eq!(e.kind(), crate::ErrorKind::NotFound);

@@ -10,9 +10,14 @@
 //! [`SegmentationModel`] enforces the platform's model contract: input `image`
 //! `[N, 4, X, Y, Z]` float32, output `logits` `[N, 3, X, Y, Z]` float32.
 
+pub mod config;
 pub mod postprocess;
+pub mod registry;
 pub mod runtime;
 pub mod segment;
+pub mod server;
+pub mod service;
+pub mod stream;
 pub mod window;
 
 pub use runtime::{InferenceError, SegmentationModel, SessionOptions};

@@ -1,8 +1,11 @@
-//! `brats-inference`: in-process segmentation (`segment`); the service comes with its issue.
+//! `brats-inference`: in-process segmentation (`segment`), the gRPC service (`serve`), and the
+//! model registry (`register`, `alias`).
 
 use anyhow::Context;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreConfig, StoreUri, Stores};
+use brats_inference::config::InferenceConfig;
+use brats_inference::registry::Registry;
 use brats_inference::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
 use brats_inference::segment::segment;
 use brats_inference::window::{Blend, SlidingWindow};
@@ -19,6 +22,69 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gRPC inference service.
+    Serve {
+        /// TOML configuration (also BRATS_INFERENCE_CONFIG); BRATS_INFERENCE_* variables override it.
+        #[arg(long, env = "BRATS_INFERENCE_CONFIG")]
+        config: Option<std::path::PathBuf>,
+        /// gRPC listen address (overrides the configuration).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Metrics listen address; "" disables.
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Model registry root URI.
+        #[arg(long)]
+        registry: Option<String>,
+        /// Default output root URI.
+        #[arg(long)]
+        output_root: Option<String>,
+        /// Warm-up shape X,Y,Z (default: the roi).
+        #[arg(long)]
+        warmup_shape: Option<String>,
+        /// Sliding-window size X,Y,Z (default 240,240,160).
+        #[arg(long)]
+        roi: Option<String>,
+        /// Print logs as JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Add a model version to the registry (model.onnx + metadata.json), optionally moving an alias to it.
+    Register {
+        /// Registry root URI (e.g. file:data/models or s3://bucket/models).
+        #[arg(long)]
+        registry: String,
+        /// Model name.
+        #[arg(long, default_value = "segresnet")]
+        name: String,
+        /// Version label.
+        #[arg(long)]
+        version: String,
+        /// The ONNX file (from `brats-trainer export-onnx`).
+        #[arg(long)]
+        model: String,
+        /// Its metadata.json (default: beside the model).
+        #[arg(long)]
+        metadata: Option<String>,
+        /// Alias to point at this version (e.g. production).
+        #[arg(long)]
+        alias: Option<String>,
+    },
+    /// Point an alias at an existing version (running services hot-reload it).
+    Alias {
+        /// Registry root URI.
+        #[arg(long)]
+        registry: String,
+        /// Model name.
+        #[arg(long, default_value = "segresnet")]
+        name: String,
+        /// Alias.
+        #[arg(long, default_value = "production")]
+        alias: String,
+        /// Version to point at.
+        #[arg(long)]
+        version: String,
+    },
     /// Segment one case in-process: four modalities in, a uint8 label map NIfTI out.
     Segment {
         /// ONNX model (path or store URI) with input `image` [N,4,X,Y,Z] and output `logits` [N,3,X,Y,Z].
@@ -51,7 +117,40 @@ enum Command {
         /// Gaussian instead of constant blending.
         #[arg(long)]
         gaussian: bool,
+        #[command(flatten)]
+        ort: OrtFlags,
     },
+}
+
+/// ONNX Runtime session knobs of `segment` (their effect on CPU: benchmarks/README.md, "Inference").
+#[derive(clap::Args)]
+struct OrtFlags {
+    /// Disable ONNX Runtime's CPU memory arena.
+    #[arg(long)]
+    no_arena: bool,
+    /// Disable the memory pattern (pre-planned activation buffers).
+    #[arg(long)]
+    no_mem_pattern: bool,
+    /// Graph optimisation level 0–3 (disable, basic, extended, all).
+    #[arg(long, default_value_t = 3)]
+    opt_level: u8,
+    /// Extra session configuration entry KEY=VALUE (repeatable), e.g.
+    /// session.intra_op.allow_spinning=0.
+    #[arg(long = "ort-config", value_name = "KEY=VALUE")]
+    config: Vec<String>,
+}
+
+impl OrtFlags {
+    fn apply(&self, o: &mut SessionOptions) -> anyhow::Result<()> {
+        o.cpu_arena = !self.no_arena;
+        o.memory_pattern = !self.no_mem_pattern;
+        o.optimization_level = self.opt_level;
+        for kv in &self.config {
+            let (k, v) = kv.split_once('=').with_context(|| format!("--ort-config '{kv}': expected KEY=VALUE"))?;
+            o.config_entries.push((k.to_string(), v.to_string()));
+        }
+        Ok(())
+    }
 }
 
 fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
@@ -65,10 +164,15 @@ fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if serving { "info,ort=warn" } else { "warn" }));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if matches!(cli.command, Command::Serve { json_logs: true, .. }) {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     match rt.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,8 +185,58 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let Command::Segment { model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian } =
-        command;
+    let (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort) = match command {
+        Command::Serve { config, listen, metrics_listen, registry, output_root, warmup_shape, roi, json_logs: _ } => {
+            let mut cfg = InferenceConfig::load(config.as_deref())?;
+            if let Some(v) = listen {
+                cfg.listen = v;
+            }
+            if let Some(v) = metrics_listen {
+                cfg.metrics_listen = v;
+            }
+            if let Some(v) = registry {
+                cfg.registry = v;
+            }
+            if let Some(v) = output_root {
+                cfg.output_root = v;
+            }
+            if let Some(v) = warmup_shape {
+                cfg.warmup_shape = Some(triple(&v)?);
+            }
+            if let Some(v) = roi {
+                cfg.roi = triple(&v)?;
+            }
+            return brats_inference::server::serve(cfg, brats_preprocess::server::shutdown_signal(), None).await;
+        }
+        Command::Register { registry, name, version, model, metadata, alias } => {
+            let stores = std::sync::Arc::new(Stores::new(StoreConfig::default()));
+            let reg = Registry::new(stores.clone(), StoreUri::parse(&registry)?);
+            let model_uri = StoreUri::parse(&model)?;
+            let meta_uri = match metadata {
+                Some(m) => StoreUri::parse(&m)?,
+                None => model_uri.parent().join("metadata.json"),
+            };
+            let onnx = stores.get(&model_uri).await?;
+            let meta = match stores.get(&meta_uri).await {
+                Ok(b) => Some(b),
+                Err(brats_core::CoreError::NotFound(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let dir = reg.register(&name, &version, onnx, meta, alias.as_deref()).await?;
+            let moved = alias.map(|a| format!("; alias {a} -> {version}")).unwrap_or_default();
+            println!("registered {name} version {version} at {dir}{moved}");
+            return Ok(());
+        }
+        Command::Alias { registry, name, alias, version } => {
+            let reg = Registry::new(std::sync::Arc::new(Stores::new(StoreConfig::default())), StoreUri::parse(&registry)?);
+            reg.set_alias(&name, &alias, &version).await?;
+            println!("{name}: alias {alias} -> {version}");
+            return Ok(());
+        }
+        Command::Segment { model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort } => {
+            (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort)
+        }
+    };
     let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
     let window =
         SlidingWindow { roi: triple(&roi)?, overlap, blend: if gaussian { Blend::Gaussian } else { Blend::Constant } };
@@ -94,7 +248,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let onnx = stores.get(&model_uri).await?;
     let uris = image.iter().map(|u| StoreUri::parse(u)).collect::<Result<Vec<_>, _>>()?;
     let files = fetch_all(&stores, &uris).await?;
-    let options = SessionOptions { providers, allow_fallback, intra_threads: threads, ..Default::default() };
+    let mut options = SessionOptions { providers, allow_fallback, intra_threads: threads, ..Default::default() };
+    ort.apply(&mut options)?;
     let started = std::time::Instant::now();
     let keep = logits_uri.is_some();
     let (seg, provider) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

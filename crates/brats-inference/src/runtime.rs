@@ -84,6 +84,13 @@ pub struct SessionOptions {
     pub optimization_level: u8,
     /// Reuse activation buffers between runs of the same shape (memory pattern).
     pub memory_pattern: bool,
+    /// ONNX Runtime's CPU memory arena (`EnableCpuMemArena`, ORT's default). Off, CPU tensors are
+    /// allocated and freed one by one: lower peak RSS on CPU (see `benchmarks/README.md`,
+    /// "Inference"), at some speed cost.
+    pub cpu_arena: bool,
+    /// Extra session configuration entries (`AddSessionConfigEntry`), e.g.
+    /// `("session.intra_op.allow_spinning", "0")`; empty by default.
+    pub config_entries: Vec<(String, String)>,
 }
 
 impl Default for SessionOptions {
@@ -97,6 +104,8 @@ impl Default for SessionOptions {
             intra_threads: 0,
             optimization_level: 3,
             memory_pattern: true,
+            cpu_arena: true,
+            config_entries: Vec::new(),
         }
     }
 }
@@ -172,6 +181,15 @@ fn build_session(
     if options.intra_threads > 0 {
         builder =
             builder.with_intra_threads(options.intra_threads).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    }
+    for (key, value) in &options.config_entries {
+        builder = builder.with_config_entry(key, value).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    }
+    if !options.cpu_arena {
+        // Only calls DisableCpuMemArena on the session options; the providers below are unchanged.
+        builder = builder
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(|e| InferenceError::Runtime(e.to_string()))?;
     }
     let ep = match provider {
         Provider::Cpu => None,

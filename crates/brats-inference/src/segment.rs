@@ -7,6 +7,7 @@ use crate::window::{self, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_preprocess::pipeline::{self, InputFile, Options};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// Why a segmentation failed.
@@ -18,6 +19,9 @@ pub enum SegmentError {
     /// The model or the runtime failed.
     #[error(transparent)]
     Inference(#[from] InferenceError),
+    /// The caller cancelled (or its deadline passed); the work stopped between windows.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// A finished segmentation on the source grid.
@@ -53,13 +57,39 @@ pub fn segment(
     keep_logits: bool,
     limits: &ReadLimits,
 ) -> Result<Segmentation, SegmentError> {
+    segment_cancellable(model, images, window, keep_logits, limits, &AtomicBool::new(false), &mut |_, _| {})
+}
+
+/// [`segment`] that stops between windows once `cancel` is set, and reports each finished
+/// window to `progress(done, total)`.
+pub fn segment_cancellable(
+    model: &SegmentationModel,
+    images: &[InputFile],
+    window: &SlidingWindow,
+    keep_logits: bool,
+    limits: &ReadLimits,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Segmentation, SegmentError> {
     let (tensors, stages, header) = pipeline::preprocess_with_header(images, None, &Options::default(), limits)?;
     let mut timings: Vec<(String, f64)> =
         stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
     let shape = tensors.metadata.shape;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(SegmentError::Cancelled);
+    }
     let t = Instant::now();
-    let logits =
-        window::infer(&tensors.image, 4, shape, 3, window, |w, roi| model.run(w, [1, 4, roi[0], roi[1], roi[2]]))?;
+    let total = window::window_count(shape, window);
+    let mut done = 0;
+    let logits = window::infer(&tensors.image, 4, shape, 3, window, |w, roi| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SegmentError::Cancelled);
+        }
+        let out = model.run(w, [1, 4, roi[0], roi[1], roi[2]])?;
+        done += 1;
+        progress(done, total);
+        Ok(out)
+    })?;
     timings.push(("inference".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let label = postprocess::label_map(&logits);

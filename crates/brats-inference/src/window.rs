@@ -65,6 +65,17 @@ pub fn windows(padded: [usize; 3], roi: [usize; 3], overlap: f64) -> Vec<[usize;
     out
 }
 
+/// How many windows [`infer`] runs for a volume of `shape`.
+pub fn window_count(shape: [usize; 3], cfg: &SlidingWindow) -> usize {
+    let pad = padding(shape, cfg.roi);
+    (0..3)
+        .map(|a| {
+            let padded = shape[a] + pad[a].0 + pad[a].1;
+            starts(padded, cfg.roi[a].min(padded), cfg.overlap).len()
+        })
+        .product()
+}
+
 fn gaussian_weights(roi: [usize; 3]) -> Vec<f32> {
     let axis = |n: usize| -> Vec<f64> {
         let sigma = 0.125 * n as f64;

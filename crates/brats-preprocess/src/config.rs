@@ -58,25 +58,7 @@ impl ServiceConfig {
             let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
             merge(&mut value, file);
         }
-        for (k, v) in std::env::vars() {
-            let Some(key) = k.strip_prefix(ENV_PREFIX) else { continue };
-            if key == "CONFIG" {
-                continue;
-            }
-            let path: Vec<String> = key.to_ascii_lowercase().split("__").map(str::to_string).collect();
-            // Numbers and booleans parse as TOML scalars; anything else is a string.
-            let parsed = toml::from_str::<toml::Table>(&format!("v = {v}"))
-                .ok()
-                .and_then(|t| t.get("v").cloned())
-                .unwrap_or(toml::Value::String(v.clone()));
-            let mut overlay = parsed;
-            for seg in path.iter().rev() {
-                let mut t = toml::Table::new();
-                t.insert(seg.clone(), overlay);
-                overlay = toml::Value::Table(t);
-            }
-            merge(&mut value, overlay);
-        }
+        apply_env(&mut value, ENV_PREFIX);
         let cfg: ServiceConfig = value
             .try_into()
             .with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
@@ -85,7 +67,32 @@ impl ServiceConfig {
     }
 }
 
-fn merge(base: &mut toml::Value, overlay: toml::Value) {
+/// Applies `<prefix><KEY>` environment variables over a configuration tree; nested keys use
+/// `__` (e.g. `BRATS_PREPROCESS_STORE__S3_ENDPOINT`); numbers, booleans and arrays parse as TOML,
+/// anything else is a string. Shared by every service's configuration.
+pub fn apply_env(value: &mut toml::Value, prefix: &str) {
+    for (k, v) in std::env::vars() {
+        let Some(key) = k.strip_prefix(prefix) else { continue };
+        if key == "CONFIG" {
+            continue;
+        }
+        let path: Vec<String> = key.to_ascii_lowercase().split("__").map(str::to_string).collect();
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|t| t.get("v").cloned())
+            .unwrap_or(toml::Value::String(v.clone()));
+        let mut overlay = parsed;
+        for seg in path.iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(seg.clone(), overlay);
+            overlay = toml::Value::Table(t);
+        }
+        merge(value, overlay);
+    }
+}
+
+/// Merges `overlay` into `base`, tables key by key, other values replaced.
+pub fn merge(base: &mut toml::Value, overlay: toml::Value) {
     match (base, overlay) {
         (toml::Value::Table(b), toml::Value::Table(o)) => {
             for (k, v) in o {

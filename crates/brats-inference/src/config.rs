@@ -1,0 +1,101 @@
+//! Configuration of `brats-inference serve`: a TOML file, then `BRATS_INFERENCE_*` environment
+//! overrides (nested keys with `__`), then flags. Every default is documented on its field.
+
+use anyhow::Context;
+use brats_core::StoreConfig;
+use serde::{Deserialize, Serialize};
+
+/// Environment prefix of overrides.
+pub const ENV_PREFIX: &str = "BRATS_INFERENCE_";
+
+/// Everything the inference service can be told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// gRPC listen address; default `127.0.0.1:50052`.
+    pub listen: String,
+    /// Prometheus `/metrics` address; default `127.0.0.1:9465`; empty disables it.
+    pub metrics_listen: String,
+    /// Model registry root (`file://…/models` or `s3://bucket/models`); default `file:data/models`.
+    pub registry: String,
+    /// Where outputs go when a request names no `output_uri`; default `file:data/predictions`.
+    pub output_root: String,
+    /// Model served by default; default `segresnet`.
+    pub model: String,
+    /// Alias served by default and watched for hot reload; default `production`.
+    pub alias: String,
+    /// Execution providers in order: `tensorrt`, `cuda`, `cpu`; default `["cpu"]`.
+    pub providers: Vec<String>,
+    /// Fall through to the next provider when one fails to load (logged, reported per response).
+    pub allow_fallback: bool,
+    /// TensorRT fp16 engines; default true.
+    pub fp16: bool,
+    /// TensorRT engine and timing cache directory; default `data/trt-cache`.
+    pub trt_cache_dir: String,
+    /// ONNX Runtime intra-op threads; 0 = all cores.
+    pub intra_threads: usize,
+    /// ONNX Runtime graph optimisation level 0–3; default 3.
+    pub optimization_level: u8,
+    /// Sliding-window size X, Y, Z; default the bundle's 240, 240, 160.
+    pub roi: [usize; 3],
+    /// Sliding-window overlap; default 0.5.
+    pub overlap: f64,
+    /// Shape of the warm-up run before SERVING; default the roi (one full-size window).
+    pub warmup_shape: Option<[usize; 3]>,
+    /// Segmentations run at once; default 1 (one volume already uses every core).
+    pub max_concurrent: usize,
+    /// Requests waiting beyond the running ones before RESOURCE_EXHAUSTED; default 4.
+    pub max_queue: usize,
+    /// Seconds between checks of the alias for hot reload; 0 disables; default 10.
+    pub reload_interval_s: u64,
+    /// Seconds to finish running requests on shutdown; default 60.
+    pub shutdown_grace_s: u64,
+    /// S3 settings (`AWS_*` variables apply when unset).
+    pub store: StoreConfig,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        InferenceConfig {
+            listen: "127.0.0.1:50052".into(),
+            metrics_listen: "127.0.0.1:9465".into(),
+            registry: "file:data/models".into(),
+            output_root: "file:data/predictions".into(),
+            model: "segresnet".into(),
+            alias: "production".into(),
+            providers: vec!["cpu".into()],
+            allow_fallback: false,
+            fp16: true,
+            trt_cache_dir: "data/trt-cache".into(),
+            intra_threads: 0,
+            optimization_level: 3,
+            roi: [240, 240, 160],
+            overlap: 0.5,
+            warmup_shape: None,
+            max_concurrent: 1,
+            max_queue: 4,
+            reload_interval_s: 10,
+            shutdown_grace_s: 60,
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+impl InferenceConfig {
+    /// Loads the file (when given), then applies environment overrides.
+    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        let mut value = toml::Value::try_from(InferenceConfig::default())?;
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).with_context(|| format!("config file {}", p.display()))?;
+            let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
+            brats_preprocess::config::merge(&mut value, file);
+        }
+        brats_preprocess::config::apply_env(&mut value, ENV_PREFIX);
+        let cfg: InferenceConfig =
+            value.try_into().with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
+        anyhow::ensure!(cfg.max_concurrent >= 1, "max_concurrent must be at least 1");
+        anyhow::ensure!((0.0..1.0).contains(&cfg.overlap), "overlap must be in [0, 1)");
+        anyhow::ensure!(cfg.roi.iter().all(|&r| r > 0 && r % 8 == 0), "roi sizes must be positive multiples of 8 (SegResNet)");
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,604 @@
+//! The `brats.v1.Inference` gRPC service: models from the registry (alias hot reload, warm-up
+//! before SERVING), `Segment` on store URIs, `SegmentStream` for clients without shared storage,
+//! `ListModels` / `GetModel`. A thin shell over [`crate::segment`].
+
+use crate::registry::Registry;
+use crate::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
+use crate::segment::{SegmentError, Segmentation, segment_cancellable};
+use crate::window::{Blend, SlidingWindow};
+use brats_core::error::{CoreError, ErrorKind};
+use brats_core::nifti_io::ReadLimits;
+use brats_core::store::{StoreUri, Stores};
+use brats_preprocess::jobs::fetch_all;
+use brats_preprocess::pipeline::InputFile;
+use brats_proto::v1 as pb;
+use bytes::Bytes;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, info, info_span, warn};
+
+/// A model version loaded into a session.
+pub struct LoadedModel {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// The session.
+    pub model: SegmentationModel,
+    /// Its `metadata.json`.
+    pub metadata: serde_json::Value,
+    /// Why the first requested provider was not used, if it was not.
+    pub fallback_reason: Option<String>,
+}
+
+/// Prometheus instruments of the service.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: PromRegistry,
+    requests: IntCounterVec,
+    stages: HistogramVec,
+    queued: IntGauge,
+    running: IntGauge,
+    provider: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Creates and registers the instruments.
+    pub fn new() -> Self {
+        let registry = PromRegistry::new();
+        let requests =
+            IntCounterVec::new(Opts::new("brats_inference_requests_total", "RPCs answered, by method and code"), &["method", "code"]).unwrap();
+        let buckets = vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+        let stages = HistogramVec::new(
+            HistogramOpts::new("brats_inference_stage_seconds", "Latency per pipeline stage (and total)").buckets(buckets),
+            &["stage"],
+        )
+        .unwrap();
+        let queued = IntGauge::new("brats_inference_queue_depth", "Requests waiting for a slot").unwrap();
+        let running = IntGauge::new("brats_inference_running", "Segmentations running now").unwrap();
+        let provider =
+            IntGaugeVec::new(Opts::new("brats_inference_provider", "1 for the execution provider serving the default model"), &["provider"]).unwrap();
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(stages.clone()),
+            Box::new(queued.clone()),
+            Box::new(running.clone()),
+            Box::new(provider.clone()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        Metrics { registry, requests, stages, queued, running, provider }
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = String::new();
+        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf).unwrap();
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything the handlers share.
+pub struct State {
+    stores: Arc<Stores>,
+    registry: Registry,
+    output_root: StoreUri,
+    default_model: String,
+    default_alias: String,
+    session_options: SessionOptions,
+    window: SlidingWindow,
+    current: RwLock<Option<Arc<LoadedModel>>>,
+    pinned: Mutex<HashMap<(String, String), Arc<LoadedModel>>>,
+    slots: Arc<Semaphore>,
+    max_concurrent: usize,
+    max_queue: usize,
+    metrics: Metrics,
+    counter: AtomicU64,
+}
+
+/// The gRPC handler: a cheap handle on the shared [`State`].
+#[derive(Clone)]
+pub struct InferenceService(pub Arc<State>);
+
+impl std::ops::Deref for InferenceService {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+/// Maps a core error to a status.
+pub fn core_status(e: CoreError) -> Status {
+    let m = e.to_string();
+    match e.kind() {
+        ErrorKind::InvalidInput => Status::invalid_argument(m),
+        ErrorKind::NotFound => Status::not_found(m),
+        ErrorKind::Unavailable => Status::unavailable(m),
+        ErrorKind::Internal => Status::internal(m),
+    }
+}
+
+fn segment_status(e: SegmentError) -> Status {
+    match e {
+        SegmentError::Input(c) => core_status(c),
+        SegmentError::Inference(i) => Status::internal(i.to_string()),
+        SegmentError::Cancelled => Status::cancelled("the request was cancelled or its deadline passed; nothing was written"),
+    }
+}
+
+fn provider_pb(p: Provider) -> pb::ExecutionProvider {
+    match p {
+        Provider::TensorRt => pb::ExecutionProvider::Tensorrt,
+        Provider::Cuda => pb::ExecutionProvider::Cuda,
+        Provider::Cpu => pb::ExecutionProvider::Cpu,
+    }
+}
+
+/// Sets the flag when dropped: a dropped request future (client gone, deadline passed) stops
+/// the blocking work at the next window.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A finished request's outputs in memory.
+struct Outcome {
+    response: pb::SegmentResponse,
+    label_nifti: Bytes,
+    probabilities: Option<Bytes>,
+}
+
+/// Settings of the service, from [`crate::config::InferenceConfig`].
+pub struct ServiceSettings {
+    /// Registry root.
+    pub registry: StoreUri,
+    /// Default output root.
+    pub output_root: StoreUri,
+    /// Default model name.
+    pub model: String,
+    /// Default alias.
+    pub alias: String,
+    /// Session options.
+    pub session: SessionOptions,
+    /// Default sliding window.
+    pub window: SlidingWindow,
+    /// Concurrent segmentations.
+    pub max_concurrent: usize,
+    /// Waiting requests before RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+}
+
+impl InferenceService {
+    /// Creates the service; no model is loaded until [`InferenceService::load_default`].
+    pub fn new(stores: Arc<Stores>, settings: ServiceSettings, metrics: Metrics) -> Self {
+        InferenceService(Arc::new(State {
+            registry: Registry::new(stores.clone(), settings.registry),
+            stores,
+            output_root: settings.output_root,
+            default_model: settings.model,
+            default_alias: settings.alias,
+            session_options: settings.session,
+            window: settings.window,
+            current: RwLock::new(None),
+            pinned: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+            max_concurrent: settings.max_concurrent.max(1),
+            max_queue: settings.max_queue,
+            metrics,
+            counter: AtomicU64::new(0),
+        }))
+    }
+
+    /// The registry the service reads.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Loads a version into a session and runs one warm-up inference of `warmup` shape.
+    pub async fn load_version(&self, name: &str, version: &str, warmup: Option<[usize; 3]>) -> Result<Arc<LoadedModel>, CoreError> {
+        let fetched = self.registry.fetch(name, version).await?;
+        let options = self.session_options.clone();
+        let (name, version) = (name.to_string(), version.to_string());
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let model = SegmentationModel::load(&default_library(), &fetched.onnx, &options)
+                .map_err(|e| CoreError::invalid(format!("{}: {e}", fetched.uri)))?;
+            let fallback_reason = (model.provider() != options.providers.first().copied().unwrap_or(Provider::Cpu))
+                .then(|| format!("{} could not be loaded; running on {}", options.providers[0].name(), model.provider().name()));
+            if let Some(shape) = warmup {
+                let n: usize = shape.iter().product();
+                model
+                    .run(&vec![0f32; 4 * n], [1, 4, shape[0], shape[1], shape[2]])
+                    .map_err(|e| CoreError::invalid(format!("{}: warm-up failed: {e}", fetched.uri)))?;
+            }
+            info!(model = %name, version = %version, provider = model.provider().name(), seconds = t.elapsed().as_secs_f64(), "model loaded and warm");
+            Ok(Arc::new(LoadedModel { name, version, model, metadata: fetched.metadata, fallback_reason }))
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("model load task failed: {e}")))?
+    }
+
+    /// Loads the default model's alias and makes it current. Returns whether the version changed.
+    pub async fn load_default(&self, warmup: Option<[usize; 3]>) -> Result<bool, CoreError> {
+        let version = self.registry.resolve_alias(&self.default_model, &self.default_alias).await?;
+        if self.current().is_some_and(|c| c.version == version) {
+            return Ok(false);
+        }
+        let loaded = self.load_version(&self.default_model, &version, warmup).await?;
+        self.metrics.provider.reset();
+        self.metrics.provider.with_label_values(&[loaded.model.provider().name()]).set(1);
+        // The old session keeps serving the requests that already hold it.
+        *self.current.write().expect("model lock") = Some(loaded);
+        Ok(true)
+    }
+
+    /// The model serving the default alias, if loaded.
+    pub fn current(&self) -> Option<Arc<LoadedModel>> {
+        self.current.read().expect("model lock").clone()
+    }
+
+    async fn select(&self, sel: Option<&pb::ModelSelector>) -> Result<Arc<LoadedModel>, Status> {
+        let sel = sel.cloned().unwrap_or_default();
+        if !sel.version.is_empty() && !sel.alias.is_empty() {
+            return Err(Status::invalid_argument("model: give a version or an alias, not both"));
+        }
+        let name = if sel.name.is_empty() { self.default_model.clone() } else { sel.name.clone() };
+        let alias = if sel.alias.is_empty() && sel.version.is_empty() { self.default_alias.clone() } else { sel.alias.clone() };
+        if name == self.default_model && alias == self.default_alias {
+            return self.current().ok_or_else(|| Status::unavailable("the default model is not loaded yet; retry shortly"));
+        }
+        let version = if !sel.version.is_empty() {
+            sel.version.clone()
+        } else {
+            self.registry.resolve_alias(&name, &alias).await.map_err(|e| with_field("model.alias", e))?
+        };
+        if let Some(cur) = self.current()
+            && cur.name == name
+            && cur.version == version
+        {
+            return Ok(cur);
+        }
+        let key = (name.clone(), version.clone());
+        if let Some(m) = self.pinned.lock().expect("pinned lock").get(&key) {
+            return Ok(m.clone());
+        }
+        let loaded = self.load_version(&name, &version, None).await.map_err(|e| with_field("model", e))?;
+        let mut pinned = self.pinned.lock().expect("pinned lock");
+        if pinned.len() >= 2 {
+            pinned.clear(); // keep memory bounded: at most two extra versions resident
+        }
+        pinned.insert(key, loaded.clone());
+        Ok(loaded)
+    }
+
+    fn window_for(&self, o: Option<&pb::SegmentOptions>) -> Result<(SlidingWindow, bool), Status> {
+        let mut w = self.window;
+        let mut probabilities = false;
+        if let Some(o) = o {
+            if let Some(ov) = o.overlap {
+                if !(0.0..1.0).contains(&ov) {
+                    return Err(Status::invalid_argument(format!("options.overlap {ov} must be in [0, 1) (bundle: 0.5)")));
+                }
+                w.overlap = ov as f64;
+            }
+            match o.roi_size.len() {
+                0 => {}
+                3 if o.roi_size.iter().all(|&r| r > 0 && r % 8 == 0 && r <= 512) => {
+                    w.roi = [o.roi_size[0] as usize, o.roi_size[1] as usize, o.roi_size[2] as usize]
+                }
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "options.roi_size {:?}: give 3 positive multiples of 8 up to 512 (bundle: 240, 240, 160)",
+                        o.roi_size
+                    )));
+                }
+            }
+            w.blend = match pb::BlendMode::try_from(o.blend_mode) {
+                Ok(pb::BlendMode::Gaussian) => Blend::Gaussian,
+                Ok(_) => Blend::Constant,
+                Err(_) => return Err(Status::invalid_argument(format!("options.blend_mode {} is unknown", o.blend_mode))),
+            };
+            if o.test_time_mirroring {
+                return Err(Status::unimplemented("options.test_time_mirroring is not available yet; leave it off"));
+            }
+            probabilities = o.write_probabilities;
+        }
+        Ok((w, probabilities))
+    }
+
+    /// Runs one segmentation on inputs in memory, in a slot.
+    async fn run(
+        &self,
+        request_id: &str,
+        images: Vec<InputFile>,
+        model: Arc<LoadedModel>,
+        options: Option<&pb::SegmentOptions>,
+        queued_at: Instant,
+        mut progress: Box<dyn FnMut(usize, usize) + Send>,
+    ) -> Result<Outcome, Status> {
+        let (window, write_probabilities) = self.window_for(options)?;
+        if let Some(o) = options {
+            let wanted: Vec<i32> = o.providers.clone();
+            let running = provider_pb(model.model.provider()) as i32;
+            if !wanted.is_empty() && !wanted.contains(&running) && !o.allow_fallback {
+                return Err(Status::failed_precondition(format!(
+                    "this server runs model {} on {}; the request allows only {:?} (set allow_fallback or use another server)",
+                    model.version,
+                    model.model.provider().name(),
+                    wanted.iter().filter_map(|p| pb::ExecutionProvider::try_from(*p).ok()).map(|p| p.as_str_name()).collect::<Vec<_>>()
+                )));
+            }
+        }
+        let _permit = self.acquire().await?;
+        let queue_seconds = queued_at.elapsed().as_secs_f64();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _guard = CancelOnDrop(cancel.clone());
+        self.metrics.running.inc();
+        let m = model.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(Segmentation, f64, Bytes, Option<Bytes>), SegmentError> {
+            let seg = segment_cancellable(&m.model, &images, &window, write_probabilities, &ReadLimits::default(), &cancel, &mut *progress)?;
+            let t = Instant::now();
+            let label = Bytes::from(seg.label_nifti()?);
+            let probs = match &seg.logits {
+                Some(l) => {
+                    let p: Vec<u8> = l.iter().flat_map(|v| (1.0f32 / (1.0 + (-v).exp())).to_le_bytes()).collect();
+                    let [x, y, z] = seg.shape;
+                    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, x, y, z], &p)
+                        .map_err(|e| CoreError::Internal(e.to_string()))?;
+                    Some(Bytes::from(safetensors::serialize([("probabilities", view)], None).map_err(|e| CoreError::Internal(e.to_string()))?))
+                }
+                None => None,
+            };
+            Ok((seg, t.elapsed().as_secs_f64(), label, probs))
+        })
+        .await;
+        self.metrics.running.dec();
+        let (seg, encode_seconds, label_nifti, probabilities) =
+            result.map_err(|e| Status::internal(format!("segmentation task failed: {e}")))?.map_err(segment_status)?;
+        let stage = |name: &str| seg.timings.iter().filter(|(s, _)| s == name).map(|(_, v)| v).sum::<f64>();
+        let timings = pb::InferenceTimings {
+            queue_seconds,
+            decode_seconds: stage("decompress") + stage("convert"),
+            preprocess_seconds: stage("normalise"),
+            inference_seconds: stage("inference"),
+            postprocess_seconds: stage("postprocess"),
+            encode_seconds,
+            ..Default::default()
+        };
+        let [tc, wt, et] = seg.volumes_ml;
+        let response = pb::SegmentResponse {
+            request_id: request_id.to_string(),
+            volumes: Some(pb::RegionVolumes { tc_ml: tc, wt_ml: wt, et_ml: et }),
+            provider: provider_pb(model.model.provider()) as i32,
+            fallback: model.fallback_reason.is_some(),
+            fallback_reason: model.fallback_reason.clone().unwrap_or_default(),
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            timings: Some(timings),
+            shape: seg.shape.iter().map(|&v| v as u32).collect(),
+            label_map_sha256: hex::encode(Sha256::digest(&label_nifti)),
+            ..Default::default()
+        };
+        Ok(Outcome { response, label_nifti, probabilities })
+    }
+
+    async fn acquire(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        if self.slots.available_permits() == 0 && self.metrics.queued.get() as usize >= self.max_queue {
+            return Err(Status::resource_exhausted(format!(
+                "{} segmentations running and {} waiting; retry later",
+                self.max_concurrent, self.max_queue
+            )));
+        }
+        self.metrics.queued.inc();
+        let permit = self.slots.clone().acquire_owned().await;
+        self.metrics.queued.dec();
+        permit.map_err(|_| Status::unavailable("the service is shutting down; retry on another instance"))
+    }
+
+    /// Writes outputs under `prefix`, probabilities first and the label map last.
+    async fn store_outputs(&self, prefix: &StoreUri, out: &mut Outcome) -> Result<(), Status> {
+        let t = Instant::now();
+        if let Some(p) = &out.probabilities {
+            let uri = prefix.join("probabilities.safetensors");
+            self.stores.put(&uri, p.clone()).await.map_err(|e| with_field("output_uri", e))?;
+            out.response.probabilities_uri = uri.to_string();
+        }
+        let uri = prefix.join("seg.nii.gz");
+        if let Err(e) = self.stores.put(&uri, out.label_nifti.clone()).await {
+            if !out.response.probabilities_uri.is_empty() {
+                let _ = self.stores.delete(&prefix.join("probabilities.safetensors")).await;
+            }
+            return Err(with_field("output_uri", e));
+        }
+        out.response.label_map_uri = uri.to_string();
+        if let Some(t2) = out.response.timings.as_mut() {
+            t2.store_seconds = t.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    fn request_id(&self, given: &str) -> Result<String, Status> {
+        if given.is_empty() {
+            let n = self.counter.fetch_add(1, Ordering::Relaxed);
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+            return Ok(format!("req-{t}-{n}"));
+        }
+        brats_preprocess::jobs::validate_case_id(given).map_err(|e| with_field("request_id", e))?;
+        Ok(given.to_string())
+    }
+
+    fn observe(&self, method: &str, code: tonic::Code, timings: Option<&pb::InferenceTimings>) {
+        self.metrics.requests.with_label_values(&[method, brats_preprocess::service::code_name(code)]).inc();
+        if let Some(t) = timings {
+            for (s, v) in [
+                ("queue", t.queue_seconds),
+                ("fetch", t.fetch_seconds),
+                ("decode", t.decode_seconds),
+                ("preprocess", t.preprocess_seconds),
+                ("inference", t.inference_seconds),
+                ("postprocess", t.postprocess_seconds),
+                ("encode", t.encode_seconds),
+                ("store", t.store_seconds),
+                ("total", t.total_seconds),
+            ] {
+                self.metrics.stages.with_label_values(&[s]).observe(v);
+            }
+        }
+    }
+}
+
+fn with_field(field: &str, e: CoreError) -> Status {
+    let s = core_status(e);
+    Status::new(s.code(), format!("{field}: {}", s.message()))
+}
+
+fn model_pb(name: &str, versions: &[String], aliases: &std::collections::BTreeMap<String, String>, registry: &Registry, loaded: Option<&Arc<LoadedModel>>) -> pb::Model {
+    pb::Model {
+        name: name.to_string(),
+        versions: versions
+            .iter()
+            .map(|v| pb::ModelVersion {
+                version: v.clone(),
+                aliases: aliases.iter().filter(|(_, to)| *to == v).map(|(a, _)| a.clone()).collect(),
+                uri: registry.version_uri(name, v).join(crate::registry::MODEL_FILE).to_string(),
+                loaded: loaded.is_some_and(|l| l.name == name && &l.version == v),
+                metadata: loaded.filter(|l| l.name == name && &l.version == v).map(|l| metadata_pb(&l.metadata)),
+                ..Default::default()
+            })
+            .collect(),
+        aliases: aliases.clone().into_iter().collect(),
+    }
+}
+
+fn metadata_pb(m: &serde_json::Value) -> pb::ModelMetadata {
+    let strings = |p: &str| -> Vec<String> {
+        m.pointer(p).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+    };
+    pb::ModelMetadata {
+        input_channels: brats_core::MODALITIES.iter().map(|s| s.to_string()).collect(),
+        output_channels: brats_core::REGIONS.iter().map(|s| s.to_string()).collect(),
+        onnx_sha256: m.pointer("/onnx/sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+        weights_sha256: m.pointer("/weights/sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+        description: m.get("description").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
+        labels: strings("/labels").into_iter().map(|l| (l.clone(), l)).collect(),
+        ..Default::default()
+    }
+}
+
+type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<pb::SegmentStreamResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::inference_server::Inference for InferenceService {
+    async fn segment(&self, request: Request<pb::SegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let request_id = self.request_id(&req.request_id)?;
+        let span = info_span!("segment", request_id = %request_id);
+        let result = async {
+            if req.image_uris.len() != 4 && req.image_uris.len() != 1 {
+                return Err(Status::invalid_argument(format!(
+                    "image_uris: {} URIs given; give 4 (T1c, T1, T2, FLAIR in that order) or one 4D file",
+                    req.image_uris.len()
+                )));
+            }
+            let uris = req
+                .image_uris
+                .iter()
+                .enumerate()
+                .map(|(i, u)| StoreUri::parse(u).map_err(|e| with_field(&format!("image_uris[{i}]"), e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let prefix = if req.output_uri.is_empty() {
+                self.output_root.join(&request_id)
+            } else {
+                StoreUri::parse(&req.output_uri).map_err(|e| with_field("output_uri", e))?
+            };
+            let model = self.select(req.model.as_ref()).await?;
+            let t = Instant::now();
+            let images = fetch_all(&self.stores, &uris).await.map_err(|e| with_field("image_uris", e))?;
+            let fetch_seconds = t.elapsed().as_secs_f64();
+            let mut out = self.run(&request_id, images, model, req.options.as_ref(), started, Box::new(|_, _| {})).await?;
+            self.store_outputs(&prefix, &mut out).await?;
+            if let Some(t) = out.response.timings.as_mut() {
+                t.fetch_seconds = fetch_seconds;
+                t.total_seconds = started.elapsed().as_secs_f64();
+            }
+            info!(model = %out.response.model_name, version = %out.response.model_version, seconds = started.elapsed().as_secs_f64(), "segmented");
+            Ok(out.response)
+        }
+        .instrument(span.clone())
+        .await;
+        match &result {
+            Ok(r) => self.observe("Segment", tonic::Code::Ok, r.timings.as_ref()),
+            Err(s) => {
+                span.in_scope(|| warn!(code = ?s.code(), "segment failed"));
+                self.observe("Segment", s.code(), None)
+            }
+        }
+        result.map(Response::new)
+    }
+
+    type SegmentStreamStream = ResponseStream;
+
+    async fn segment_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::SegmentStreamRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        crate::stream::segment_stream(self.clone(), request.into_inner()).await
+    }
+
+    async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self.registry.list().await.map_err(core_status)?;
+        let current = self.current();
+        let models = models.iter().map(|(name, (versions, aliases))| model_pb(name, versions, aliases, &self.registry, current.as_ref())).collect();
+        Ok(Response::new(pb::ListModelsResponse { models, next_page_token: String::new() }))
+    }
+
+    async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
+        let name = request.into_inner().name;
+        crate::registry::validate_name("name", &name).map_err(core_status)?;
+        let models = self.registry.list().await.map_err(core_status)?;
+        let (versions, aliases) = models.get(&name).ok_or_else(|| Status::not_found(format!("name: no model '{name}' in {}", self.registry.root())))?;
+        Ok(Response::new(model_pb(&name, versions, aliases, &self.registry, self.current().as_ref())))
+    }
+}
+
+impl InferenceService {
+    /// Runs a request whose inputs arrived over a stream (see [`crate::stream`]).
+    pub(crate) async fn run_streamed(
+        &self,
+        header: &pb::SegmentStreamHeader,
+        images: Vec<InputFile>,
+        started: Instant,
+        progress: Box<dyn FnMut(usize, usize) + Send>,
+    ) -> Result<(pb::SegmentResponse, Bytes, Option<Bytes>), Status> {
+        let request_id = self.request_id(&header.request_id)?;
+        let model = self.select(header.model.as_ref()).await?;
+        let mut out = self.run(&request_id, images, model, header.options.as_ref(), started, progress).await?;
+        if !header.output_uri.is_empty() {
+            let prefix = StoreUri::parse(&header.output_uri).map_err(|e| with_field("header.output_uri", e))?;
+            self.store_outputs(&prefix, &mut out).await?;
+        }
+        if let Some(t) = out.response.timings.as_mut() {
+            t.total_seconds = started.elapsed().as_secs_f64();
+        }
+        self.observe("SegmentStream", tonic::Code::Ok, out.response.timings.as_ref());
+        Ok((out.response, out.label_nifti, out.probabilities))
+    }
+}

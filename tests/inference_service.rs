@@ -1,0 +1,372 @@
+//! The inference service end to end on loopback: models from a registry in a real directory
+//! store, warm-up before SERVING, `Segment` by URI, `SegmentStream` with chunked, checksummed
+//! transfers, hot reload when the alias moves, and every kind of bad input and fault.
+
+mod common;
+
+use brats_inference::config::InferenceConfig;
+use brats_inference::registry::Registry;
+use brats_model::SegResNetConfig;
+use brats_model::onnx::{ExportOptions, to_onnx_bytes};
+use brats_model::reference::det_state_dict;
+use brats_proto::v1 as pb;
+use brats_proto::v1::inference_client::InferenceClient;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const ROI: [usize; 3] = [32, 32, 32];
+
+fn segresnet_onnx() -> Vec<u8> {
+    let config = SegResNetConfig::default();
+    to_onnx_bytes(&config, &det_state_dict(&config), ExportOptions::default()).unwrap()
+}
+
+struct Inference {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+    registry: Registry,
+    dir: tempfile::TempDir,
+}
+
+impl Inference {
+    async fn start(tweak: impl FnOnce(&mut InferenceConfig)) -> Inference {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = InferenceConfig {
+            listen: "127.0.0.1:0".into(),
+            metrics_listen: String::new(),
+            registry: file_uri(&dir.path().join("models")),
+            output_root: file_uri(&dir.path().join("predictions")),
+            roi: ROI,
+            warmup_shape: Some(ROI),
+            reload_interval_s: 1,
+            intra_threads: 2,
+            ..InferenceConfig::default()
+        };
+        tweak(&mut cfg);
+        let registry = Registry::new(
+            Arc::new(brats_core::Stores::new(cfg.store.clone())),
+            brats_core::StoreUri::parse(&cfg.registry).unwrap(),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+        let handle = tokio::spawn(brats_inference::server::serve(
+            cfg,
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(addr_tx),
+        ));
+        let addr = addr_rx.await.unwrap();
+        Inference { addr, stop: Some(stop_tx), handle, registry, dir }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    async fn client(&self) -> InferenceClient<Channel> {
+        InferenceClient::connect(self.url()).await.unwrap()
+    }
+
+    async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
+        let channel = Channel::from_shared(self.url()).unwrap().connect().await.unwrap();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Inference".into() }).await.unwrap().into_inner().status()
+    }
+
+    async fn wait_serving(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.health().await != tonic_health::pb::health_check_response::ServingStatus::Serving {
+            assert!(Instant::now() < deadline, "never SERVING");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.handle.await.unwrap().unwrap();
+    }
+}
+
+fn case(dir: &Path, id: &str, seed: u64) -> Vec<PathBuf> {
+    let (images, _) = synth_case(dir, id, [40, 40, 32], seed);
+    images.to_vec()
+}
+
+fn segment_request(images: &[PathBuf]) -> pb::SegmentRequest {
+    pb::SegmentRequest { image_uris: images.iter().map(|p| file_uri(p)).collect(), ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_warmup_segment_and_hot_reload() {
+    let svc = Inference::start(|_| {}).await;
+    // No alias yet: the service is up but not SERVING, and says why when called.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(svc.health().await, tonic_health::pb::health_check_response::ServingStatus::NotServing);
+    let images = case(svc.dir.path(), "c1", 1);
+    let e = svc.client().await.segment(segment_request(&images)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    let onnx = segresnet_onnx();
+    svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
+    svc.wait_serving().await;
+    let mut client = svc.client().await;
+    let resp = client.segment(segment_request(&images)).await.unwrap().into_inner();
+    assert_eq!((resp.model_name.as_str(), resp.model_version.as_str()), ("segresnet", "1"));
+    assert_eq!(resp.provider, pb::ExecutionProvider::Cpu as i32);
+    assert!(!resp.fallback);
+    assert_eq!(resp.shape, vec![40, 40, 32]);
+    let t = resp.timings.unwrap();
+    assert!(t.inference_seconds > 0.0 && t.decode_seconds > 0.0 && t.total_seconds >= t.inference_seconds);
+    let label_path = match brats_core::StoreUri::parse(&resp.label_map_uri).unwrap() {
+        brats_core::StoreUri::File(p) => p,
+        _ => unreachable!(),
+    };
+    let bytes = std::fs::read(&label_path).unwrap();
+    assert_eq!(hex(&bytes), resp.label_map_sha256);
+
+    // The same pipeline in-process gives the same label map, header and affine included.
+    let model = brats_inference::runtime::SegmentationModel::load(
+        &brats_inference::runtime::default_library(),
+        &onnx,
+        &Default::default(),
+    )
+    .unwrap();
+    let files: Vec<_> = images
+        .iter()
+        .map(|p| brats_preprocess::pipeline::InputFile { name: p.display().to_string(), bytes: std::fs::read(p).unwrap().into() })
+        .collect();
+    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
+    let seg = brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap();
+    let read = brats_core::nifti_io::read_nifti(&bytes, "seg", &Default::default()).unwrap();
+    assert_eq!(read.data.iter().map(|&v| v as u8).collect::<Vec<_>>(), seg.label);
+    assert_eq!(read.affine, seg.affine);
+    let [tc, wt, et] = seg.volumes_ml;
+    let v = resp.volumes.unwrap();
+    assert_eq!((v.tc_ml, v.wt_ml, v.et_ml), (tc, wt, et));
+
+    // ListModels / GetModel.
+    let models = client.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
+    assert_eq!(models.len(), 1);
+    assert_eq!(models[0].aliases.get("production").map(String::as_str), Some("1"));
+    assert!(models[0].versions[0].loaded);
+    let e = client.get_model(pb::GetModelRequest { name: "nope".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // Move the alias: the service hot-reloads and answers with version 2, no restart.
+    svc.registry.register("segresnet", "2", onnx.into(), None, Some("production")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = client.segment(segment_request(&images)).await.unwrap().into_inner();
+        if r.model_version == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alias move never picked up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A request may still name version 1 explicitly.
+    let mut pinned = segment_request(&images);
+    pinned.model = Some(pb::ModelSelector { version: "1".into(), ..Default::default() });
+    assert_eq!(client.segment(pinned).await.unwrap().into_inner().model_version, "1");
+    svc.stop().await;
+}
+
+fn hex(b: &[u8]) -> String {
+    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+async fn upload(
+    client: &mut InferenceClient<Channel>,
+    images: &[PathBuf],
+    corrupt_sha: bool,
+    stop_after_chunks: Option<usize>,
+) -> Result<Vec<pb::SegmentStreamResponse>, tonic::Status> {
+    let files: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let mut msgs = vec![pb::SegmentStreamRequest {
+        msg: Some(pb::segment_stream_request::Msg::Header(pb::SegmentStreamHeader {
+            files: files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| pb::StreamFile { name: format!("m{i}.nii.gz"), size_bytes: f.len() as u64, content_type: String::new() })
+                .collect(),
+            chunk_size: 64 << 10,
+            ..Default::default()
+        })),
+    }];
+    for (i, f) in files.iter().enumerate() {
+        for (k, part) in f.chunks(100_000).enumerate() {
+            msgs.push(pb::SegmentStreamRequest {
+                msg: Some(pb::segment_stream_request::Msg::Chunk(pb::FileChunk {
+                    file_index: i as u32,
+                    offset: (k * 100_000) as u64,
+                    data: part.to_vec(),
+                    crc32c: Some(crc32c::crc32c(part)),
+                })),
+            });
+        }
+    }
+    msgs.push(pb::SegmentStreamRequest {
+        msg: Some(pb::segment_stream_request::Msg::Trailer(pb::StreamTrailer {
+            checksums: files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| pb::FileChecksum {
+                    file_index: i as u32,
+                    sha256: if corrupt_sha && i == 2 { "00".repeat(32) } else { hex(f) },
+                    crc32c: None,
+                    size_bytes: f.len() as u64,
+                })
+                .collect(),
+        })),
+    });
+    if let Some(n) = stop_after_chunks {
+        msgs.truncate(n);
+    }
+    let mut out = client.segment_stream(tokio_stream::iter(msgs)).await?.into_inner();
+    let mut got = Vec::new();
+    while let Some(m) = out.message().await? {
+        got.push(m);
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
+    let svc = Inference::start(|_| {}).await;
+    svc.registry.register("segresnet", "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
+    svc.wait_serving().await;
+    let images = case(svc.dir.path(), "s1", 2);
+    let mut client = svc.client().await;
+    let by_uri = client.segment(segment_request(&images)).await.unwrap().into_inner();
+
+    let msgs = upload(&mut client, &images, false, None).await.unwrap();
+    use pb::segment_stream_response::Msg;
+    assert!(msgs.iter().any(|m| matches!(&m.msg, Some(Msg::Progress(p)) if p.windows_total > 0)), "no inference progress");
+    let result = msgs.iter().find_map(|m| if let Some(Msg::Result(r)) = &m.msg { Some(r.clone()) } else { None }).unwrap();
+    assert_eq!(result.label_map_sha256, by_uri.label_map_sha256, "streamed and by-URI label maps differ");
+    assert!(result.label_map_uri.is_empty(), "nothing stored without output_uri");
+    let mut label = Vec::new();
+    for m in &msgs {
+        if let Some(Msg::Chunk(c)) = &m.msg {
+            assert_eq!(c.offset as usize, label.len());
+            assert_eq!(Some(crc32c::crc32c(&c.data)), c.crc32c);
+            label.extend_from_slice(&c.data);
+        }
+    }
+    let Some(Msg::Trailer(t)) = &msgs.last().unwrap().msg else { panic!("no trailer") };
+    assert_eq!(t.checksums[0].sha256, hex(&label));
+    assert_eq!(hex(&label), result.label_map_sha256);
+
+    // A corrupted upload is DATA_LOSS naming the file; a client that gives up mid-upload costs
+    // nothing; the service keeps serving.
+    let e = upload(&mut client, &images, true, None).await.unwrap_err();
+    assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+    assert!(e.message().contains("m2.nii.gz"), "{}", e.message());
+    let e = upload(&mut client, &images, false, Some(3)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Cancelled, "{e:?}");
+    assert!(client.segment(segment_request(&images)).await.is_ok());
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_models_inputs_and_faults_get_clear_statuses() {
+    let svc = Inference::start(|c| {
+        c.max_concurrent = 1;
+        c.max_queue = 0;
+        // An S3 endpoint where nothing listens: the "store that disappears".
+        c.store.s3_endpoint = Some(format!("http://127.0.0.1:{}", free_port()));
+        c.store.s3_access_key_id = Some("k".into());
+        c.store.s3_secret_access_key = Some("s".into());
+    })
+    .await;
+    let onnx = segresnet_onnx();
+    svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
+    // A corrupt graph, a graph whose output is misnamed, a graph that does not match its metadata.
+    svc.registry.register("segresnet", "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None).await.unwrap();
+    let fixture = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
+    // Same graph with its output tensor renamed (every occurrence, same length, so still valid).
+    let mut misnamed = fixture.clone();
+    let hits: Vec<usize> = misnamed.windows(6).enumerate().filter(|(_, w)| *w == b"logits").map(|(i, _)| i).collect();
+    assert!(hits.len() >= 2, "fixture layout changed");
+    for i in hits {
+        misnamed[i..i + 6].copy_from_slice(b"scores");
+    }
+    svc.registry.register("segresnet", "misnamed", misnamed.into(), None, None).await.unwrap();
+    let meta = serde_json::json!({"onnx": {"sha256": "ab".repeat(32)}});
+    svc.registry.register("segresnet", "tampered", onnx.into(), Some(serde_json::to_vec(&meta).unwrap().into()), None).await.unwrap();
+    svc.wait_serving().await;
+    let images = case(svc.dir.path(), "b1", 3);
+    let mut client = svc.client().await;
+    let with_model = |sel: pb::ModelSelector| pb::SegmentRequest { model: Some(sel), ..segment_request(&images) };
+    let v = |s: &str| pb::ModelSelector { version: s.into(), ..Default::default() };
+    let cases: Vec<(&str, pb::SegmentRequest, Code, &str)> = vec![
+        ("corrupt onnx", with_model(v("corrupt")), Code::InvalidArgument, "not a loadable ONNX model"),
+        ("misnamed output", with_model(v("misnamed")), Code::InvalidArgument, "outputs are [\"scores\"]"),
+        ("tampered graph", with_model(v("tampered")), Code::InvalidArgument, "sha256"),
+        ("unknown version", with_model(v("9")), Code::NotFound, "version '9'"),
+        ("missing alias", with_model(pb::ModelSelector { alias: "staging".into(), ..Default::default() }), Code::NotFound, "staging"),
+        ("three modalities", segment_request(&images[..3]), Code::InvalidArgument, "image_uris"),
+        ("missing image", segment_request(&[images[0].clone(), images[1].clone(), images[2].clone(), svc.dir.path().join("gone.nii.gz")]), Code::NotFound, "gone.nii.gz"),
+        (
+            "bad roi",
+            pb::SegmentRequest { options: Some(pb::SegmentOptions { roi_size: vec![30, 32, 32], ..Default::default() }), ..segment_request(&images) },
+            Code::InvalidArgument,
+            "roi_size",
+        ),
+    ];
+    for (what, req, code, needle) in cases {
+        let e = client.segment(req).await.expect_err(what);
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(e.message().contains(needle), "{what}: '{}' should contain '{needle}'", e.message());
+    }
+    // The store vanishes for the output: UNAVAILABLE, nothing half-written, still serving.
+    let mut gone = segment_request(&images);
+    gone.output_uri = "s3://nowhere/out".into();
+    let e = client.segment(gone).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("output_uri"), "{}", e.message());
+    assert!(!svc.dir.path().join("predictions").exists() || list_files(&svc.dir.path().join("predictions")).is_empty());
+
+    // One slot, no queue: a second request while one runs is RESOURCE_EXHAUSTED.
+    let first = {
+        let mut c = client.clone();
+        let r = segment_request(&images);
+        tokio::spawn(async move { c.segment(r).await })
+    };
+    let mut refused = None;
+    for _ in 0..50 {
+        match client.segment(segment_request(&images)).await {
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                refused = Some(e);
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    first.await.unwrap().unwrap();
+    assert!(refused.is_some(), "a full queue never refused a request");
+    assert!(client.segment(segment_request(&images)).await.is_ok(), "still serving");
+    svc.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_deadline_cancels_and_service_survives() {
+    let svc = Inference::start(|_| {}).await;
+    svc.registry.register("segresnet", "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
+    svc.wait_serving().await;
+    let images = case(svc.dir.path(), "d1", 4);
+    let mut client = svc.client().await;
+    let mut req = tonic::Request::new(segment_request(&images));
+    req.set_timeout(Duration::from_millis(50));
+    let e = client.segment(req).await.unwrap_err();
+    assert!(matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled), "{e:?}");
+    assert!(client.segment(segment_request(&images)).await.is_ok());
+    svc.stop().await;
+}
