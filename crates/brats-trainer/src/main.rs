@@ -39,6 +39,20 @@ enum Command {
         #[arg(long)]
         config: Option<String>,
     },
+    /// Write freshly initialised SegResNet weights (libtorch's default initialisation, as a
+    /// MONAI model before training), seeded — the starting point of a training run, and an
+    /// untrained model for trying the pipeline end to end.
+    Init {
+        /// The safetensors file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+        /// SegResNet configuration as JSON with MONAI's argument names (default: the bundle's).
+        #[arg(long)]
+        config: Option<String>,
+    },
     /// Export weights to ONNX (opset 18) and write metadata.json beside the model.
     ExportOnnx {
         /// Our safetensors weights (or any checkpoint import-monai accepts).
@@ -71,6 +85,19 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("importing {}", checkpoint.display()))?;
             weights::save_weights(&out, &sd, &config, None).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} ({} tensors, {} parameters)", out.display(), sd.len(), config.parameter_count());
+        }
+        Command::Init { out, seed, config } => {
+            let config: SegResNetConfig = match config {
+                Some(s) => serde_json::from_str(&s).context("parsing --config")?,
+                None => SegResNetConfig::default(),
+            };
+            tch::manual_seed(seed);
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let _net = brats_model::SegResNet::new(&vs.root(), &config)?;
+            let sd = weights::state_dict_from_var_store(&vs, &config)?;
+            let provenance = serde_json::json!({"initialised": {"seed": seed, "trained": false}});
+            weights::save_weights(&out, &sd, &config, Some(&provenance)).with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} (untrained, seed {seed}, {} parameters)", out.display(), config.parameter_count());
         }
         Command::ExportOnnx { weights, out, fp16, metadata, instance_norm } => {
             let precision = if fp16 { Precision::Fp16 } else { Precision::Fp32 };

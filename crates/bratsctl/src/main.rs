@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use brats_proto::v1 as pb;
+use brats_proto::v1::inference_client::InferenceClient;
 use brats_proto::v1::preprocessor_client::PreprocessorClient;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -58,14 +59,40 @@ enum Cmd {
         #[arg(long)]
         out: Option<String>,
     },
+    /// Segment a case on a running inference service: upload the four modalities in chunks
+    /// (SegmentStream, no shared storage needed), download the label map, verify its checksum.
+    Segment {
+        /// Inference service address.
+        #[arg(long, default_value = "http://127.0.0.1:50052")]
+        server: String,
+        /// T1c T1 T2 FLAIR files (or one 4D file).
+        #[arg(long, num_args = 1..=4, required = true)]
+        image: Vec<PathBuf>,
+        /// Where to write the label map (.nii.gz).
+        #[arg(long)]
+        out: PathBuf,
+        /// Model version to use (default: the server's production alias).
+        #[arg(long)]
+        model_version: Option<String>,
+        /// Request id (appears in the server's logs).
+        #[arg(long)]
+        request_id: Option<String>,
+    },
+    /// List the models a running inference service knows.
+    Models {
+        /// Inference service address.
+        #[arg(long, default_value = "http://127.0.0.1:50052")]
+        server: String,
+    },
     /// The first-run demo: generate a synthetic case, start the preprocessing service on
-    /// loopback, preprocess the case through it and print a summary.
+    /// loopback and preprocess the case through it; then initialise and export a model,
+    /// register it, start the inference service and segment the case through it.
     Demo {
         /// Working directory for the demo's data and store.
         #[arg(long, default_value = "demo-out")]
         dir: PathBuf,
         /// Shape of the synthetic case, X,Y,Z.
-        #[arg(long, default_value = "240,240,155")]
+        #[arg(long, default_value = "160,160,128")]
         shape: String,
         /// Seed of the synthetic case.
         #[arg(long, default_value_t = 1)]
@@ -146,6 +173,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Segment { server, image, out, model_version, request_id } => {
+            let channel = Channel::from_shared(server.clone())?.connect().await.with_context(|| format!("connect {server}"))?;
+            let model = model_version.map(|v| pb::ModelSelector { version: v, ..Default::default() });
+            let r = segment_stream(channel, &image, &out, model, request_id.unwrap_or_default(), true).await?;
+            print_segmentation(&r, &out);
+            Ok(())
+        }
+        Cmd::Models { server } => {
+            let mut c = InferenceClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
+            for m in c.list_models(pb::ListModelsRequest::default()).await.map_err(|s| status_line(&s))?.into_inner().models {
+                let aliases: Vec<String> = m.aliases.iter().map(|(a, v)| format!("{a}→{v}")).collect();
+                println!("{}  versions {}  aliases {}", m.name, m.versions.iter().map(|v| if v.loaded { format!("{} (serving)", v.version) } else { v.version.clone() }).collect::<Vec<_>>().join(", "), aliases.join(", "));
+            }
+            Ok(())
+        }
         Cmd::Demo { dir, shape, seed } => demo(&dir, &shape, seed).await,
     }
 }
@@ -189,6 +231,113 @@ fn print_case(r: &pb::PreprocessCaseResponse) {
     println!("  sidecar {}", r.metadata_uri);
 }
 
+/// Uploads `images` through SegmentStream with a progress bar, writes the returned label map to
+/// `out` after checking every chunk's CRC-32C and the file's SHA-256.
+async fn segment_stream(
+    channel: Channel,
+    images: &[PathBuf],
+    out: &Path,
+    model: Option<pb::ModelSelector>,
+    request_id: String,
+    show_progress: bool,
+) -> anyhow::Result<pb::SegmentResponse> {
+    use pb::segment_stream_request::Msg as In;
+    use pb::segment_stream_response::Msg as Out;
+    use sha2::Digest;
+    let files: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).with_context(|| format!("{}", p.display()))).collect::<Result<_, _>>()?;
+    let total: u64 = files.iter().map(|f| f.len() as u64).sum();
+    let bar = if show_progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}").unwrap().progress_chars("=> "));
+    bar.set_message("uploading");
+    let header = pb::SegmentStreamHeader {
+        request_id,
+        model,
+        files: files
+            .iter()
+            .zip(images)
+            .map(|(f, p)| pb::StreamFile { name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), size_bytes: f.len() as u64, content_type: "application/gzip".into() })
+            .collect(),
+        ..Default::default()
+    };
+    const CHUNK: usize = 1 << 20;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let upload_bar = bar.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(pb::SegmentStreamRequest { msg: Some(In::Header(header)) }).await;
+        let mut checksums = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            for (k, part) in f.chunks(CHUNK).enumerate() {
+                let chunk = pb::FileChunk { file_index: i as u32, offset: (k * CHUNK) as u64, data: part.to_vec(), crc32c: Some(crc32c::crc32c(part)) };
+                if tx.send(pb::SegmentStreamRequest { msg: Some(In::Chunk(chunk)) }).await.is_err() {
+                    return;
+                }
+                upload_bar.inc(part.len() as u64);
+            }
+            checksums.push(pb::FileChecksum { file_index: i as u32, sha256: hex::encode(sha2::Sha256::digest(f)), crc32c: None, size_bytes: f.len() as u64 });
+        }
+        let _ = tx.send(pb::SegmentStreamRequest { msg: Some(In::Trailer(pb::StreamTrailer { checksums })) }).await;
+    });
+    let mut client = InferenceClient::new(channel).max_decoding_message_size(16 << 20);
+    let mut stream = client.segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|s| status_line(&s))?.into_inner();
+    let mut result = None;
+    let mut label = Vec::new();
+    let mut expected_size = 0u64;
+    while let Some(msg) = stream.message().await.map_err(|s| status_line(&s))? {
+        match msg.msg {
+            Some(Out::Progress(p)) if p.windows_total > 0 => {
+                if bar.length() != Some(p.windows_total as u64) {
+                    bar.set_length(p.windows_total as u64);
+                    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] window {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
+                    bar.set_message("inference");
+                }
+                bar.set_position(p.windows_done as u64);
+            }
+            Some(Out::Progress(_)) => {}
+            Some(Out::Result(r)) => result = Some(r),
+            Some(Out::Outputs(o)) => {
+                expected_size = o.files.first().map(|f| f.size_bytes).unwrap_or(0);
+                bar.set_length(expected_size);
+                bar.set_position(0);
+                bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes}").unwrap().progress_chars("=> "));
+                bar.set_message("downloading");
+            }
+            Some(Out::Chunk(c)) if c.file_index == 0 => {
+                anyhow::ensure!(c.offset as usize == label.len(), "chunk at offset {} arrived out of order", c.offset);
+                if let Some(crc) = c.crc32c {
+                    anyhow::ensure!(crc32c::crc32c(&c.data) == crc, "label chunk at offset {} is corrupt (CRC-32C)", c.offset);
+                }
+                label.extend_from_slice(&c.data);
+                bar.inc(c.data.len() as u64);
+            }
+            Some(Out::Chunk(_)) => {}
+            Some(Out::Trailer(t)) => {
+                let want = t.checksums.iter().find(|c| c.file_index == 0).map(|c| c.sha256.clone()).unwrap_or_default();
+                anyhow::ensure!(label.len() as u64 == expected_size, "label map truncated: {} of {expected_size} bytes", label.len());
+                anyhow::ensure!(hex::encode(sha2::Sha256::digest(&label)) == want, "label map checksum mismatch; retry");
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let result = result.context("the server ended the stream without a result")?;
+    let tmp = out.with_extension("part");
+    std::fs::write(&tmp, &label).with_context(|| format!("{}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("{}", out.display()))?;
+    Ok(result)
+}
+
+fn print_segmentation(r: &pb::SegmentResponse, out: &Path) {
+    let v = r.volumes.clone().unwrap_or_default();
+    let t = r.timings.clone().unwrap_or_default();
+    let provider = pb::ExecutionProvider::try_from(r.provider).map(|p| p.as_str_name()).unwrap_or("?");
+    println!("segmentation {} ({}), model {} version {}, provider {provider}{}", out.display(), join(&r.shape), r.model_name, r.model_version, if r.fallback { format!(" (fallback: {})", r.fallback_reason) } else { String::new() });
+    println!("  volumes  TC {:.2} mL   WT {:.2} mL   ET {:.2} mL", v.tc_ml, v.wt_ml, v.et_ml);
+    println!(
+        "  timing   queue {:.3}s, decode {:.3}s, preprocess {:.3}s, inference {:.3}s, postprocess {:.3}s, encode {:.3}s; total on the server {:.2}s",
+        t.queue_seconds, t.decode_seconds, t.preprocess_seconds, t.inference_seconds, t.postprocess_seconds, t.encode_seconds, t.total_seconds
+    );
+}
+
 fn join(v: &[u32]) -> String {
     v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -216,6 +365,15 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs a sibling binary to completion, failing with its stderr.
+fn run_tool(bin: &str, args: &[String]) -> anyhow::Result<()> {
+    let out = Command::new(sibling(bin)?).args(args).output().with_context(|| format!("run {bin}"))?;
+    if !out.status.success() {
+        bail!("{bin} {} failed: {}", args.first().map(String::as_str).unwrap_or(""), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -313,6 +471,58 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
         if again.reused { "reused" } else { "recomputed" },
         t.elapsed().as_secs_f64()
     );
-    println!("4. done; service log at {}", dir.join("preprocess.log").display());
+
+    println!("4. a model: untrained SegResNet weights (training comes with the trainer), exported to ONNX, registered");
+    let model_dir = dir.join("model");
+    run_tool("brats-trainer", &["init".into(), "--out".into(), model_dir.join("weights.safetensors").display().to_string(), "--seed".into(), "1".into()])?;
+    run_tool(
+        "brats-trainer",
+        &["export-onnx".into(), "--weights".into(), model_dir.join("weights.safetensors").display().to_string(), "--out".into(), model_dir.join("model.onnx").display().to_string()],
+    )?;
+    let registry = format!("file://{}", store.join("models").display());
+    run_tool(
+        "brats-inference",
+        &[
+            "register".into(),
+            "--registry".into(),
+            registry.clone(),
+            "--version".into(),
+            "1".into(),
+            "--model".into(),
+            model_dir.join("model.onnx").display().to_string(),
+            "--alias".into(),
+            "production".into(),
+        ],
+    )?;
+
+    let iport = free_port()?;
+    let iaddr = format!("http://127.0.0.1:{iport}");
+    // One window covering the case (sizes rounded up to SegResNet's multiple of 8).
+    let roi: Vec<String> = shape.iter().map(|s| s.div_ceil(8) * 8).map(|v| v.to_string()).collect();
+    println!("5. starting the inference service on {iaddr} (ONNX Runtime, CPU; warm-up before SERVING)");
+    let iargs = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{iport}"),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{}", free_port()?),
+        "--registry".into(),
+        registry,
+        "--output-root".into(),
+        format!("file://{}", store.join("predictions").display()),
+        "--roi".into(),
+        roi.join(","),
+        "--warmup-shape".into(),
+        "32,32,32".into(),
+    ];
+    let _inference = start_service("brats-inference", &iargs, &dir.join("inference.log"), "brats.v1.Inference", &iaddr).await?;
+    println!("6. SegmentStream: upload the 4 modalities in checked chunks, segment, download the label map");
+    let out = dir.join("seg.nii.gz");
+    let channel = Channel::from_shared(iaddr)?.connect().await?;
+    let t = Instant::now();
+    let r = segment_stream(channel, &files.images, &out, None, format!("demo-{seed}"), false).await?;
+    print_segmentation(&r, &out);
+    println!("   round trip {:.2} s (the weights are untrained, so the regions are not meaningful yet)", t.elapsed().as_secs_f64());
+    println!("7. done; service logs in {}", dir.display());
     Ok(())
 }
