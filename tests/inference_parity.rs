@@ -41,7 +41,12 @@ fn run_case(model: &SegmentationModel, case: &str, blend: Blend) -> brats_infere
             InputFile { name: p.display().to_string(), bytes: std::fs::read(&p).unwrap().into() }
         })
         .collect();
-    let window = SlidingWindow { roi: [roi[0], roi[1], roi[2]], overlap: index["overlap"].as_f64().unwrap(), blend };
+    let window = SlidingWindow {
+        roi: [roi[0], roi[1], roi[2]],
+        overlap: index["overlap"].as_f64().unwrap(),
+        blend,
+        mirror: false,
+    };
     segment(model, &images, &window, true, &ReadLimits::default()).unwrap()
 }
 

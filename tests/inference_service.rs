@@ -78,7 +78,11 @@ impl Inference {
     async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
         let channel = Channel::from_shared(self.url()).unwrap().connect().await.unwrap();
         let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Inference".into() }).await.unwrap().into_inner().status()
+        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Inference".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
     }
 
     async fn wait_serving(&self) {
@@ -141,7 +145,10 @@ async fn registry_warmup_segment_and_hot_reload() {
     .unwrap();
     let files: Vec<_> = images
         .iter()
-        .map(|p| brats_preprocess::pipeline::InputFile { name: p.display().to_string(), bytes: std::fs::read(p).unwrap().into() })
+        .map(|p| brats_preprocess::pipeline::InputFile {
+            name: p.display().to_string(),
+            bytes: std::fs::read(p).unwrap().into(),
+        })
         .collect();
     let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
     let seg = brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap();
@@ -194,7 +201,11 @@ async fn upload(
             files: files
                 .iter()
                 .enumerate()
-                .map(|(i, f)| pb::StreamFile { name: format!("m{i}.nii.gz"), size_bytes: f.len() as u64, content_type: String::new() })
+                .map(|(i, f)| pb::StreamFile {
+                    name: format!("m{i}.nii.gz"),
+                    size_bytes: f.len() as u64,
+                    content_type: String::new(),
+                })
                 .collect(),
             chunk_size: 64 << 10,
             ..Default::default()
@@ -248,8 +259,12 @@ async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
 
     let msgs = upload(&mut client, &images, false, None).await.unwrap();
     use pb::segment_stream_response::Msg;
-    assert!(msgs.iter().any(|m| matches!(&m.msg, Some(Msg::Progress(p)) if p.windows_total > 0)), "no inference progress");
-    let result = msgs.iter().find_map(|m| if let Some(Msg::Result(r)) = &m.msg { Some(r.clone()) } else { None }).unwrap();
+    assert!(
+        msgs.iter().any(|m| matches!(&m.msg, Some(Msg::Progress(p)) if p.windows_total > 0)),
+        "no inference progress"
+    );
+    let result =
+        msgs.iter().find_map(|m| if let Some(Msg::Result(r)) = &m.msg { Some(r.clone()) } else { None }).unwrap();
     assert_eq!(result.label_map_sha256, by_uri.label_map_sha256, "streamed and by-URI label maps differ");
     assert!(result.label_map_uri.is_empty(), "nothing stored without output_uri");
     let mut label = Vec::new();
@@ -290,7 +305,8 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
     svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     // A corrupt graph, a graph whose output is misnamed, a graph that does not match its metadata.
     svc.registry.register("segresnet", "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None).await.unwrap();
-    let fixture = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
+    let fixture =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
     // Same graph with its output tensor renamed (every occurrence, same length, so still valid).
     let mut misnamed = fixture.clone();
     let hits: Vec<usize> = misnamed.windows(6).enumerate().filter(|(_, w)| *w == b"logits").map(|(i, _)| i).collect();
@@ -300,7 +316,10 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
     }
     svc.registry.register("segresnet", "misnamed", misnamed.into(), None, None).await.unwrap();
     let meta = serde_json::json!({"onnx": {"sha256": "ab".repeat(32)}});
-    svc.registry.register("segresnet", "tampered", onnx.into(), Some(serde_json::to_vec(&meta).unwrap().into()), None).await.unwrap();
+    svc.registry
+        .register("segresnet", "tampered", onnx.into(), Some(serde_json::to_vec(&meta).unwrap().into()), None)
+        .await
+        .unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "b1", 3);
     let mut client = svc.client().await;
@@ -311,12 +330,30 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
         ("misnamed output", with_model(v("misnamed")), Code::InvalidArgument, "outputs are [\"scores\"]"),
         ("tampered graph", with_model(v("tampered")), Code::InvalidArgument, "sha256"),
         ("unknown version", with_model(v("9")), Code::NotFound, "version '9'"),
-        ("missing alias", with_model(pb::ModelSelector { alias: "staging".into(), ..Default::default() }), Code::NotFound, "staging"),
+        (
+            "missing alias",
+            with_model(pb::ModelSelector { alias: "staging".into(), ..Default::default() }),
+            Code::NotFound,
+            "staging",
+        ),
         ("three modalities", segment_request(&images[..3]), Code::InvalidArgument, "image_uris"),
-        ("missing image", segment_request(&[images[0].clone(), images[1].clone(), images[2].clone(), svc.dir.path().join("gone.nii.gz")]), Code::NotFound, "gone.nii.gz"),
+        (
+            "missing image",
+            segment_request(&[
+                images[0].clone(),
+                images[1].clone(),
+                images[2].clone(),
+                svc.dir.path().join("gone.nii.gz"),
+            ]),
+            Code::NotFound,
+            "gone.nii.gz",
+        ),
         (
             "bad roi",
-            pb::SegmentRequest { options: Some(pb::SegmentOptions { roi_size: vec![30, 32, 32], ..Default::default() }), ..segment_request(&images) },
+            pb::SegmentRequest {
+                options: Some(pb::SegmentOptions { roi_size: vec![30, 32, 32], ..Default::default() }),
+                ..segment_request(&images)
+            },
             Code::InvalidArgument,
             "roi_size",
         ),

@@ -91,11 +91,15 @@ impl InferenceConfig {
             brats_preprocess::config::merge(&mut value, file);
         }
         brats_preprocess::config::apply_env(&mut value, ENV_PREFIX);
-        let cfg: InferenceConfig =
-            value.try_into().with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
+        let cfg: InferenceConfig = value
+            .try_into()
+            .with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
         anyhow::ensure!(cfg.max_concurrent >= 1, "max_concurrent must be at least 1");
         anyhow::ensure!((0.0..1.0).contains(&cfg.overlap), "overlap must be in [0, 1)");
-        anyhow::ensure!(cfg.roi.iter().all(|&r| r > 0 && r % 8 == 0), "roi sizes must be positive multiples of 8 (SegResNet)");
+        anyhow::ensure!(
+            cfg.roi.iter().all(|&r| r > 0 && r % 8 == 0),
+            "roi sizes must be positive multiples of 8 (SegResNet)"
+        );
         Ok(cfg)
     }
 }

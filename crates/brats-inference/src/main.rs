@@ -117,6 +117,9 @@ enum Command {
         /// Gaussian instead of constant blending.
         #[arg(long)]
         gaussian: bool,
+        /// Test-time mirroring: average over the volume and its flips along X, Y and Z (4x the time).
+        #[arg(long)]
+        mirror: bool,
         #[command(flatten)]
         ort: OrtFlags,
     },
@@ -185,61 +188,89 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort) = match command {
-        Command::Serve { config, listen, metrics_listen, registry, output_root, warmup_shape, roi, json_logs: _ } => {
-            let mut cfg = InferenceConfig::load(config.as_deref())?;
-            if let Some(v) = listen {
-                cfg.listen = v;
+    let (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, ort) =
+        match command {
+            Command::Serve {
+                config,
+                listen,
+                metrics_listen,
+                registry,
+                output_root,
+                warmup_shape,
+                roi,
+                json_logs: _,
+            } => {
+                let mut cfg = InferenceConfig::load(config.as_deref())?;
+                if let Some(v) = listen {
+                    cfg.listen = v;
+                }
+                if let Some(v) = metrics_listen {
+                    cfg.metrics_listen = v;
+                }
+                if let Some(v) = registry {
+                    cfg.registry = v;
+                }
+                if let Some(v) = output_root {
+                    cfg.output_root = v;
+                }
+                if let Some(v) = warmup_shape {
+                    cfg.warmup_shape = Some(triple(&v)?);
+                }
+                if let Some(v) = roi {
+                    cfg.roi = triple(&v)?;
+                }
+                return brats_inference::server::serve(cfg, brats_preprocess::server::shutdown_signal(), None).await;
             }
-            if let Some(v) = metrics_listen {
-                cfg.metrics_listen = v;
+            Command::Register { registry, name, version, model, metadata, alias } => {
+                let stores = std::sync::Arc::new(Stores::new(StoreConfig::default()));
+                let reg = Registry::new(stores.clone(), StoreUri::parse(&registry)?);
+                let model_uri = StoreUri::parse(&model)?;
+                let meta_uri = match metadata {
+                    Some(m) => StoreUri::parse(&m)?,
+                    None => model_uri.parent().join("metadata.json"),
+                };
+                let onnx = stores.get(&model_uri).await?;
+                let meta = match stores.get(&meta_uri).await {
+                    Ok(b) => Some(b),
+                    Err(brats_core::CoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let dir = reg.register(&name, &version, onnx, meta, alias.as_deref()).await?;
+                let moved = alias.map(|a| format!("; alias {a} -> {version}")).unwrap_or_default();
+                println!("registered {name} version {version} at {dir}{moved}");
+                return Ok(());
             }
-            if let Some(v) = registry {
-                cfg.registry = v;
+            Command::Alias { registry, name, alias, version } => {
+                let reg = Registry::new(
+                    std::sync::Arc::new(Stores::new(StoreConfig::default())),
+                    StoreUri::parse(&registry)?,
+                );
+                reg.set_alias(&name, &alias, &version).await?;
+                println!("{name}: alias {alias} -> {version}");
+                return Ok(());
             }
-            if let Some(v) = output_root {
-                cfg.output_root = v;
-            }
-            if let Some(v) = warmup_shape {
-                cfg.warmup_shape = Some(triple(&v)?);
-            }
-            if let Some(v) = roi {
-                cfg.roi = triple(&v)?;
-            }
-            return brats_inference::server::serve(cfg, brats_preprocess::server::shutdown_signal(), None).await;
-        }
-        Command::Register { registry, name, version, model, metadata, alias } => {
-            let stores = std::sync::Arc::new(Stores::new(StoreConfig::default()));
-            let reg = Registry::new(stores.clone(), StoreUri::parse(&registry)?);
-            let model_uri = StoreUri::parse(&model)?;
-            let meta_uri = match metadata {
-                Some(m) => StoreUri::parse(&m)?,
-                None => model_uri.parent().join("metadata.json"),
-            };
-            let onnx = stores.get(&model_uri).await?;
-            let meta = match stores.get(&meta_uri).await {
-                Ok(b) => Some(b),
-                Err(brats_core::CoreError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
-            };
-            let dir = reg.register(&name, &version, onnx, meta, alias.as_deref()).await?;
-            let moved = alias.map(|a| format!("; alias {a} -> {version}")).unwrap_or_default();
-            println!("registered {name} version {version} at {dir}{moved}");
-            return Ok(());
-        }
-        Command::Alias { registry, name, alias, version } => {
-            let reg = Registry::new(std::sync::Arc::new(Stores::new(StoreConfig::default())), StoreUri::parse(&registry)?);
-            reg.set_alias(&name, &alias, &version).await?;
-            println!("{name}: alias {alias} -> {version}");
-            return Ok(());
-        }
-        Command::Segment { model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort } => {
-            (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, ort)
-        }
-    };
+            Command::Segment {
+                model,
+                image,
+                out,
+                logits,
+                provider,
+                allow_fallback,
+                threads,
+                roi,
+                overlap,
+                gaussian,
+                mirror,
+                ort,
+            } => (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, ort),
+        };
     let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
-    let window =
-        SlidingWindow { roi: triple(&roi)?, overlap, blend: if gaussian { Blend::Gaussian } else { Blend::Constant } };
+    let window = SlidingWindow {
+        roi: triple(&roi)?,
+        overlap,
+        blend: if gaussian { Blend::Gaussian } else { Blend::Constant },
+        mirror,
+    };
     anyhow::ensure!((0.0..1.0).contains(&overlap), "--overlap {overlap} must be in [0, 1)");
     let out = StoreUri::parse(&out)?;
     let logits_uri = logits.map(|l| StoreUri::parse(&l)).transpose()?;

@@ -40,10 +40,16 @@ pub struct Registry {
 
 /// Checks a model name, version or alias is safe inside an object key.
 pub fn validate_name(field: &str, v: &str) -> Result<()> {
-    if !v.is_empty() && v.len() <= 100 && !v.starts_with('.') && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+    if !v.is_empty()
+        && v.len() <= 100
+        && !v.starts_with('.')
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
         Ok(())
     } else {
-        Err(CoreError::invalid(format!("{field} '{v}': use 1–100 characters from A–Z a–z 0–9 - _ . (not starting with '.')")))
+        Err(CoreError::invalid(format!(
+            "{field} '{v}': use 1–100 characters from A–Z a–z 0–9 - _ . (not starting with '.')"
+        )))
     }
 }
 
@@ -67,7 +73,8 @@ impl Registry {
     pub async fn aliases(&self, name: &str) -> Result<BTreeMap<String, String>> {
         let uri = self.root.join(&format!("{name}/{ALIASES_FILE}"));
         match self.stores.get(&uri).await {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| CoreError::invalid(format!("{uri}: not a JSON object of alias → version ({e})"))),
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| CoreError::invalid(format!("{uri}: not a JSON object of alias → version ({e})"))),
             Err(CoreError::NotFound(_)) => Ok(BTreeMap::new()),
             Err(e) => Err(e),
         }
@@ -93,11 +100,14 @@ impl Registry {
         let dir = self.version_uri(name, version);
         let uri = dir.join(MODEL_FILE);
         let onnx = self.stores.get(&uri).await.map_err(|e| match e {
-            CoreError::NotFound(_) => CoreError::NotFound(format!("model '{name}' version '{version}' not found ({uri})")),
+            CoreError::NotFound(_) => {
+                CoreError::NotFound(format!("model '{name}' version '{version}' not found ({uri})"))
+            }
             other => other,
         })?;
         let metadata = match self.stores.get(&dir.join(METADATA_FILE)).await {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| CoreError::invalid(format!("{}: invalid JSON ({e})", dir.join(METADATA_FILE))))?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| CoreError::invalid(format!("{}: invalid JSON ({e})", dir.join(METADATA_FILE))))?,
             Err(CoreError::NotFound(_)) => serde_json::json!({}),
             Err(e) => return Err(e),
         };
@@ -113,7 +123,14 @@ impl Registry {
     }
 
     /// Adds a version (graph, then metadata) and optionally points an alias at it.
-    pub async fn register(&self, name: &str, version: &str, onnx: Bytes, metadata: Option<Bytes>, alias: Option<&str>) -> Result<StoreUri> {
+    pub async fn register(
+        &self,
+        name: &str,
+        version: &str,
+        onnx: Bytes,
+        metadata: Option<Bytes>,
+        alias: Option<&str>,
+    ) -> Result<StoreUri> {
         validate_name("model name", name)?;
         validate_name("model version", version)?;
         let dir = self.version_uri(name, version);
@@ -131,7 +148,9 @@ impl Registry {
     pub async fn set_alias(&self, name: &str, alias: &str, version: &str) -> Result<()> {
         validate_name("alias", alias)?;
         if !self.stores.exists(&self.version_uri(name, version).join(MODEL_FILE)).await? {
-            return Err(CoreError::NotFound(format!("model '{name}' version '{version}' not found; register it first")));
+            return Err(CoreError::NotFound(format!(
+                "model '{name}' version '{version}' not found; register it first"
+            )));
         }
         let mut aliases = self.aliases(name).await?;
         aliases.insert(alias.to_string(), version.to_string());

@@ -7,6 +7,7 @@ use crate::window::{self, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_preprocess::pipeline::{self, InputFile, Options};
+use brats_preprocess::transforms;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -81,15 +82,28 @@ pub fn segment_cancellable(
     let t = Instant::now();
     let total = window::window_count(shape, window);
     let mut done = 0;
-    let logits = window::infer(&tensors.image, 4, shape, 3, window, |w, roi| {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(SegmentError::Cancelled);
+    let mut run_windows = |image: &[f32]| {
+        window::infer(image, 4, shape, 3, window, |w, roi| {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(SegmentError::Cancelled);
+            }
+            let out = model.run(w, [1, 4, roi[0], roi[1], roi[2]])?;
+            done += 1;
+            progress(done, total);
+            Ok(out)
+        })
+    };
+    let mut logits = run_windows(&tensors.image)?;
+    if window.mirror {
+        for axis in 0..3 {
+            let mut flipped = tensors.image.clone();
+            transforms::flip(&mut flipped, 4, shape, axis);
+            let mut out = run_windows(&flipped)?;
+            transforms::flip(&mut out, 3, shape, axis);
+            logits.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
         }
-        let out = model.run(w, [1, 4, roi[0], roi[1], roi[2]])?;
-        done += 1;
-        progress(done, total);
-        Ok(out)
-    })?;
+        logits.iter_mut().for_each(|a| *a /= 4.0);
+    }
     timings.push(("inference".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let label = postprocess::label_map(&logits);
@@ -112,4 +126,49 @@ pub fn segment_cancellable(
 fn determinant3(a: &[[f64; 4]; 4]) -> f64 {
     a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
         + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{SessionOptions, default_library};
+    use brats_preprocess::synthetic::{SyntheticSpec, generate};
+
+    /// A pointwise (1×1×1) model commutes with flips, so mirrored logits must equal plain ones:
+    /// this pins down that each flipped pass is flipped back on the right axis.
+    #[test]
+    fn mirroring_flips_back_on_the_right_axes() {
+        let onnx = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/onnx/pointwise_head.onnx"),
+        )
+        .unwrap();
+        let model = SegmentationModel::load(&default_library(), &onnx, &SessionOptions::default()).unwrap();
+        let case = generate(&SyntheticSpec::new([24, 20, 16], 5));
+        let images: Vec<InputFile> = case
+            .modalities
+            .iter()
+            .map(|m| InputFile {
+                name: "m.nii".into(),
+                bytes: brats_core::nifti_io::write_nifti(m, case.shape, &case.affine, None, None).unwrap().into(),
+            })
+            .collect();
+        let plain = SlidingWindow { roi: [16, 16, 16], overlap: 0.5, ..Default::default() };
+        let mirrored = SlidingWindow { mirror: true, ..plain };
+        let a = segment(&model, &images, &plain, true, &ReadLimits::default()).unwrap();
+        let mut windows = 0;
+        let b = segment_cancellable(
+            &model,
+            &images,
+            &mirrored,
+            true,
+            &ReadLimits::default(),
+            &AtomicBool::new(false),
+            &mut |_, t| windows = t,
+        )
+        .unwrap();
+        assert_eq!(windows, 4 * window::window_count([24, 20, 16], &plain));
+        let diff = a.logits.unwrap().iter().zip(b.logits.unwrap()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "mirrored logits differ by {diff}");
+        assert_eq!(a.label, b.label);
+    }
 }

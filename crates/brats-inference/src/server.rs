@@ -36,7 +36,7 @@ pub async fn serve(
             optimization_level: cfg.optimization_level,
             ..SessionOptions::default()
         },
-        window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant },
+        window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, mirror: false },
         max_concurrent: cfg.max_concurrent,
         max_queue: cfg.max_queue,
     };
@@ -61,7 +61,9 @@ pub async fn serve(
                 async move { m.render() }
             }),
         );
-        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen).await.with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
+        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen)
+            .await
+            .with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
         tokio::spawn(async move { axum::serve(ml, app).await });
     }
     if let Some(tx) = bound {

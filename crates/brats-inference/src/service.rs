@@ -54,18 +54,25 @@ impl Metrics {
     /// Creates and registers the instruments.
     pub fn new() -> Self {
         let registry = PromRegistry::new();
-        let requests =
-            IntCounterVec::new(Opts::new("brats_inference_requests_total", "RPCs answered, by method and code"), &["method", "code"]).unwrap();
+        let requests = IntCounterVec::new(
+            Opts::new("brats_inference_requests_total", "RPCs answered, by method and code"),
+            &["method", "code"],
+        )
+        .unwrap();
         let buckets = vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
         let stages = HistogramVec::new(
-            HistogramOpts::new("brats_inference_stage_seconds", "Latency per pipeline stage (and total)").buckets(buckets),
+            HistogramOpts::new("brats_inference_stage_seconds", "Latency per pipeline stage (and total)")
+                .buckets(buckets),
             &["stage"],
         )
         .unwrap();
         let queued = IntGauge::new("brats_inference_queue_depth", "Requests waiting for a slot").unwrap();
         let running = IntGauge::new("brats_inference_running", "Segmentations running now").unwrap();
-        let provider =
-            IntGaugeVec::new(Opts::new("brats_inference_provider", "1 for the execution provider serving the default model"), &["provider"]).unwrap();
+        let provider = IntGaugeVec::new(
+            Opts::new("brats_inference_provider", "1 for the execution provider serving the default model"),
+            &["provider"],
+        )
+        .unwrap();
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(stages.clone()),
@@ -136,7 +143,9 @@ fn segment_status(e: SegmentError) -> Status {
     match e {
         SegmentError::Input(c) => core_status(c),
         SegmentError::Inference(i) => Status::internal(i.to_string()),
-        SegmentError::Cancelled => Status::cancelled("the request was cancelled or its deadline passed; nothing was written"),
+        SegmentError::Cancelled => {
+            Status::cancelled("the request was cancelled or its deadline passed; nothing was written")
+        }
     }
 }
 
@@ -212,7 +221,12 @@ impl InferenceService {
     }
 
     /// Loads a version into a session and runs one warm-up inference of `warmup` shape.
-    pub async fn load_version(&self, name: &str, version: &str, warmup: Option<[usize; 3]>) -> Result<Arc<LoadedModel>, CoreError> {
+    pub async fn load_version(
+        &self,
+        name: &str,
+        version: &str,
+        warmup: Option<[usize; 3]>,
+    ) -> Result<Arc<LoadedModel>, CoreError> {
         let fetched = self.registry.fetch(name, version).await?;
         let options = self.session_options.clone();
         let (name, version) = (name.to_string(), version.to_string());
@@ -260,9 +274,12 @@ impl InferenceService {
             return Err(Status::invalid_argument("model: give a version or an alias, not both"));
         }
         let name = if sel.name.is_empty() { self.default_model.clone() } else { sel.name.clone() };
-        let alias = if sel.alias.is_empty() && sel.version.is_empty() { self.default_alias.clone() } else { sel.alias.clone() };
+        let alias =
+            if sel.alias.is_empty() && sel.version.is_empty() { self.default_alias.clone() } else { sel.alias.clone() };
         if name == self.default_model && alias == self.default_alias {
-            return self.current().ok_or_else(|| Status::unavailable("the default model is not loaded yet; retry shortly"));
+            return self
+                .current()
+                .ok_or_else(|| Status::unavailable("the default model is not loaded yet; retry shortly"));
         }
         let version = if !sel.version.is_empty() {
             sel.version.clone()
@@ -294,7 +311,9 @@ impl InferenceService {
         if let Some(o) = o {
             if let Some(ov) = o.overlap {
                 if !(0.0..1.0).contains(&ov) {
-                    return Err(Status::invalid_argument(format!("options.overlap {ov} must be in [0, 1) (bundle: 0.5)")));
+                    return Err(Status::invalid_argument(format!(
+                        "options.overlap {ov} must be in [0, 1) (bundle: 0.5)"
+                    )));
                 }
                 w.overlap = ov as f64;
             }
@@ -313,11 +332,11 @@ impl InferenceService {
             w.blend = match pb::BlendMode::try_from(o.blend_mode) {
                 Ok(pb::BlendMode::Gaussian) => Blend::Gaussian,
                 Ok(_) => Blend::Constant,
-                Err(_) => return Err(Status::invalid_argument(format!("options.blend_mode {} is unknown", o.blend_mode))),
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!("options.blend_mode {} is unknown", o.blend_mode)));
+                }
             };
-            if o.test_time_mirroring {
-                return Err(Status::unimplemented("options.test_time_mirroring is not available yet; leave it off"));
-            }
+            w.mirror = o.test_time_mirroring;
             probabilities = o.write_probabilities;
         }
         Ok((w, probabilities))
@@ -342,7 +361,11 @@ impl InferenceService {
                     "this server runs model {} on {}; the request allows only {:?} (set allow_fallback or use another server)",
                     model.version,
                     model.model.provider().name(),
-                    wanted.iter().filter_map(|p| pb::ExecutionProvider::try_from(*p).ok()).map(|p| p.as_str_name()).collect::<Vec<_>>()
+                    wanted
+                        .iter()
+                        .filter_map(|p| pb::ExecutionProvider::try_from(*p).ok())
+                        .map(|p| p.as_str_name())
+                        .collect::<Vec<_>>()
                 )));
             }
         }
@@ -352,23 +375,35 @@ impl InferenceService {
         let _guard = CancelOnDrop(cancel.clone());
         self.metrics.running.inc();
         let m = model.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<(Segmentation, f64, Bytes, Option<Bytes>), SegmentError> {
-            let seg = segment_cancellable(&m.model, &images, &window, write_probabilities, &ReadLimits::default(), &cancel, &mut *progress)?;
-            let t = Instant::now();
-            let label = Bytes::from(seg.label_nifti()?);
-            let probs = match &seg.logits {
-                Some(l) => {
-                    let p: Vec<u8> = l.iter().flat_map(|v| (1.0f32 / (1.0 + (-v).exp())).to_le_bytes()).collect();
-                    let [x, y, z] = seg.shape;
-                    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, x, y, z], &p)
-                        .map_err(|e| CoreError::Internal(e.to_string()))?;
-                    Some(Bytes::from(safetensors::serialize([("probabilities", view)], None).map_err(|e| CoreError::Internal(e.to_string()))?))
-                }
-                None => None,
-            };
-            Ok((seg, t.elapsed().as_secs_f64(), label, probs))
-        })
-        .await;
+        let result =
+            tokio::task::spawn_blocking(move || -> Result<(Segmentation, f64, Bytes, Option<Bytes>), SegmentError> {
+                let seg = segment_cancellable(
+                    &m.model,
+                    &images,
+                    &window,
+                    write_probabilities,
+                    &ReadLimits::default(),
+                    &cancel,
+                    &mut *progress,
+                )?;
+                let t = Instant::now();
+                let label = Bytes::from(seg.label_nifti()?);
+                let probs = match &seg.logits {
+                    Some(l) => {
+                        let p: Vec<u8> = l.iter().flat_map(|v| (1.0f32 / (1.0 + (-v).exp())).to_le_bytes()).collect();
+                        let [x, y, z] = seg.shape;
+                        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![3, x, y, z], &p)
+                            .map_err(|e| CoreError::Internal(e.to_string()))?;
+                        Some(Bytes::from(
+                            safetensors::serialize([("probabilities", view)], None)
+                                .map_err(|e| CoreError::Internal(e.to_string()))?,
+                        ))
+                    }
+                    None => None,
+                };
+                Ok((seg, t.elapsed().as_secs_f64(), label, probs))
+            })
+            .await;
         self.metrics.running.dec();
         let (seg, encode_seconds, label_nifti, probabilities) =
             result.map_err(|e| Status::internal(format!("segmentation task failed: {e}")))?.map_err(segment_status)?;
@@ -469,7 +504,13 @@ fn with_field(field: &str, e: CoreError) -> Status {
     Status::new(s.code(), format!("{field}: {}", s.message()))
 }
 
-fn model_pb(name: &str, versions: &[String], aliases: &std::collections::BTreeMap<String, String>, registry: &Registry, loaded: Option<&Arc<LoadedModel>>) -> pb::Model {
+fn model_pb(
+    name: &str,
+    versions: &[String],
+    aliases: &std::collections::BTreeMap<String, String>,
+    registry: &Registry,
+    loaded: Option<&Arc<LoadedModel>>,
+) -> pb::Model {
     pb::Model {
         name: name.to_string(),
         versions: versions
@@ -489,7 +530,10 @@ fn model_pb(name: &str, versions: &[String], aliases: &std::collections::BTreeMa
 
 fn metadata_pb(m: &serde_json::Value) -> pb::ModelMetadata {
     let strings = |p: &str| -> Vec<String> {
-        m.pointer(p).and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()).unwrap_or_default()
+        m.pointer(p)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default()
     };
     pb::ModelMetadata {
         input_channels: brats_core::MODALITIES.iter().map(|s| s.to_string()).collect(),
@@ -563,10 +607,16 @@ impl pb::inference_server::Inference for InferenceService {
         crate::stream::segment_stream(self.clone(), request.into_inner()).await
     }
 
-    async fn list_models(&self, _request: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let models = self.registry.list().await.map_err(core_status)?;
         let current = self.current();
-        let models = models.iter().map(|(name, (versions, aliases))| model_pb(name, versions, aliases, &self.registry, current.as_ref())).collect();
+        let models = models
+            .iter()
+            .map(|(name, (versions, aliases))| model_pb(name, versions, aliases, &self.registry, current.as_ref()))
+            .collect();
         Ok(Response::new(pb::ListModelsResponse { models, next_page_token: String::new() }))
     }
 
@@ -574,7 +624,9 @@ impl pb::inference_server::Inference for InferenceService {
         let name = request.into_inner().name;
         crate::registry::validate_name("name", &name).map_err(core_status)?;
         let models = self.registry.list().await.map_err(core_status)?;
-        let (versions, aliases) = models.get(&name).ok_or_else(|| Status::not_found(format!("name: no model '{name}' in {}", self.registry.root())))?;
+        let (versions, aliases) = models
+            .get(&name)
+            .ok_or_else(|| Status::not_found(format!("name: no model '{name}' in {}", self.registry.root())))?;
         Ok(Response::new(model_pb(&name, versions, aliases, &self.registry, self.current().as_ref())))
     }
 }

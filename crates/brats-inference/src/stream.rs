@@ -60,16 +60,22 @@ async fn receive(
             )));
         }
     }
-    let mut buffers: Vec<BytesMut> = header.files.iter().map(|f| BytesMut::with_capacity(f.size_bytes as usize)).collect();
+    let mut buffers: Vec<BytesMut> =
+        header.files.iter().map(|f| BytesMut::with_capacity(f.size_bytes as usize)).collect();
     let mut received = 0u64;
     let total: u64 = header.files.iter().map(|f| f.size_bytes).sum();
     let mut last_report = 0u64;
     let trailer = loop {
         let msg = input.message().await.map_err(|s| {
-            Status::cancelled(format!("the upload broke off after {received} of {total} bytes ({}); nothing was kept", s.message()))
+            Status::cancelled(format!(
+                "the upload broke off after {received} of {total} bytes ({}); nothing was kept",
+                s.message()
+            ))
         })?;
         let Some(msg) = msg else {
-            return Err(Status::cancelled(format!("the upload ended after {received} of {total} bytes without a trailer; nothing was kept")));
+            return Err(Status::cancelled(format!(
+                "the upload ended after {received} of {total} bytes without a trailer; nothing was kept"
+            )));
         };
         match msg.msg {
             Some(In::Chunk(c)) => {
@@ -86,12 +92,18 @@ async fn receive(
                     )));
                 }
                 if buf.len() as u64 + c.data.len() as u64 > decl.size_bytes {
-                    return Err(Status::invalid_argument(format!("{}: more data than its declared size_bytes {}", decl.name, decl.size_bytes)));
+                    return Err(Status::invalid_argument(format!(
+                        "{}: more data than its declared size_bytes {}",
+                        decl.name, decl.size_bytes
+                    )));
                 }
                 if let Some(crc) = c.crc32c
                     && crc32c::crc32c(&c.data) != crc
                 {
-                    return Err(Status::data_loss(format!("{}: chunk at offset {} fails its CRC-32C; resend", decl.name, c.offset)));
+                    return Err(Status::data_loss(format!(
+                        "{}: chunk at offset {} fails its CRC-32C; resend",
+                        decl.name, c.offset
+                    )));
                 }
                 buf.extend_from_slice(&c.data);
                 received += c.data.len() as u64;
@@ -106,23 +118,40 @@ async fn receive(
                 }
             }
             Some(In::Trailer(t)) => break t,
-            Some(In::Header(_)) => return Err(Status::invalid_argument("a second header arrived; send one header per stream")),
+            Some(In::Header(_)) => {
+                return Err(Status::invalid_argument("a second header arrived; send one header per stream"));
+            }
             None => return Err(Status::invalid_argument("empty message")),
         }
     };
     for (i, (buf, decl)) in buffers.iter().zip(&header.files).enumerate() {
         if buf.len() as u64 != decl.size_bytes {
-            return Err(Status::data_loss(format!("{}: received {} bytes of the declared {}", decl.name, buf.len(), decl.size_bytes)));
+            return Err(Status::data_loss(format!(
+                "{}: received {} bytes of the declared {}",
+                decl.name,
+                buf.len(),
+                decl.size_bytes
+            )));
         }
         let sum = trailer.checksums.iter().find(|c| c.file_index as usize == i).ok_or_else(|| {
-            Status::invalid_argument(format!("trailer.checksums: no entry for file {i} ({}); send its sha256", decl.name))
+            Status::invalid_argument(format!(
+                "trailer.checksums: no entry for file {i} ({}); send its sha256",
+                decl.name
+            ))
         })?;
         let got = hex::encode(Sha256::digest(buf));
         if !got.eq_ignore_ascii_case(&sum.sha256) {
-            return Err(Status::data_loss(format!("{}: sha256 of the received bytes is {got}, the trailer says {}; resend", decl.name, sum.sha256)));
+            return Err(Status::data_loss(format!(
+                "{}: sha256 of the received bytes is {got}, the trailer says {}; resend",
+                decl.name, sum.sha256
+            )));
         }
     }
-    let files = buffers.into_iter().zip(&header.files).map(|(b, f)| InputFile { name: f.name.clone(), bytes: b.freeze() }).collect();
+    let files = buffers
+        .into_iter()
+        .zip(&header.files)
+        .map(|(b, f)| InputFile { name: f.name.clone(), bytes: b.freeze() })
+        .collect();
     Ok((header, files))
 }
 
@@ -140,7 +169,10 @@ fn send_file(out: &mut Vec<pb::SegmentStreamResponse>, index: u32, data: &Bytes,
 }
 
 /// Handles one `SegmentStream` call.
-pub async fn segment_stream(service: InferenceService, mut input: Streaming<pb::SegmentStreamRequest>) -> Result<Response<ResponseStream>, Status> {
+pub async fn segment_stream(
+    service: InferenceService,
+    mut input: Streaming<pb::SegmentStreamRequest>,
+) -> Result<Response<ResponseStream>, Status> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel(64);
     let span = info_span!("segment_stream");
@@ -160,7 +192,11 @@ pub async fn segment_stream(service: InferenceService, mut input: Streaming<pb::
                     let _ = ptx.try_send(Ok(p));
                 });
                 let (response, label, probabilities) = service.run_streamed(&header, files, started, report).await?;
-                let chunk = if header.chunk_size == 0 { DEFAULT_CHUNK } else { (header.chunk_size as usize).clamp(4096, 4 << 20) };
+                let chunk = if header.chunk_size == 0 {
+                    DEFAULT_CHUNK
+                } else {
+                    (header.chunk_size as usize).clamp(4096, 4 << 20)
+                };
                 let mut msgs = vec![pb::SegmentStreamResponse { msg: Some(Out::Result(response)) }];
                 if !header.skip_download {
                     let mut outputs = vec![(String::from("seg.nii.gz"), label)];
@@ -171,7 +207,11 @@ pub async fn segment_stream(service: InferenceService, mut input: Streaming<pb::
                         msg: Some(Out::Outputs(pb::StreamOutputs {
                             files: outputs
                                 .iter()
-                                .map(|(n, d)| pb::StreamFile { name: n.clone(), size_bytes: d.len() as u64, content_type: String::new() })
+                                .map(|(n, d)| pb::StreamFile {
+                                    name: n.clone(),
+                                    size_bytes: d.len() as u64,
+                                    content_type: String::new(),
+                                })
                                 .collect(),
                         })),
                     });

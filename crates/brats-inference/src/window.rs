@@ -25,11 +25,15 @@ pub struct SlidingWindow {
     pub overlap: f64,
     /// Blending of overlapping windows.
     pub blend: Blend,
+    /// Test-time mirroring: also segment the volume flipped along each axis (X, Y, Z), flip the
+    /// logits back and average the four (costs 4× the inference time). Off by default, as in
+    /// the bundle.
+    pub mirror: bool,
 }
 
 impl Default for SlidingWindow {
     fn default() -> Self {
-        SlidingWindow { roi: [240, 240, 160], overlap: 0.5, blend: Blend::Constant }
+        SlidingWindow { roi: [240, 240, 160], overlap: 0.5, blend: Blend::Constant, mirror: false }
     }
 }
 
@@ -65,15 +69,16 @@ pub fn windows(padded: [usize; 3], roi: [usize; 3], overlap: f64) -> Vec<[usize;
     out
 }
 
-/// How many windows [`infer`] runs for a volume of `shape`.
+/// How many windows [`infer`] runs for a volume of `shape` (times 4 with mirroring).
 pub fn window_count(shape: [usize; 3], cfg: &SlidingWindow) -> usize {
     let pad = padding(shape, cfg.roi);
-    (0..3)
+    let per_pass: usize = (0..3)
         .map(|a| {
             let padded = shape[a] + pad[a].0 + pad[a].1;
             starts(padded, cfg.roi[a].min(padded), cfg.overlap).len()
         })
-        .product()
+        .product();
+    if cfg.mirror { 4 * per_pass } else { per_pass }
 }
 
 fn gaussian_weights(roi: [usize; 3]) -> Vec<f32> {
@@ -195,7 +200,7 @@ mod tests {
     fn identity_model_round_trips_and_sees_padding() {
         let shape = [5, 7, 3];
         let image: Vec<f32> = (0..2 * 105).map(|v| v as f32 + 1.0).collect();
-        let cfg = SlidingWindow { roi: [4, 4, 6], overlap: 0.5, blend: Blend::Constant };
+        let cfg = SlidingWindow { roi: [4, 4, 6], overlap: 0.5, blend: Blend::Constant, mirror: false };
         let mut seen = Vec::new();
         let out = infer(&image, 2, shape, 2, &cfg, |w, roi| {
             seen.push(roi);
