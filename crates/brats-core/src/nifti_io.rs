@@ -53,7 +53,7 @@ impl NiftiVolume {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Dtype {
     U8,
     I8,
@@ -172,11 +172,51 @@ pub fn read_header(raw: &[u8], file: &str) -> Result<NiftiHeader> {
     Ok(header)
 }
 
-/// Decodes a `.nii` or `.nii.gz` file held in memory. `file` names it in error messages.
-pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<NiftiVolume> {
-    let max_out = 352 + limits.max_voxels.saturating_mul(8) + (1 << 20);
-    let raw = decompress(bytes, file, max_out)?;
-    let header = read_header(&raw, file)?;
+/// A validated NIfTI-1 header: everything needed to decode the voxels, checked against the
+/// [`ReadLimits`] and the size of the (decompressed) file, so that decoding can only fail on
+/// the voxel values themselves (NaN/Inf).
+#[derive(Debug, Clone)]
+pub struct NiftiInfo {
+    /// The parsed header.
+    pub header: NiftiHeader,
+    /// Spatial shape X, Y, Z (NIfTI i, j, k).
+    pub shape: [usize; 3],
+    /// Number of 3D frames (the 4th NIfTI axis); 1 for 3D files.
+    pub frames: usize,
+    /// Voxel-to-world affine (row-major), chosen like nibabel: sform, else qform, else base.
+    pub affine: [[f64; 4]; 4],
+    /// Voxel spacing along X, Y, Z in the file's units.
+    pub spacing: [f64; 3],
+    /// The on-disk data type, e.g. `int16`.
+    pub dtype: &'static str,
+    code: Dtype,
+    offset: usize,
+    big_endian: bool,
+    slope: f64,
+    inter: f64,
+}
+
+impl NiftiInfo {
+    /// Number of voxels in one frame.
+    pub fn frame_len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Number of voxels in the file (all frames): the length [`decode_into`] fills.
+    pub fn len(&self) -> usize {
+        self.frame_len() * self.frames
+    }
+
+    /// Always false: a validated header has no zero dimension.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Parses and validates the header of a decompressed `.nii` byte buffer (see [`decompress`]):
+/// dimensions, limits, data type, `vox_offset` and that the body is complete.
+pub fn read_info(raw: &[u8], file: &str, limits: &ReadLimits) -> Result<NiftiInfo> {
+    let header = read_header(raw, file)?;
 
     let ndim = header.dim[0] as usize;
     let dims: Vec<usize> = header.dim[1..=ndim.min(7)].iter().map(|&d| d as usize).collect();
@@ -207,7 +247,7 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
             limits.max_voxels
         )));
     }
-    let (dtype, dtype_name) = Dtype::from_code(header.datatype).ok_or_else(|| {
+    let (code, dtype) = Dtype::from_code(header.datatype).ok_or_else(|| {
         CoreError::invalid(format!(
             "{file}: data type {} is not supported; use uint8, int8, int16, uint16, int32, uint32, float32 or float64",
             data_type_name(header.datatype)
@@ -217,14 +257,13 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
     if header.vox_offset < 348.0 || (offset as f32) != header.vox_offset {
         return Err(CoreError::invalid(format!("{file}: vox_offset {} is invalid", header.vox_offset)));
     }
-    let need = total * dtype.size();
+    let need = total * code.size();
     let have = raw.len().saturating_sub(offset);
     if have < need {
         return Err(CoreError::invalid(format!(
             "{file}: truncated NIfTI body: the header promises {need} bytes of voxels, the file has {have}; re-export or re-download it"
         )));
     }
-    let body = &raw[offset..offset + need];
 
     let (mut slope, mut inter) = (header.scl_slope as f64, header.scl_inter as f64);
     if slope == 0.0 || !slope.is_finite() {
@@ -235,21 +274,60 @@ pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<Nifti
         inter = 0.0;
     }
     let big_endian = header.endianness == Endianness::Big;
-    let mut data = vec![0f32; total];
+    let affine = best_affine(&header, shape);
+    let spacing = [header.pixdim[1].abs() as f64, header.pixdim[2].abs() as f64, header.pixdim[3].abs() as f64];
+    Ok(NiftiInfo { header, shape, frames, affine, spacing, dtype, code, offset, big_endian, slope, inter })
+}
+
+/// Decodes the voxels of `raw` (the buffer `info` was read from) into `out` (length
+/// `info.len()`): scaling applied, f32, each frame in C order `[X, Y, Z]`, frame-major. Fails,
+/// naming `file`, when a voxel is NaN or infinite.
+pub fn decode_into(raw: &[u8], info: &NiftiInfo, file: &str, out: &mut [f32]) -> Result<()> {
+    let (frame_len, size) = (info.frame_len(), info.code.size());
+    if out.len() != info.len() {
+        return Err(CoreError::Internal(format!(
+            "{file}: decode_into given {} values for {} voxels",
+            out.len(),
+            info.len()
+        )));
+    }
+    let body = &raw[info.offset..info.offset + info.len() * size];
     let mut non_finite = 0usize;
-    for f in 0..frames {
-        let src = &body[f * frame_len * dtype.size()..(f + 1) * frame_len * dtype.size()];
-        non_finite +=
-            to_c_order(src, dtype, big_endian, slope, inter, shape, &mut data[f * frame_len..(f + 1) * frame_len]);
+    for (src, dst) in body.chunks_exact(frame_len * size).zip(out.chunks_exact_mut(frame_len)) {
+        non_finite += to_c_order(src, info.code, info.big_endian, info.slope, info.inter, info.shape, dst);
     }
     if non_finite > 0 {
         return Err(CoreError::invalid(format!(
             "{file}: {non_finite} voxels are NaN or infinite; fix or mask them (e.g. set them to 0) before segmentation"
         )));
     }
-    let affine = best_affine(&header, shape);
-    let spacing = [header.pixdim[1].abs() as f64, header.pixdim[2].abs() as f64, header.pixdim[3].abs() as f64];
-    Ok(NiftiVolume { header, shape, frames, affine, spacing, data, dtype: dtype_name })
+    Ok(())
+}
+
+/// Validates a decompressed `.nii` buffer and decodes its voxels straight into `out` (which
+/// must hold `info.len()` values, e.g. one channel of a stacked image), returning the header
+/// information. Same checks and errors as [`read_nifti`].
+pub fn read_nifti_into(raw: &[u8], file: &str, limits: &ReadLimits, out: &mut [f32]) -> Result<NiftiInfo> {
+    let info = read_info(raw, file, limits)?;
+    decode_into(raw, &info, file, out)?;
+    Ok(info)
+}
+
+/// Decodes a `.nii` or `.nii.gz` file held in memory. `file` names it in error messages.
+pub fn read_nifti(bytes: &[u8], file: &str, limits: &ReadLimits) -> Result<NiftiVolume> {
+    let max_out = max_decompressed(limits);
+    let raw = decompress(bytes, file, max_out)?;
+    let info = read_info(&raw, file, limits)?;
+    let mut data = vec![0f32; info.len()];
+    decode_into(&raw, &info, file, &mut data)?;
+    let NiftiInfo { header, shape, frames, affine, spacing, dtype, .. } = info;
+    Ok(NiftiVolume { header, shape, frames, affine, spacing, data, dtype })
+}
+
+/// The largest decompressed file [`read_nifti`] accepts under `limits`: header, extensions
+/// and `max_voxels` float64 values.
+pub fn max_decompressed(limits: &ReadLimits) -> usize {
+    352 + limits.max_voxels.saturating_mul(8) + (1 << 20)
 }
 
 /// Converts one Fortran-order frame to f32 in C order; returns how many values were not finite.
@@ -542,6 +620,24 @@ mod tests {
             assert_eq!(v.affine, affine());
             assert_eq!(v.dtype, "float32");
         }
+    }
+
+    #[test]
+    fn read_into_a_slice_matches_read_nifti() {
+        let shape = [5, 4, 3];
+        let data: Vec<f32> = (0..60).map(|v| v as f32 * 0.25 - 7.0).collect();
+        let bytes = write_nifti(&data, shape, &affine(), None, None).unwrap();
+        let lim = ReadLimits::default();
+        let mut stacked = vec![f32::NAN; 3 * 60];
+        let info = read_nifti_into(&bytes, "t.nii", &lim, &mut stacked[60..120]).unwrap();
+        assert_eq!((info.shape, info.frames, info.len(), info.dtype), (shape, 1, 60, "float32"));
+        assert_eq!(info.affine, affine());
+        assert_eq!(&stacked[60..120], read_nifti(&bytes, "t.nii", &lim).unwrap().data.as_slice());
+        assert!(stacked[..60].iter().chain(&stacked[120..]).all(|v| v.is_nan()), "wrote outside its slice");
+        let e = read_nifti_into(&bytes, "t.nii", &lim, &mut stacked[..59]).unwrap_err().to_string();
+        assert!(e.contains("59 values for 60 voxels"), "{e}");
+        let e = read_nifti_into(&bytes[..bytes.len() - 4], "cut.nii", &lim, &mut stacked[..60]).unwrap_err();
+        assert!(e.to_string().contains("truncated NIfTI body"), "{e}");
     }
 
     #[test]

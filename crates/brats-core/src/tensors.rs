@@ -28,8 +28,15 @@ pub struct CaseTensors {
     pub metadata: CaseMetadata,
 }
 
+/// Little-endian bytes of an f32 slice: the slice itself on little-endian targets (no copy).
+#[cfg(target_endian = "little")]
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    std::borrow::Cow::Borrowed(bytemuck::cast_slice(v))
+}
+
 /// Little-endian bytes of an f32 slice, converted in parallel blocks.
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
+#[cfg(not(target_endian = "little"))]
+fn f32_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 18;
     let mut out = vec![0u8; v.len() * 4];
@@ -38,11 +45,11 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
             d.copy_from_slice(&x.to_le_bytes());
         }
     });
-    out
+    std::borrow::Cow::Owned(out)
 }
 
 impl CaseTensors {
-    /// Serialises to safetensors bytes.
+    /// Serialises to safetensors bytes. The image is copied once, straight into the output.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let [x, y, z] = self.metadata.shape;
         let image_bytes = f32_bytes(&self.image);
@@ -133,5 +140,8 @@ mod tests {
         let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(h.metadata().as_ref().unwrap()["crop_box"], r#"{"start":[1,0,-1],"size":[2,2,1]}"#);
         assert!(CaseTensors::from_bytes(&bytes[..bytes.len() - 3], "short.safetensors").is_err());
+        // The image data section is the little-endian bytes of each value, then the label.
+        let want: Vec<u8> = t.image.iter().flat_map(|v| v.to_le_bytes()).chain([1u8; 12]).collect();
+        assert_eq!(&bytes[bytes.len() - want.len()..], want.as_slice());
     }
 }

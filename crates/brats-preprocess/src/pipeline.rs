@@ -6,11 +6,12 @@ use brats_core::MODALITIES;
 use brats_core::error::{CoreError, Result};
 use brats_core::labels::LabelConvention;
 use brats_core::metadata::{CaseMetadata, CropBox};
-use brats_core::nifti_io::{self, NiftiVolume, ReadLimits};
+use brats_core::nifti_io::{self, NiftiInfo, ReadLimits};
 use brats_core::tensors::CaseTensors;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::time::Instant;
 
 /// Version of this pipeline; part of every cache key, so outputs of older versions are never
@@ -211,60 +212,80 @@ pub fn preprocess_with_header(
     }
     let mut timings = Timings::default();
     let t = Instant::now();
-    let max_out = 352 + limits.max_voxels.saturating_mul(8) + (1 << 20);
+    let max_out = nifti_io::max_decompressed(limits);
     let mut files: Vec<&InputFile> = images.iter().collect();
     files.extend(label);
-    let raw: Vec<bytes::Bytes> = files
-        .par_iter()
-        .map(|f| nifti_io::decompress(&f.bytes, &f.name, max_out).map(|c| bytes::Bytes::from(c.into_owned())))
-        .collect::<Result<_>>()?;
+    // Plain `.nii` inputs are borrowed, not copied.
+    let raw: Vec<Cow<[u8]>> =
+        files.par_iter().map(|f| nifti_io::decompress(&f.bytes, &f.name, max_out)).collect::<Result<_>>()?;
     timings.decompress = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let mut volumes: Vec<NiftiVolume> = files
+    // Headers first (all validation but the voxel values), so the voxels can be decoded
+    // straight into their channel of the stacked `[4, X, Y, Z]` image.
+    let mut infos: Vec<NiftiInfo> = files
         .par_iter()
         .zip(raw.par_iter())
-        .map(|(f, r)| nifti_io::read_nifti(r, &f.name, limits))
+        .map(|(f, r)| nifti_io::read_info(r, &f.name, limits))
         .collect::<Result<_>>()?;
-    drop(raw);
-    let label_volume = if label.is_some() { volumes.pop() } else { None };
-    let (shape, frames, affine, spacing) = (volumes[0].shape, volumes[0].frames, volumes[0].affine, volumes[0].spacing);
+    let label_info = if label.is_some() { infos.pop() } else { None };
+    let (shape, frames, affine, spacing) = (infos[0].shape, infos[0].frames, infos[0].affine, infos[0].spacing);
     let n: usize = shape.iter().product();
+    // The layout every valid case has: 4 single-frame files or one 4-frame file, one shape.
+    let stackable =
+        if images.len() == 1 { frames == 4 } else { infos.iter().all(|i| i.frames == 1 && i.shape == shape) };
+    let mut image = vec![0f32; if stackable { 4 * n } else { 0 }];
+    // Cases that will be rejected below are still decoded (into scratch buffers), so that
+    // NaN/Inf in a file is reported before a grid mismatch, as reading file by file would.
+    let mut scratch: Vec<Vec<f32>> =
+        if stackable { Vec::new() } else { infos.iter().map(|i| vec![0f32; i.len()]).collect() };
+    let mut label_data = label_info.as_ref().map(|i| vec![0f32; i.len()]).unwrap_or_default();
+    {
+        let mut targets: Vec<&mut [f32]> = if stackable {
+            image.chunks_mut(if images.len() == 1 { 4 * n } else { n }).collect()
+        } else {
+            scratch.iter_mut().map(|v| v.as_mut_slice()).collect()
+        };
+        let mut jobs: Vec<(&InputFile, &[u8], &NiftiInfo, &mut [f32])> = Vec::with_capacity(files.len());
+        for (((f, r), i), out) in images.iter().zip(&raw).zip(&infos).zip(targets.drain(..)) {
+            jobs.push((f, r, i, out));
+        }
+        if let (Some(lf), Some(li)) = (label, &label_info) {
+            jobs.push((lf, &raw[images.len()], li, label_data.as_mut_slice()));
+        }
+        jobs.into_par_iter().try_for_each(|(f, r, i, out)| nifti_io::decode_into(r, i, &f.name, out))?;
+    }
+    drop(scratch);
+    drop(raw);
     if images.len() == 1 && frames != 4 {
         return Err(CoreError::invalid(format!(
             "{}: a single image file must be 4D with 4 volumes (T1c, T1, T2, FLAIR); it has {frames}",
             images[0].name
         )));
     }
-    for (f, v) in images.iter().zip(&volumes) {
+    for (f, v) in images.iter().zip(&infos) {
         if images.len() == 4 && v.frames != 1 {
             return Err(CoreError::invalid(format!(
                 "{}: has {} volumes; each of the 4 modality files must be 3D",
                 f.name, v.frames
             )));
         }
-        check_same_grid(v, &f.name, &volumes[0], &images[0].name, options.affine_tolerance)?;
+        check_same_grid(v, &f.name, &infos[0], &images[0].name, options.affine_tolerance)?;
     }
-    if let (Some(lv), Some(lf)) = (&label_volume, label) {
-        if lv.frames != 1 {
+    if let (Some(li), Some(lf)) = (&label_info, label) {
+        if li.frames != 1 {
             return Err(CoreError::invalid(format!(
                 "{}: a label must be one 3D volume, it has {} volumes",
-                lf.name, lv.frames
+                lf.name, li.frames
             )));
         }
-        check_same_grid(lv, &lf.name, &volumes[0], &images[0].name, options.affine_tolerance)?;
+        check_same_grid(li, &lf.name, &infos[0], &images[0].name, options.affine_tolerance)?;
     }
-    let mut image = if images.len() == 1 {
-        std::mem::take(&mut volumes[0].data)
-    } else {
-        let mut img = Vec::with_capacity(4 * n);
-        for v in &volumes {
-            img.extend_from_slice(&v.data);
-        }
-        img
-    };
-    let header = volumes[0].header.clone();
-    drop(volumes);
+    if !stackable {
+        return Err(CoreError::Internal("image files of different layouts passed the grid checks".into()));
+    }
+    let header = infos.swap_remove(0).header;
+    drop(infos);
     timings.convert = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -273,10 +294,11 @@ pub fn preprocess_with_header(
         .zip(MODALITIES.par_iter())
         .map(|(c, name)| transforms::normalize_nonzero(c, name))
         .collect();
-    let mut label_channels = match (&label_volume, label) {
-        (Some(lv), Some(lf)) => Some(options.label_convention.to_channels(&lv.data, &lf.name)?),
+    let mut label_channels = match (&label_info, label) {
+        (Some(_), Some(lf)) => Some(options.label_convention.to_channels(&label_data, &lf.name)?),
         _ => None,
     };
+    drop(label_data);
     timings.normalise = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
@@ -333,7 +355,7 @@ pub fn preprocess_with_header(
 }
 
 /// Fails unless `v` has `reference`'s shape and (within `tol`) affine, naming both files.
-fn check_same_grid(v: &NiftiVolume, name: &str, reference: &NiftiVolume, ref_name: &str, tol: f64) -> Result<()> {
+fn check_same_grid(v: &NiftiInfo, name: &str, reference: &NiftiInfo, ref_name: &str, tol: f64) -> Result<()> {
     if v.shape != reference.shape {
         return Err(CoreError::invalid(format!(
             "{name}: shape {:?} differs from {ref_name}'s {:?}; all modalities must be co-registered on one grid (resample them first)",
@@ -353,4 +375,78 @@ fn check_same_grid(v: &NiftiVolume, name: &str, reference: &NiftiVolume, ref_nam
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: [usize; 3] = [6, 5, 4];
+    const AFFINE: [[f64; 4]; 4] = [[1., 0., 0., 0.], [0., 1., 0., 0.], [0., 0., 1., 0.], [0., 0., 0., 1.]];
+
+    fn volume(c: usize) -> Vec<f32> {
+        (0..120).map(|i| if i % 7 == 0 { 0.0 } else { (i * (c + 2)) as f32 * 0.5 - 10.0 }).collect()
+    }
+
+    fn file(name: &str, data: &[f32], shape: [usize; 3], gz: Option<i32>) -> InputFile {
+        let bytes = nifti_io::write_nifti(data, shape, &AFFINE, None, gz).unwrap();
+        InputFile { name: name.into(), bytes: bytes.into() }
+    }
+
+    fn four() -> Vec<InputFile> {
+        (0..4).map(|c| file(&format!("m{c}.nii.gz"), &volume(c), SHAPE, Some(1))).collect()
+    }
+
+    fn run(images: &[InputFile], label: Option<&InputFile>) -> Result<CaseTensors> {
+        preprocess(images, label, &Options::default(), &ReadLimits::default()).map(|(t, _)| t)
+    }
+
+    /// The stacked image equals each file decoded on its own then normalised, for 4 files
+    /// (gzip or plain) and for the same data as one 4D file.
+    #[test]
+    fn decodes_each_modality_into_its_channel() {
+        let mut want: Vec<f32> = Vec::new();
+        for c in 0..4 {
+            let mut v = volume(c);
+            transforms::normalize_nonzero(&mut v, "x");
+            want.extend(v);
+        }
+        let label_data: Vec<f32> = (0..120).map(|i| [0., 1., 2., 4.][i % 4]).collect();
+        let label = file("seg.nii", &label_data, SHAPE, None);
+        let t = run(&four(), Some(&label)).unwrap();
+        assert_eq!(t.image, want);
+        assert_eq!(t.label.as_deref().map(<[u8]>::len), Some(3 * 120));
+        let plain: Vec<InputFile> = (0..4).map(|c| file(&format!("m{c}.nii"), &volume(c), SHAPE, None)).collect();
+        assert_eq!(run(&plain, None).unwrap().image, want);
+
+        // One 4D file: frame c is modality c.
+        let mut bytes = nifti_io::write_nifti(&volume(0), SHAPE, &AFFINE, None, None).unwrap();
+        bytes[40..42].copy_from_slice(&4i16.to_le_bytes());
+        bytes[48..50].copy_from_slice(&4i16.to_le_bytes());
+        for c in 1..4 {
+            bytes.extend_from_slice(&nifti_io::write_nifti(&volume(c), SHAPE, &AFFINE, None, None).unwrap()[352..]);
+        }
+        let one = InputFile { name: "all.nii".into(), bytes: bytes.clone().into() };
+        assert_eq!(run(&[one], None).unwrap().image, want);
+        bytes[48..50].copy_from_slice(&3i16.to_le_bytes());
+        let three = InputFile { name: "three.nii".into(), bytes: bytes.into() };
+        let e = run(&[three], None).unwrap_err().to_string();
+        assert!(e.contains("must be 4D with 4 volumes") && e.contains("it has 3"), "{e}");
+    }
+
+    #[test]
+    fn rejects_mismatched_grids_after_reporting_bad_voxels() {
+        let mut files = four();
+        files[2] = file("small.nii", &volume(2)[..60], [3, 5, 4], None);
+        let e = run(&files, None).unwrap_err().to_string();
+        assert!(e.contains("small.nii: shape [3, 5, 4] differs from m0.nii.gz's [6, 5, 4]"), "{e}");
+        let mut nan = volume(2)[..60].to_vec();
+        nan[5] = f32::NAN;
+        files[2] = file("small.nii", &nan, [3, 5, 4], None);
+        let e = run(&files, None).unwrap_err().to_string();
+        assert!(e.contains("small.nii: 1 voxels are NaN or infinite"), "{e}");
+        let label = file("seg.nii", &vec![0.0; 60], [3, 5, 4], None);
+        let e = run(&four(), Some(&label)).unwrap_err().to_string();
+        assert!(e.contains("seg.nii: shape [3, 5, 4] differs"), "{e}");
+    }
 }

@@ -16,8 +16,15 @@ pub struct NonzeroStats {
     pub count: u64,
 }
 
+/// Independent min/max accumulators in the normalisation pass: `LANES` separate dependency
+/// chains, so that loop runs at vector width instead of compare latency.
+const LANES: usize = 8;
+
 /// Mean and population std (ddof 0) over the voxels that are not zero (`-0.0` counts as zero,
 /// negative values count), accumulated in f64 in two passes for accuracy.
+///
+/// The sums run in voxel order on purpose: split accumulators would be faster (≈ 10 ms per
+/// 240×240×155 channel) but change the f64 `std` in the metadata in its last digits.
 pub fn nonzero_stats(channel: &[f32]) -> NonzeroStats {
     let (mut sum, mut count) = (0f64, 0u64);
     for &v in channel {
@@ -46,26 +53,61 @@ pub fn nonzero_stats(channel: &[f32]) -> NonzeroStats {
 pub fn normalize_nonzero(channel: &mut [f32], name: &str) -> ChannelStats {
     let s = nonzero_stats(channel);
     let divisor = if s.std == 0.0 { 1.0 } else { s.std };
-    if s.count > 0 {
-        // MONAI subtracts and divides in float32 with float32 statistics.
-        let (mean, div) = (s.mean as f32, divisor as f32);
-        for v in channel.iter_mut() {
-            if *v != 0.0 {
-                *v = (*v - mean) / div;
-            }
-        }
-    }
-    let (min, max) = min_max(channel);
+    // MONAI subtracts and divides in float32 with float32 statistics. The output range is
+    // taken in the same pass.
+    let (min, max) = if s.count > 0 {
+        apply_min_max::<true>(channel, s.mean as f32, divisor as f32)
+    } else {
+        apply_min_max::<false>(channel, 0.0, 1.0)
+    };
     ChannelStats { name: name.to_string(), mean: s.mean, std: divisor, nonzero_voxels: s.count, min, max }
 }
 
-fn min_max(v: &[f32]) -> (f64, f64) {
-    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-    for &x in v {
-        lo = lo.min(x);
-        hi = hi.max(x);
+/// When `APPLY`, maps every non-zero `x` to `(x − mean) / div` (zeros, `-0.0` included, are
+/// kept); returns the min and max of the (resulting) values, `(0, 0)` for an empty slice.
+/// Like a sequential `f32::min`/`f32::max` fold, a zero extreme keeps the sign of the first
+/// zero in the slice.
+fn apply_min_max<const APPLY: bool>(v: &mut [f32], mean: f32, div: f32) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
     }
-    if v.is_empty() { (0.0, 0.0) } else { (lo as f64, hi as f64) }
+    let f = |x: f32| if APPLY && x != 0.0 { (x - mean) / div } else { x };
+    let (mut lo, mut hi) = ([f32::INFINITY; LANES], [f32::NEG_INFINITY; LANES]);
+    let mut chunks = v.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let y = f(c[l]);
+            if APPLY {
+                c[l] = y;
+            }
+            lo[l] = if y < lo[l] { y } else { lo[l] };
+            hi[l] = if y > hi[l] { y } else { hi[l] };
+        }
+    }
+    let (mut min, mut max) = (f32::INFINITY, f32::NEG_INFINITY);
+    for l in 0..LANES {
+        min = if lo[l] < min { lo[l] } else { min };
+        max = if hi[l] > max { hi[l] } else { max };
+    }
+    for x in chunks.into_remainder() {
+        let y = f(*x);
+        if APPLY {
+            *x = y;
+        }
+        min = if y < min { y } else { min };
+        max = if y > max { y } else { max };
+    }
+    // Which zero (0.0 or −0.0) is the extreme depends on order: take the first, as a fold would.
+    if min == 0.0 || max == 0.0 {
+        let first_zero = v.iter().copied().find(|&x| x == 0.0).unwrap_or(0.0);
+        if min == 0.0 {
+            min = first_zero;
+        }
+        if max == 0.0 {
+            max = first_zero;
+        }
+    }
+    (min as f64, max as f64)
 }
 
 /// MONAI `CenterSpatialCrop(roi)`: start = size // 2 − roi // 2 per axis; an roi larger than the
@@ -224,6 +266,57 @@ mod tests {
         assert_eq!(constant, vec![0.0, 0.0, 0.0]);
         let mut zeros = vec![0.0f32; 4];
         assert_eq!(normalize_nonzero(&mut zeros, "z").nonzero_voxels, 0);
+    }
+
+    /// The fused apply + min/max pass gives the values and range of the plain loops it replaced.
+    #[test]
+    fn fused_normalise_matches_separate_passes() {
+        fn reference(v: &mut [f32]) -> (f64, f64) {
+            let s = nonzero_stats(v);
+            let div = if s.std == 0.0 { 1.0 } else { s.std };
+            if s.count > 0 {
+                let (mean, div) = (s.mean as f32, div as f32);
+                v.iter_mut().filter(|x| **x != 0.0).for_each(|x| *x = (*x - mean) / div);
+            }
+            let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            (lo as f64, hi as f64)
+        }
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 40) as f32 / 16777216.0
+        };
+        for len in [1usize, 7, 8, 9, 63, 1000] {
+            let v: Vec<f32> = (0..len)
+                .map(|_| {
+                    let r = next();
+                    if r < 0.3 { if r < 0.15 { -0.0 } else { 0.0 } } else { (r - 0.5) * 1000.0 }
+                })
+                .collect();
+            let (mut a, mut b) = (v.clone(), v.clone());
+            let s = normalize_nonzero(&mut a, "c");
+            let (lo, hi) = reference(&mut b);
+            assert_eq!(
+                a.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!((s.min.to_bits(), s.max.to_bits()), (lo.to_bits(), hi.to_bits()), "len {len}");
+        }
+        // Only zeros: the range is the first zero, with its sign, and nothing changes.
+        for first in [0.0f32, -0.0] {
+            let mut v = vec![first, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0, -0.0, 0.0];
+            let before = v.clone();
+            let s = normalize_nonzero(&mut v, "z");
+            assert_eq!(
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                before.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            assert_eq!((s.min.to_bits(), s.max.to_bits()), ((first as f64).to_bits(), (first as f64).to_bits()));
+        }
+        // A constant channel: every voxel becomes +0.0 after the zeros it keeps.
+        let mut v = vec![-0.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0];
+        let s = normalize_nonzero(&mut v, "c");
+        assert_eq!((s.min.to_bits(), s.max.to_bits()), ((-0.0f64).to_bits(), (-0.0f64).to_bits()));
     }
 
     #[test]
