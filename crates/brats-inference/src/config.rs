@@ -20,6 +20,10 @@ pub struct InferenceConfig {
     pub registry: String,
     /// Where outputs go when a request names no `output_uri`; default `file:data/predictions`.
     pub output_root: String,
+    /// Address of a preprocessing service (e.g. `http://preprocess:50051`) that `Segment`
+    /// requests are preprocessed by, tensors passing through the store; empty (the default) =
+    /// the same preprocessing code in-process. `SegmentStream` always preprocesses in-process.
+    pub preprocess_endpoint: String,
     /// Model served by default; default `segresnet`.
     pub model: String,
     /// Alias served by default and watched for hot reload; default `production`.
@@ -61,6 +65,7 @@ impl Default for InferenceConfig {
             metrics_listen: "127.0.0.1:9465".into(),
             registry: "file:data/models".into(),
             output_root: "file:data/predictions".into(),
+            preprocess_endpoint: String::new(),
             model: "segresnet".into(),
             alias: "production".into(),
             providers: vec!["cpu".into()],

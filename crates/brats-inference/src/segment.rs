@@ -6,6 +6,7 @@ use crate::runtime::{InferenceError, SegmentationModel};
 use crate::window::{self, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
+use brats_core::tensors::CaseTensors;
 use brats_preprocess::pipeline::{self, InputFile, Options};
 use brats_preprocess::transforms;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,8 +74,25 @@ pub fn segment_cancellable(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Segmentation, SegmentError> {
     let (tensors, stages, header) = pipeline::preprocess_with_header(images, None, &Options::default(), limits)?;
-    let mut timings: Vec<(String, f64)> =
+    let timings: Vec<(String, f64)> =
         stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
+    infer_preprocessed(model, &tensors, header, window, keep_logits, cancel, progress, timings)
+}
+
+/// The part of [`segment_cancellable`] after preprocessing: sliding window, mirroring,
+/// post-processing — for tensors that came from the preprocessing service. `timings` holds
+/// the stages already spent.
+#[allow(clippy::too_many_arguments)]
+pub fn infer_preprocessed(
+    model: &SegmentationModel,
+    tensors: &CaseTensors,
+    header: nifti::NiftiHeader,
+    window: &SlidingWindow,
+    keep_logits: bool,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
+    mut timings: Vec<(String, f64)>,
+) -> Result<Segmentation, SegmentError> {
     let shape = tensors.metadata.shape;
     if cancel.load(Ordering::Relaxed) {
         return Err(SegmentError::Cancelled);

@@ -39,6 +39,7 @@ pub async fn serve(
         window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, mirror: false },
         max_concurrent: cfg.max_concurrent,
         max_queue: cfg.max_queue,
+        preprocess_endpoint: (!cfg.preprocess_endpoint.is_empty()).then(|| cfg.preprocess_endpoint.clone()),
     };
     let metrics = Metrics::new();
     let service = InferenceService::new(stores, settings, metrics.clone());

@@ -4,7 +4,7 @@
 
 use crate::registry::Registry;
 use crate::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
-use crate::segment::{SegmentError, Segmentation, segment_cancellable};
+use crate::segment::{SegmentError, Segmentation, infer_preprocessed, segment_cancellable};
 use crate::window::{Blend, SlidingWindow};
 use brats_core::error::{CoreError, ErrorKind};
 use brats_core::nifti_io::ReadLimits;
@@ -115,6 +115,7 @@ pub struct State {
     max_queue: usize,
     metrics: Metrics,
     counter: AtomicU64,
+    preprocessor: Option<tonic::transport::Channel>,
 }
 
 /// The gRPC handler: a cheap handle on the shared [`State`].
@@ -192,6 +193,16 @@ pub struct ServiceSettings {
     pub max_concurrent: usize,
     /// Waiting requests before RESOURCE_EXHAUSTED.
     pub max_queue: usize,
+    /// Preprocessing service to use for `Segment` (None = in-process).
+    pub preprocess_endpoint: Option<String>,
+}
+
+/// What a segmentation starts from.
+enum Input {
+    /// Raw modality files, preprocessed in-process.
+    Files(Vec<InputFile>),
+    /// Tensors from the preprocessing service, the T1c header, and the time spent so far.
+    Preprocessed(Box<brats_core::tensors::CaseTensors>, Box<nifti::NiftiHeader>, Vec<(String, f64)>),
 }
 
 impl InferenceService {
@@ -212,6 +223,10 @@ impl InferenceService {
             max_queue: settings.max_queue,
             metrics,
             counter: AtomicU64::new(0),
+            preprocessor: settings
+                .preprocess_endpoint
+                .and_then(|e| tonic::transport::Channel::from_shared(e).ok())
+                .map(|c| c.connect_lazy()),
         }))
     }
 
@@ -346,7 +361,7 @@ impl InferenceService {
     async fn run(
         &self,
         request_id: &str,
-        images: Vec<InputFile>,
+        input: Input,
         model: Arc<LoadedModel>,
         options: Option<&pb::SegmentOptions>,
         queued_at: Instant,
@@ -377,15 +392,27 @@ impl InferenceService {
         let m = model.clone();
         let result =
             tokio::task::spawn_blocking(move || -> Result<(Segmentation, f64, Bytes, Option<Bytes>), SegmentError> {
-                let seg = segment_cancellable(
-                    &m.model,
-                    &images,
-                    &window,
-                    write_probabilities,
-                    &ReadLimits::default(),
-                    &cancel,
-                    &mut *progress,
-                )?;
+                let seg = match input {
+                    Input::Files(images) => segment_cancellable(
+                        &m.model,
+                        &images,
+                        &window,
+                        write_probabilities,
+                        &ReadLimits::default(),
+                        &cancel,
+                        &mut *progress,
+                    )?,
+                    Input::Preprocessed(tensors, header, timings) => infer_preprocessed(
+                        &m.model,
+                        &tensors,
+                        *header,
+                        &window,
+                        write_probabilities,
+                        &cancel,
+                        &mut *progress,
+                        timings,
+                    )?,
+                };
                 let t = Instant::now();
                 let label = Bytes::from(seg.label_nifti()?);
                 let probs = match &seg.logits {
@@ -411,7 +438,8 @@ impl InferenceService {
         let timings = pb::InferenceTimings {
             queue_seconds,
             decode_seconds: stage("decompress") + stage("convert"),
-            preprocess_seconds: stage("normalise"),
+            preprocess_seconds: stage("normalise") + stage("remote_preprocess"),
+            transfer_seconds: stage("transfer"),
             inference_seconds: stage("inference"),
             postprocess_seconds: stage("postprocess"),
             encode_seconds,
@@ -467,6 +495,51 @@ impl InferenceService {
             t2.store_seconds = t.elapsed().as_secs_f64();
         }
         Ok(())
+    }
+
+    /// Preprocesses through the preprocessing service: it writes the tensors under
+    /// `<prefix>/prep`, we read them back; the T1c header is read for the output's geometry.
+    async fn remote_preprocess(
+        &self,
+        channel: tonic::transport::Channel,
+        request_id: &str,
+        image_uris: &[String],
+        t1c: &StoreUri,
+        prefix: &StoreUri,
+    ) -> Result<Input, Status> {
+        let t = Instant::now();
+        let mut client = pb::preprocessor_client::PreprocessorClient::new(channel);
+        let req = pb::PreprocessCaseRequest {
+            case_id: request_id.to_string(),
+            image_uris: image_uris.to_vec(),
+            output_uri: prefix.join("prep").to_string(),
+            ..Default::default()
+        };
+        let resp = client
+            .preprocess_case(req)
+            .await
+            .map_err(|s| Status::new(s.code(), format!("preprocessing service: {}", s.message())))?
+            .into_inner();
+        let remote = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let tensors_uri = StoreUri::parse(&resp.tensors_uri).map_err(core_status)?;
+        let bytes = self.stores.get(&tensors_uri).await.map_err(core_status)?;
+        let tensors = brats_core::tensors::CaseTensors::from_bytes(&bytes, &resp.tensors_uri).map_err(core_status)?;
+        let raw = self.stores.get(t1c).await.map_err(|e| with_field("image_uris[0]", e))?;
+        let header = tokio::task::spawn_blocking(move || {
+            let name = "T1c";
+            let inflated = brats_core::nifti_io::decompress(&raw, name, 1 << 31)?;
+            brats_core::nifti_io::read_header(&inflated, name)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| with_field("image_uris[0]", e))?;
+        let transfer = t.elapsed().as_secs_f64();
+        Ok(Input::Preprocessed(
+            Box::new(tensors),
+            Box::new(header),
+            vec![("remote_preprocess".into(), remote), ("transfer".into(), transfer)],
+        ))
     }
 
     fn request_id(&self, given: &str) -> Result<String, Status> {
@@ -575,9 +648,12 @@ impl pb::inference_server::Inference for InferenceService {
             };
             let model = self.select(req.model.as_ref()).await?;
             let t = Instant::now();
-            let images = fetch_all(&self.stores, &uris).await.map_err(|e| with_field("image_uris", e))?;
+            let input = match &self.preprocessor {
+                None => Input::Files(fetch_all(&self.stores, &uris).await.map_err(|e| with_field("image_uris", e))?),
+                Some(channel) => self.remote_preprocess(channel.clone(), &request_id, &req.image_uris, &uris[0], &prefix).await?,
+            };
             let fetch_seconds = t.elapsed().as_secs_f64();
-            let mut out = self.run(&request_id, images, model, req.options.as_ref(), started, Box::new(|_, _| {})).await?;
+            let mut out = self.run(&request_id, input, model, req.options.as_ref(), started, Box::new(|_, _| {})).await?;
             self.store_outputs(&prefix, &mut out).await?;
             if let Some(t) = out.response.timings.as_mut() {
                 t.fetch_seconds = fetch_seconds;
@@ -642,7 +718,8 @@ impl InferenceService {
     ) -> Result<(pb::SegmentResponse, Bytes, Option<Bytes>), Status> {
         let request_id = self.request_id(&header.request_id)?;
         let model = self.select(header.model.as_ref()).await?;
-        let mut out = self.run(&request_id, images, model, header.options.as_ref(), started, progress).await?;
+        let mut out =
+            self.run(&request_id, Input::Files(images), model, header.options.as_ref(), started, progress).await?;
         if !header.output_uri.is_empty() {
             let prefix = StoreUri::parse(&header.output_uri).map_err(|e| with_field("header.output_uri", e))?;
             self.store_outputs(&prefix, &mut out).await?;

@@ -96,7 +96,8 @@ fn main() -> anyhow::Result<()> {
             let _net = brats_model::SegResNet::new(&vs.root(), &config)?;
             let sd = weights::state_dict_from_var_store(&vs, &config)?;
             let provenance = serde_json::json!({"initialised": {"seed": seed, "trained": false}});
-            weights::save_weights(&out, &sd, &config, Some(&provenance)).with_context(|| format!("writing {}", out.display()))?;
+            weights::save_weights(&out, &sd, &config, Some(&provenance))
+                .with_context(|| format!("writing {}", out.display()))?;
             println!("wrote {} (untrained, seed {seed}, {} parameters)", out.display(), config.parameter_count());
         }
         Command::ExportOnnx { weights, out, fp16, metadata, instance_norm } => {

@@ -174,7 +174,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Segment { server, image, out, model_version, request_id } => {
-            let channel = Channel::from_shared(server.clone())?.connect().await.with_context(|| format!("connect {server}"))?;
+            let channel =
+                Channel::from_shared(server.clone())?.connect().await.with_context(|| format!("connect {server}"))?;
             let model = model_version.map(|v| pb::ModelSelector { version: v, ..Default::default() });
             let r = segment_stream(channel, &image, &out, model, request_id.unwrap_or_default(), true).await?;
             print_segmentation(&r, &out);
@@ -182,9 +183,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Models { server } => {
             let mut c = InferenceClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
-            for m in c.list_models(pb::ListModelsRequest::default()).await.map_err(|s| status_line(&s))?.into_inner().models {
+            for m in
+                c.list_models(pb::ListModelsRequest::default()).await.map_err(|s| status_line(&s))?.into_inner().models
+            {
                 let aliases: Vec<String> = m.aliases.iter().map(|(a, v)| format!("{a}→{v}")).collect();
-                println!("{}  versions {}  aliases {}", m.name, m.versions.iter().map(|v| if v.loaded { format!("{} (serving)", v.version) } else { v.version.clone() }).collect::<Vec<_>>().join(", "), aliases.join(", "));
+                println!(
+                    "{}  versions {}  aliases {}",
+                    m.name,
+                    m.versions
+                        .iter()
+                        .map(|v| if v.loaded { format!("{} (serving)", v.version) } else { v.version.clone() })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    aliases.join(", ")
+                );
             }
             Ok(())
         }
@@ -244,10 +256,17 @@ async fn segment_stream(
     use pb::segment_stream_request::Msg as In;
     use pb::segment_stream_response::Msg as Out;
     use sha2::Digest;
-    let files: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).with_context(|| format!("{}", p.display()))).collect::<Result<_, _>>()?;
+    let files: Vec<Vec<u8>> = images
+        .iter()
+        .map(|p| std::fs::read(p).with_context(|| format!("{}", p.display())))
+        .collect::<Result<_, _>>()?;
     let total: u64 = files.iter().map(|f| f.len() as u64).sum();
     let bar = if show_progress { indicatif::ProgressBar::new(total) } else { indicatif::ProgressBar::hidden() };
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}").unwrap().progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
     bar.set_message("uploading");
     let header = pb::SegmentStreamHeader {
         request_id,
@@ -255,7 +274,11 @@ async fn segment_stream(
         files: files
             .iter()
             .zip(images)
-            .map(|(f, p)| pb::StreamFile { name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), size_bytes: f.len() as u64, content_type: "application/gzip".into() })
+            .map(|(f, p)| pb::StreamFile {
+                name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                size_bytes: f.len() as u64,
+                content_type: "application/gzip".into(),
+            })
             .collect(),
         ..Default::default()
     };
@@ -267,18 +290,32 @@ async fn segment_stream(
         let mut checksums = Vec::new();
         for (i, f) in files.iter().enumerate() {
             for (k, part) in f.chunks(CHUNK).enumerate() {
-                let chunk = pb::FileChunk { file_index: i as u32, offset: (k * CHUNK) as u64, data: part.to_vec(), crc32c: Some(crc32c::crc32c(part)) };
+                let chunk = pb::FileChunk {
+                    file_index: i as u32,
+                    offset: (k * CHUNK) as u64,
+                    data: part.to_vec(),
+                    crc32c: Some(crc32c::crc32c(part)),
+                };
                 if tx.send(pb::SegmentStreamRequest { msg: Some(In::Chunk(chunk)) }).await.is_err() {
                     return;
                 }
                 upload_bar.inc(part.len() as u64);
             }
-            checksums.push(pb::FileChecksum { file_index: i as u32, sha256: hex::encode(sha2::Sha256::digest(f)), crc32c: None, size_bytes: f.len() as u64 });
+            checksums.push(pb::FileChecksum {
+                file_index: i as u32,
+                sha256: hex::encode(sha2::Sha256::digest(f)),
+                crc32c: None,
+                size_bytes: f.len() as u64,
+            });
         }
         let _ = tx.send(pb::SegmentStreamRequest { msg: Some(In::Trailer(pb::StreamTrailer { checksums })) }).await;
     });
     let mut client = InferenceClient::new(channel).max_decoding_message_size(16 << 20);
-    let mut stream = client.segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|s| status_line(&s))?.into_inner();
+    let mut stream = client
+        .segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| status_line(&s))?
+        .into_inner();
     let mut result = None;
     let mut label = Vec::new();
     let mut expected_size = 0u64;
@@ -287,7 +324,11 @@ async fn segment_stream(
             Some(Out::Progress(p)) if p.windows_total > 0 => {
                 if bar.length() != Some(p.windows_total as u64) {
                     bar.set_length(p.windows_total as u64);
-                    bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] window {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
+                    bar.set_style(
+                        indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] window {pos}/{len} {elapsed}")
+                            .unwrap()
+                            .progress_chars("=> "),
+                    );
                     bar.set_message("inference");
                 }
                 bar.set_position(p.windows_done as u64);
@@ -298,13 +339,21 @@ async fn segment_stream(
                 expected_size = o.files.first().map(|f| f.size_bytes).unwrap_or(0);
                 bar.set_length(expected_size);
                 bar.set_position(0);
-                bar.set_style(indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes}").unwrap().progress_chars("=> "));
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes}")
+                        .unwrap()
+                        .progress_chars("=> "),
+                );
                 bar.set_message("downloading");
             }
             Some(Out::Chunk(c)) if c.file_index == 0 => {
                 anyhow::ensure!(c.offset as usize == label.len(), "chunk at offset {} arrived out of order", c.offset);
                 if let Some(crc) = c.crc32c {
-                    anyhow::ensure!(crc32c::crc32c(&c.data) == crc, "label chunk at offset {} is corrupt (CRC-32C)", c.offset);
+                    anyhow::ensure!(
+                        crc32c::crc32c(&c.data) == crc,
+                        "label chunk at offset {} is corrupt (CRC-32C)",
+                        c.offset
+                    );
                 }
                 label.extend_from_slice(&c.data);
                 bar.inc(c.data.len() as u64);
@@ -312,8 +361,15 @@ async fn segment_stream(
             Some(Out::Chunk(_)) => {}
             Some(Out::Trailer(t)) => {
                 let want = t.checksums.iter().find(|c| c.file_index == 0).map(|c| c.sha256.clone()).unwrap_or_default();
-                anyhow::ensure!(label.len() as u64 == expected_size, "label map truncated: {} of {expected_size} bytes", label.len());
-                anyhow::ensure!(hex::encode(sha2::Sha256::digest(&label)) == want, "label map checksum mismatch; retry");
+                anyhow::ensure!(
+                    label.len() as u64 == expected_size,
+                    "label map truncated: {} of {expected_size} bytes",
+                    label.len()
+                );
+                anyhow::ensure!(
+                    hex::encode(sha2::Sha256::digest(&label)) == want,
+                    "label map checksum mismatch; retry"
+                );
             }
             None => {}
         }
@@ -330,11 +386,24 @@ fn print_segmentation(r: &pb::SegmentResponse, out: &Path) {
     let v = r.volumes.clone().unwrap_or_default();
     let t = r.timings.clone().unwrap_or_default();
     let provider = pb::ExecutionProvider::try_from(r.provider).map(|p| p.as_str_name()).unwrap_or("?");
-    println!("segmentation {} ({}), model {} version {}, provider {provider}{}", out.display(), join(&r.shape), r.model_name, r.model_version, if r.fallback { format!(" (fallback: {})", r.fallback_reason) } else { String::new() });
+    println!(
+        "segmentation {} ({}), model {} version {}, provider {provider}{}",
+        out.display(),
+        join(&r.shape),
+        r.model_name,
+        r.model_version,
+        if r.fallback { format!(" (fallback: {})", r.fallback_reason) } else { String::new() }
+    );
     println!("  volumes  TC {:.2} mL   WT {:.2} mL   ET {:.2} mL", v.tc_ml, v.wt_ml, v.et_ml);
     println!(
         "  timing   queue {:.3}s, decode {:.3}s, preprocess {:.3}s, inference {:.3}s, postprocess {:.3}s, encode {:.3}s; total on the server {:.2}s",
-        t.queue_seconds, t.decode_seconds, t.preprocess_seconds, t.inference_seconds, t.postprocess_seconds, t.encode_seconds, t.total_seconds
+        t.queue_seconds,
+        t.decode_seconds,
+        t.preprocess_seconds,
+        t.inference_seconds,
+        t.postprocess_seconds,
+        t.encode_seconds,
+        t.total_seconds
     );
 }
 
@@ -371,7 +440,11 @@ impl Drop for ServiceProcess {
 fn run_tool(bin: &str, args: &[String]) -> anyhow::Result<()> {
     let out = Command::new(sibling(bin)?).args(args).output().with_context(|| format!("run {bin}"))?;
     if !out.status.success() {
-        bail!("{bin} {} failed: {}", args.first().map(String::as_str).unwrap_or(""), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{bin} {} failed: {}",
+            args.first().map(String::as_str).unwrap_or(""),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -474,10 +547,25 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
 
     println!("4. a model: untrained SegResNet weights (training comes with the trainer), exported to ONNX, registered");
     let model_dir = dir.join("model");
-    run_tool("brats-trainer", &["init".into(), "--out".into(), model_dir.join("weights.safetensors").display().to_string(), "--seed".into(), "1".into()])?;
     run_tool(
         "brats-trainer",
-        &["export-onnx".into(), "--weights".into(), model_dir.join("weights.safetensors").display().to_string(), "--out".into(), model_dir.join("model.onnx").display().to_string()],
+        &[
+            "init".into(),
+            "--out".into(),
+            model_dir.join("weights.safetensors").display().to_string(),
+            "--seed".into(),
+            "1".into(),
+        ],
+    )?;
+    run_tool(
+        "brats-trainer",
+        &[
+            "export-onnx".into(),
+            "--weights".into(),
+            model_dir.join("weights.safetensors").display().to_string(),
+            "--out".into(),
+            model_dir.join("model.onnx").display().to_string(),
+        ],
     )?;
     let registry = format!("file://{}", store.join("models").display());
     run_tool(
@@ -515,14 +603,18 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
         "--warmup-shape".into(),
         "32,32,32".into(),
     ];
-    let _inference = start_service("brats-inference", &iargs, &dir.join("inference.log"), "brats.v1.Inference", &iaddr).await?;
+    let _inference =
+        start_service("brats-inference", &iargs, &dir.join("inference.log"), "brats.v1.Inference", &iaddr).await?;
     println!("6. SegmentStream: upload the 4 modalities in checked chunks, segment, download the label map");
     let out = dir.join("seg.nii.gz");
     let channel = Channel::from_shared(iaddr)?.connect().await?;
     let t = Instant::now();
     let r = segment_stream(channel, &files.images, &out, None, format!("demo-{seed}"), false).await?;
     print_segmentation(&r, &out);
-    println!("   round trip {:.2} s (the weights are untrained, so the regions are not meaningful yet)", t.elapsed().as_secs_f64());
+    println!(
+        "   round trip {:.2} s (the weights are untrained, so the regions are not meaningful yet)",
+        t.elapsed().as_secs_f64()
+    );
     println!("7. done; service logs in {}", dir.display());
     Ok(())
 }
