@@ -383,8 +383,8 @@ async fn segment_stream(
 }
 
 fn print_segmentation(r: &pb::SegmentResponse, out: &Path) {
-    let v = r.volumes.clone().unwrap_or_default();
-    let t = r.timings.clone().unwrap_or_default();
+    let v = r.volumes.unwrap_or_default();
+    let t = r.timings.unwrap_or_default();
     let provider = pb::ExecutionProvider::try_from(r.provider).map(|p| p.as_str_name()).unwrap_or("?");
     println!(
         "segmentation {} ({}), model {} version {}, provider {provider}{}",
