@@ -108,3 +108,22 @@ impl InferenceConfig {
         Ok(cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_typos_are_refused() {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/inference.toml");
+        let cfg = InferenceConfig::load(Some(&shipped)).unwrap();
+        assert_eq!(cfg.providers, vec!["tensorrt", "cuda", "cpu"]);
+        assert_eq!(cfg.roi, [240, 240, 160]);
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "max_concurent = 2\n").unwrap();
+        assert!(InferenceConfig::load(Some(&bad)).is_err());
+        std::fs::write(&bad, "roi = [240, 240, 150]\n").unwrap();
+        assert!(InferenceConfig::load(Some(&bad)).unwrap_err().to_string().contains("multiples of 8"));
+    }
+}

@@ -121,6 +121,8 @@ mod tests {
         assert_eq!(cfg.max_parallel, 3);
         assert_eq!(cfg.store.s3_region.as_deref(), Some("eu-west-1"));
         assert_eq!(cfg.listen, "127.0.0.1:50051");
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/preprocess.toml");
+        assert_eq!(ServiceConfig::load(Some(&shipped)).unwrap().output_root, "file:///data");
         std::fs::write(&p, "max_paralel = 3\n").unwrap();
         assert!(ServiceConfig::load(Some(&p)).is_err());
     }
