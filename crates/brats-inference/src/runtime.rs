@@ -375,6 +375,14 @@ mod tests {
         assert!(e.to_string().contains("not a loadable ONNX model"), "{e}");
     }
 
+    #[test]
+    fn wrong_channel_count_is_rejected_clearly() {
+        let e = SegmentationModel::load(&default_library(), &fixture("pointwise_head_2ch.onnx"), &SessionOptions::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("expected [N, 3, X, Y, Z]"), "{e}");
+    }
+
     /// This machine's ONNX Runtime has no CUDA provider: asking for it fails clearly, and with
     /// fallback allowed the session runs on CPU and says so.
     #[test]
