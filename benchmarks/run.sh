@@ -13,8 +13,15 @@
 #    two outputs agree within 1e-5;
 # 5. does the same for the real int16 case BraTS-GLI-00001-000 when it is present
 #    (BRATS_REAL_DIR overrides where to look).
+#
+# benchmarks/run.sh --inference [compare [ROUNDS] | options [X,Y,Z] | all] runs the CPU inference
+# benchmark instead (benchmarks/inference/run.sh; README.md, "Inference").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${1:-}" = "--inference" ]; then
+    shift
+    exec "$ROOT/benchmarks/inference/run.sh" "$@"
+fi
 cd "$ROOT"
 ROUNDS="${1:-${ROUNDS:-5}}"
 DATA="$ROOT/benchmarks/.data"

@@ -336,6 +336,30 @@ mod tests {
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/onnx").join(name)).unwrap()
     }
 
+    /// The CPU knobs of the benchmark (arena off, memory pattern off, level 0, a config entry)
+    /// give the same logits as the defaults (ORT does not validate config values at session
+    /// creation, so there is no error case to test here).
+    #[test]
+    fn session_knobs_keep_results() {
+        let image: Vec<f32> = (0..4 * 24).map(|i| (i as f32 * 0.11).cos()).collect();
+        let run = |o: SessionOptions| {
+            SegmentationModel::load(&default_library(), &fixture("pointwise_head.onnx"), &o)
+                .expect("ONNX Runtime 1.31 loads (make bootstrap)")
+                .run(&image, [1, 4, 2, 3, 4])
+                .unwrap()
+        };
+        let base = run(SessionOptions { intra_threads: 1, ..Default::default() });
+        let knobs = run(SessionOptions {
+            intra_threads: 1,
+            cpu_arena: false,
+            memory_pattern: false,
+            optimization_level: 0,
+            config_entries: vec![("session.intra_op.allow_spinning".into(), "0".into())],
+            ..Default::default()
+        });
+        assert_eq!(base, knobs);
+    }
+
     /// The committed 1×1×1 conv head (tests/monai/make_onnx_smoke_fixture.py) computed by hand.
     #[test]
     fn runs_the_contract_model_on_cpu() {
@@ -377,9 +401,13 @@ mod tests {
 
     #[test]
     fn wrong_channel_count_is_rejected_clearly() {
-        let e = SegmentationModel::load(&default_library(), &fixture("pointwise_head_2ch.onnx"), &SessionOptions::default())
-            .err()
-            .unwrap();
+        let e = SegmentationModel::load(
+            &default_library(),
+            &fixture("pointwise_head_2ch.onnx"),
+            &SessionOptions::default(),
+        )
+        .err()
+        .unwrap();
         assert!(e.to_string().contains("expected [N, 3, X, Y, Z]"), "{e}");
     }
 

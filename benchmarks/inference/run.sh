@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# CPU inference benchmark (issue 4 item 8): ours (`brats-inference segment`, ONNX Runtime CPU) vs
+# MONAI's bundle inference on the same 4 files with the same (deterministic) weights.
+#
+# Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | all]   (default: compare 3)
+#
+# 1. builds brats-inference (release), write_reference_weights and brats-trainer (dev profile); creates the MONAI
+#    venv if it is missing;
+# 2. writes the detgen weights (tests/monai/detgen.py == brats_model::reference::det_state_dict) as
+#    our safetensors, exports them to ONNX (default GroupNorm lowering, and --instance-norm);
+# 3. generates the synthetic 240x240x155 float32 case (same as the preprocessing benchmark);
+# 4. compare: ours and MONAI alternately, ROUNDS rounds, fresh processes; medians, ratio, stage
+#    breakdown, peak RSS (/usr/bin/time -v), label-map check (bench.py, compare.py);
+#    options: ONNX Runtime session options, ours only, one run each, roi X,Y,Z (default full);
+#    ONLY=REGEX (environment) runs only the variants whose name matches.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+MODE="${1:-compare}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+export DATA="$ROOT/benchmarks/.data/inference" PY="$ROOT/tests/monai/.venv/bin/python"
+mkdir -p "$DATA"
+command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (apt-get install time)" >&2; exit 1; }
+[ -x "$PY" ] || "$ROOT/tests/monai/setup.sh"
+
+echo "== building" >&2
+cargo build --release --quiet -p brats-inference -p brats-preprocess
+# weights + export: the dev profile (optimised in this workspace) avoids a release build of libtorch crates
+cargo build --quiet -p brats-model --example write_reference_weights -p brats-trainer
+export BIN="$TARGET/release/brats-inference"
+if [ ! -f "$DATA/model.onnx" ] || [ ! -f "$DATA/model-in.onnx" ]; then
+    "$TARGET/debug/examples/write_reference_weights" "$DATA/weights.safetensors" >&2
+    "$TARGET/debug/brats-trainer" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model.onnx" >&2
+    "$TARGET/debug/brats-trainer" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model-in.onnx" \
+        --metadata "$DATA/metadata-in.json" --instance-norm >&2
+fi
+export MODEL="$DATA/model.onnx" MODEL_IN="$DATA/model-in.onnx"
+SYN="$ROOT/benchmarks/.data/synth"
+if [ ! -f "$SYN/synth-00001-t2f.nii.gz" ]; then
+    "$TARGET/release/brats-preprocess" synth --shape 240,240,155 --seed 1 --out "$SYN" >&2
+fi
+export IMAGES="$SYN/synth-00001-t1c.nii.gz $SYN/synth-00001-t1n.nii.gz $SYN/synth-00001-t2w.nii.gz $SYN/synth-00001-t2f.nii.gz"
+
+echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load average $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ)"
+echo
+case "$MODE" in
+    compare) "$PY" benchmarks/inference/bench.py compare --rounds "${2:-3}" ;;
+    options) "$PY" benchmarks/inference/bench.py options --roi "${2:-240,240,160}" ;;
+    all) "$PY" benchmarks/inference/bench.py compare --rounds "${2:-3}"; echo
+         "$PY" benchmarks/inference/bench.py options --roi 240,240,160 ;;
+    *) echo "usage: $0 [compare [ROUNDS] | options [X,Y,Z] | all]" >&2; exit 2 ;;
+esac
