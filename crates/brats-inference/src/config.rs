@@ -1,7 +1,6 @@
 //! Configuration of `brats-inference serve`: a TOML file, then `BRATS_INFERENCE_*` environment
 //! overrides (nested keys with `__`), then flags. Every default is documented on its field.
 
-use anyhow::Context;
 use brats_core::StoreConfig;
 use serde::{Deserialize, Serialize};
 
@@ -89,16 +88,7 @@ impl Default for InferenceConfig {
 impl InferenceConfig {
     /// Loads the file (when given), then applies environment overrides.
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let mut value = toml::Value::try_from(InferenceConfig::default())?;
-        if let Some(p) = path {
-            let text = std::fs::read_to_string(p).with_context(|| format!("config file {}", p.display()))?;
-            let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
-            brats_preprocess::config::merge(&mut value, file);
-        }
-        brats_preprocess::config::apply_env(&mut value, ENV_PREFIX);
-        let cfg: InferenceConfig = value
-            .try_into()
-            .with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
+        let cfg = brats_service::load_config(InferenceConfig::default(), path, ENV_PREFIX)?;
         anyhow::ensure!(cfg.max_concurrent >= 1, "max_concurrent must be at least 1");
         anyhow::ensure!((0.0..1.0).contains(&cfg.overlap), "overlap must be in [0, 1)");
         anyhow::ensure!(

@@ -219,7 +219,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(v) = roi {
                     cfg.roi = triple(&v)?;
                 }
-                return brats_inference::server::serve(cfg, brats_preprocess::server::shutdown_signal(), None).await;
+                return brats_inference::server::serve(cfg, brats_service::shutdown_signal(), None).await;
             }
             Command::Register { registry, name, version, model, metadata, alias } => {
                 let stores = std::sync::Arc::new(Stores::new(StoreConfig::default()));

@@ -46,27 +46,10 @@ pub async fn serve(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
+    let reflection = brats_service::reflection().context("reflection service")?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("bind {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    if !cfg.metrics_listen.is_empty() {
-        let m = metrics.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = m.clone();
-                async move { m.render() }
-            }),
-        );
-        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
-        tokio::spawn(async move { axum::serve(ml, app).await });
-    }
+    brats_service::spawn_metrics_endpoint(&cfg.metrics_listen, metrics.registry.clone()).await?;
     if let Some(tx) = bound {
         let _ = tx.send(addr);
     }

@@ -6,7 +6,7 @@ use crate::registry::Registry;
 use crate::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
 use crate::segment::{SegmentError, Segmentation, infer_preprocessed, segment_cancellable};
 use crate::window::{Blend, SlidingWindow};
-use brats_core::error::{CoreError, ErrorKind};
+use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
 use brats_preprocess::jobs::fetch_all;
@@ -84,13 +84,6 @@ impl Metrics {
         }
         Metrics { registry, requests, stages, queued, running, provider }
     }
-
-    /// Renders the text exposition format.
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf).unwrap();
-        buf
-    }
 }
 
 impl Default for Metrics {
@@ -129,16 +122,7 @@ impl std::ops::Deref for InferenceService {
     }
 }
 
-/// Maps a core error to a status.
-pub fn core_status(e: CoreError) -> Status {
-    let m = e.to_string();
-    match e.kind() {
-        ErrorKind::InvalidInput => Status::invalid_argument(m),
-        ErrorKind::NotFound => Status::not_found(m),
-        ErrorKind::Unavailable => Status::unavailable(m),
-        ErrorKind::Internal => Status::internal(m),
-    }
-}
+use brats_service::{field_status as with_field, status as core_status};
 
 fn segment_status(e: SegmentError) -> Status {
     match e {
@@ -553,7 +537,7 @@ impl InferenceService {
     }
 
     fn observe(&self, method: &str, code: tonic::Code, timings: Option<&pb::InferenceTimings>) {
-        self.metrics.requests.with_label_values(&[method, brats_preprocess::service::code_name(code)]).inc();
+        self.metrics.requests.with_label_values(&[method, brats_service::code_name(code)]).inc();
         if let Some(t) = timings {
             for (s, v) in [
                 ("queue", t.queue_seconds),
@@ -570,11 +554,6 @@ impl InferenceService {
             }
         }
     }
-}
-
-fn with_field(field: &str, e: CoreError) -> Status {
-    let s = core_status(e);
-    Status::new(s.code(), format!("{field}: {}", s.message()))
 }
 
 fn model_pb(

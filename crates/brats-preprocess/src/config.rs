@@ -1,7 +1,6 @@
 //! Service configuration: a TOML file, then `BRATS_PREPROCESS_*` environment overrides, then
 //! command-line flags. Every default is documented on its field.
 
-use anyhow::Context;
 use brats_core::StoreConfig;
 use serde::{Deserialize, Serialize};
 
@@ -52,59 +51,9 @@ impl Default for ServiceConfig {
 impl ServiceConfig {
     /// Loads the file (when given), then applies environment overrides.
     pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Self> {
-        let mut value = toml::Value::try_from(ServiceConfig::default())?;
-        if let Some(p) = path {
-            let text = std::fs::read_to_string(p).with_context(|| format!("config file {}", p.display()))?;
-            let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
-            merge(&mut value, file);
-        }
-        apply_env(&mut value, ENV_PREFIX);
-        let cfg: ServiceConfig = value
-            .try_into()
-            .with_context(|| format!("invalid configuration (file or {ENV_PREFIX}* environment variables)"))?;
+        let cfg = brats_service::load_config(ServiceConfig::default(), path, ENV_PREFIX)?;
         anyhow::ensure!(cfg.max_parallel >= 1, "max_parallel must be at least 1");
         Ok(cfg)
-    }
-}
-
-/// Applies `<prefix><KEY>` environment variables over a configuration tree; nested keys use
-/// `__` (e.g. `BRATS_PREPROCESS_STORE__S3_ENDPOINT`); numbers, booleans and arrays parse as TOML,
-/// anything else is a string. Shared by every service's configuration.
-pub fn apply_env(value: &mut toml::Value, prefix: &str) {
-    for (k, v) in std::env::vars() {
-        let Some(key) = k.strip_prefix(prefix) else { continue };
-        if key == "CONFIG" {
-            continue;
-        }
-        let path: Vec<String> = key.to_ascii_lowercase().split("__").map(str::to_string).collect();
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {v}"))
-            .ok()
-            .and_then(|t| t.get("v").cloned())
-            .unwrap_or(toml::Value::String(v.clone()));
-        let mut overlay = parsed;
-        for seg in path.iter().rev() {
-            let mut t = toml::Table::new();
-            t.insert(seg.clone(), overlay);
-            overlay = toml::Value::Table(t);
-        }
-        merge(value, overlay);
-    }
-}
-
-/// Merges `overlay` into `base`, tables key by key, other values replaced.
-pub fn merge(base: &mut toml::Value, overlay: toml::Value) {
-    match (base, overlay) {
-        (toml::Value::Table(b), toml::Value::Table(o)) => {
-            for (k, v) in o {
-                match b.get_mut(&k) {
-                    Some(existing) => merge(existing, v),
-                    None => {
-                        b.insert(k, v);
-                    }
-                }
-            }
-        }
-        (b, o) => *b = o,
     }
 }
 

@@ -29,29 +29,11 @@ pub async fn serve(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<PreprocessorServer<PreprocessService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("reflection service")?;
+    let reflection = brats_service::reflection().context("reflection service")?;
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("bind {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    if !cfg.metrics_listen.is_empty() {
-        let m = metrics.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let m = m.clone();
-                async move { m.render() }
-            }),
-        );
-        let ml = tokio::net::TcpListener::bind(&cfg.metrics_listen)
-            .await
-            .with_context(|| format!("bind metrics {}", cfg.metrics_listen))?;
-        info!(addr = %ml.local_addr()?, "metrics on /metrics");
-        tokio::spawn(async move { axum::serve(ml, app).await });
-    }
+    brats_service::spawn_metrics_endpoint(&cfg.metrics_listen, metrics.registry.clone()).await?;
     info!(%addr, output_root = %root, max_parallel = cfg.max_parallel, "preprocess service listening");
     if let Some(tx) = bound {
         let _ = tx.send(addr);
@@ -86,18 +68,4 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-}
+pub use brats_service::shutdown_signal;

@@ -3,7 +3,6 @@
 
 use crate::jobs::{self, CaseJob, CaseOutput};
 use crate::pipeline::{CropMode, Options};
-use brats_core::error::{CoreError, ErrorKind};
 use brats_core::labels::LabelConvention;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
@@ -70,13 +69,6 @@ impl Metrics {
             registry.register(c).unwrap();
         }
         Metrics { registry, requests, latency, stages, cases, in_flight, queued }
-    }
-
-    /// Renders the text exposition format.
-    pub fn render(&self) -> String {
-        let mut buf = String::new();
-        prometheus::TextEncoder::new().encode_utf8(&self.registry.gather(), &mut buf).unwrap();
-        buf
     }
 }
 
@@ -169,45 +161,8 @@ impl ServiceState {
     }
 }
 
-/// Maps a core error to the gRPC status a client should act on.
-pub fn to_status(e: CoreError) -> Status {
-    let msg = e.to_string();
-    match e.kind() {
-        ErrorKind::InvalidInput => Status::invalid_argument(msg),
-        ErrorKind::NotFound => Status::not_found(msg),
-        ErrorKind::Unavailable => Status::unavailable(msg),
-        ErrorKind::Internal => Status::internal(msg),
-    }
-}
-
-/// The canonical upper-case name of a status code (`INVALID_ARGUMENT`, …).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-fn field_err(field: &str, e: CoreError) -> Status {
-    let s = to_status(e);
-    Status::new(s.code(), format!("{field}: {}", s.message()))
-}
+use brats_service::field_status as field_err;
+pub use brats_service::{code_name, status as to_status};
 
 fn label_convention(v: i32) -> Result<LabelConvention, Status> {
     match pb::LabelConvention::try_from(v) {

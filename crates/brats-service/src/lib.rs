@@ -1,0 +1,153 @@
+//! The shell every gRPC service of the platform shares, so each service crate holds only its
+//! own logic: configuration layering (TOML file, then environment), mapping of core errors to
+//! gRPC statuses, the reflection service, the Prometheus `/metrics` endpoint, and shutdown
+//! signals.
+
+use brats_core::error::{CoreError, ErrorKind};
+use tonic::Status;
+use tracing::info;
+
+/// Maps a core error to the status a client should act on.
+pub fn status(e: CoreError) -> Status {
+    let msg = e.to_string();
+    match e.kind() {
+        ErrorKind::InvalidInput => Status::invalid_argument(msg),
+        ErrorKind::NotFound => Status::not_found(msg),
+        ErrorKind::Unavailable => Status::unavailable(msg),
+        ErrorKind::Internal => Status::internal(msg),
+    }
+}
+
+/// [`status`] with the request field that caused it named first.
+pub fn field_status(field: &str, e: CoreError) -> Status {
+    let s = status(e);
+    Status::new(s.code(), format!("{field}: {}", s.message()))
+}
+
+/// The canonical upper-case name of a status code (`INVALID_ARGUMENT`, …).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Server reflection over the platform's contract and `grpc.health.v1`.
+pub fn reflection() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// Serves `registry` as Prometheus text on `http://<listen>/metrics` in the background; an
+/// empty `listen` disables it.
+pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry) -> anyhow::Result<()> {
+    if listen.is_empty() {
+        return Ok(());
+    }
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut buf = String::new();
+                prometheus::TextEncoder::new()
+                    .encode_utf8(&registry.gather(), &mut buf)
+                    .map(|_| buf)
+                    .unwrap_or_default()
+            }
+        }),
+    );
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("bind metrics {listen}: {e}"))?;
+    info!(addr = %listener.local_addr()?, "metrics on /metrics");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+/// Loads a service configuration: `defaults`, overlaid by the TOML file at `path` (when given),
+/// overlaid by `<prefix><KEY>` environment variables (nested keys with `__`, e.g.
+/// `BRATS_PREPROCESS_STORE__S3_ENDPOINT`; numbers, booleans and arrays parse as TOML, anything
+/// else is a string). Unknown keys are refused by the target type's `deny_unknown_fields`.
+pub fn load_config<T: serde::Serialize + serde::de::DeserializeOwned>(
+    defaults: T,
+    path: Option<&std::path::Path>,
+    prefix: &str,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let mut value = toml::Value::try_from(defaults)?;
+    if let Some(p) = path {
+        let text = std::fs::read_to_string(p).with_context(|| format!("config file {}", p.display()))?;
+        let file: toml::Value = toml::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
+        merge(&mut value, file);
+    }
+    for (k, v) in std::env::vars() {
+        let Some(key) = k.strip_prefix(prefix) else { continue };
+        if key == "CONFIG" {
+            continue;
+        }
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|t| t.get("v").cloned())
+            .unwrap_or(toml::Value::String(v.clone()));
+        let mut overlay = parsed;
+        for seg in key.to_ascii_lowercase().split("__").collect::<Vec<_>>().into_iter().rev() {
+            let mut t = toml::Table::new();
+            t.insert(seg.to_string(), overlay);
+            overlay = toml::Value::Table(t);
+        }
+        merge(&mut value, overlay);
+    }
+    value.try_into().with_context(|| format!("invalid configuration (file or {prefix}* environment variables)"))
+}
+
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
