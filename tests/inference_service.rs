@@ -137,21 +137,7 @@ async fn registry_warmup_segment_and_hot_reload() {
     assert_eq!(hex(&bytes), resp.label_map_sha256);
 
     // The same pipeline in-process gives the same label map, header and affine included.
-    let model = brats_inference::runtime::SegmentationModel::load(
-        &brats_inference::runtime::default_library(),
-        &onnx,
-        &Default::default(),
-    )
-    .unwrap();
-    let files: Vec<_> = images
-        .iter()
-        .map(|p| brats_preprocess::pipeline::InputFile {
-            name: p.display().to_string(),
-            bytes: std::fs::read(p).unwrap().into(),
-        })
-        .collect();
-    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
-    let seg = brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap();
+    let seg = in_process(&onnx, &images);
     let read = brats_core::nifti_io::read_nifti(&bytes, "seg", &Default::default()).unwrap();
     assert_eq!(read.data.iter().map(|&v| v as u8).collect::<Vec<_>>(), seg.label);
     assert_eq!(read.affine, seg.affine);
@@ -183,6 +169,25 @@ async fn registry_warmup_segment_and_hot_reload() {
     pinned.model = Some(pb::ModelSelector { version: "1".into(), ..Default::default() });
     assert_eq!(client.segment(pinned).await.unwrap().into_inner().model_version, "1");
     svc.stop().await;
+}
+
+/// The same segmentation run in-process, to compare the service with.
+fn in_process(onnx: &[u8], images: &[PathBuf]) -> brats_inference::segment::Segmentation {
+    let model = brats_inference::runtime::SegmentationModel::load(
+        &brats_inference::runtime::default_library(),
+        onnx,
+        &Default::default(),
+    )
+    .unwrap();
+    let files: Vec<_> = images
+        .iter()
+        .map(|p| brats_preprocess::pipeline::InputFile {
+            name: p.display().to_string(),
+            bytes: std::fs::read(p).unwrap().into(),
+        })
+        .collect();
+    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
+    brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap()
 }
 
 fn hex(b: &[u8]) -> String {
@@ -428,21 +433,7 @@ async fn preprocessing_through_the_preprocessing_service_gives_the_same_result()
     assert!(t.transfer_seconds > 0.0, "tensors should come through the store");
     assert_eq!(t.decode_seconds, 0.0, "decoding happened in the preprocessing service");
 
-    let model = brats_inference::runtime::SegmentationModel::load(
-        &brats_inference::runtime::default_library(),
-        &onnx,
-        &Default::default(),
-    )
-    .unwrap();
-    let files: Vec<_> = images
-        .iter()
-        .map(|p| brats_preprocess::pipeline::InputFile {
-            name: p.display().to_string(),
-            bytes: std::fs::read(p).unwrap().into(),
-        })
-        .collect();
-    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
-    let local = brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap();
+    let local = in_process(&onnx, &images);
     assert_eq!(hex(&local.label_nifti().unwrap()), resp.label_map_sha256, "remote and in-process preprocessing differ");
     svc.stop().await;
     prep.stop().await.unwrap();

@@ -168,23 +168,9 @@ fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(if serving { "info,ort=warn" } else { "warn" }));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if matches!(cli.command, Command::Serve { json_logs: true, .. }) {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
-            ExitCode::from(2)
-        }
-    }
+    let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
+    brats_service::init_logging(if serving { "info,ort=warn" } else { "warn" }, json);
+    brats_service::run_main(run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {

@@ -151,3 +151,29 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
         (b, o) => *b = o,
     }
 }
+
+/// Logs to stderr: `RUST_LOG` when set, else `default_filter`; JSON lines when `json`.
+pub fn init_logging(default_filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs a binary's async entry point on a Tokio runtime; an error becomes one `error:` line on
+/// stderr (the cause chain, outermost first) and exit code 2.
+pub fn run_main<F: std::future::Future<Output = anyhow::Result<()>>>(main: F) -> std::process::ExitCode {
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match rt.block_on(main) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            std::process::ExitCode::from(2)
+        }
+    }
+}
