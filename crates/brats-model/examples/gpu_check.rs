@@ -1,6 +1,8 @@
-//! GPU checks for issue 3 (run by scripts/gpu-check-model.sh on a CUDA machine):
+//! GPU checks for issue 3 (run by `scripts/gpu-run.sh run` on a CUDA machine):
 //! CUDA forward vs CPU (fp32), autocast fp16 and pure bf16 vs fp32, and the exported ONNX
-//! graphs (fp32 and fp16) written to a folder for ONNX Runtime's CUDA/TensorRT providers.
+//! graphs (fp32 and fp16) written to a folder for ONNX Runtime's CUDA/TensorRT providers,
+//! together with the weights they were exported from (`weights.safetensors`, MONAI's keys), so
+//! that the MONAI side of the inference benchmark runs exactly the same network.
 //!
 //! Usage: `gpu_check OUT_DIR [X Y Z]` (default 96 96 64). Prints one `key: value` line per
 //! measurement; exits non-zero if CUDA is unavailable or a check fails.
@@ -11,7 +13,7 @@ mod common;
 use std::time::Instant;
 
 use brats_model::onnx::{self, Precision};
-use brats_model::weights::load_into_var_store;
+use brats_model::weights::{load_into_var_store, save_weights};
 use brats_model::{SegResNet, SegResNetConfig};
 use common::{det_input, det_state_dict};
 use tch::{Device, Kind, Tensor, nn};
@@ -35,6 +37,7 @@ fn main() {
         let bytes = onnx::to_onnx_bytes(&cfg, &sd, p).expect("export");
         std::fs::write(out.join(name), bytes).expect("write onnx");
     }
+    save_weights(&out.join("weights.safetensors"), &sd, &cfg, None).expect("write weights");
     let (x, y, z) = (dims[0] as usize, dims[1] as usize, dims[2] as usize);
     let input = Tensor::from_slice(&det_input(4, x, y, z)).reshape([1, 4, dims[0], dims[1], dims[2]]);
     let raw: Vec<f32> = Vec::try_from(&input.flatten(0, -1)).expect("input");
@@ -55,7 +58,7 @@ fn main() {
     std::fs::write(out.join("logits_cpu_f32le.bin"), bytes).expect("write logits");
 
     if !tch::Cuda::is_available() {
-        println!("result: NO_CUDA (libtorch_cuda not loaded: set LD_LIBRARY_PATH to torch/lib)");
+        println!("result: NO_CUDA (no GPU/driver, or libtorch_cuda not loaded: set LD_LIBRARY_PATH to torch/lib)");
         std::process::exit(2);
     }
     let dev = Device::Cuda(0);

@@ -83,6 +83,10 @@ enum Command {
         /// How many cases.
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Also write DIR/datalist.json (MONAI decathlon format), the last N cases in its
+        /// "validation" section and the others in "training".
+        #[arg(long)]
+        validation: Option<usize>,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
@@ -173,7 +177,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             server::serve(cfg, server::shutdown_signal(), None).await
         }
-        Command::Synth { shape, seed, count, out } => {
+        Command::Synth { shape, seed, count, out, validation: Some(val) } => {
+            anyhow::ensure!(val < count, "--validation {val} must leave at least one training case of --count {count}");
+            let path = synthetic::write_dataset(&out, shape, seed, count - val, val).context("writing synthetic dataset")?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Synth { shape, seed, count, out, validation: None } => {
             for i in 0..count {
                 let id = format!("synth-{:05}", seed + i as u64);
                 let case = synthetic::generate(&synthetic::SyntheticSpec::new(shape, seed + i as u64));

@@ -352,7 +352,7 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         let force = req.force;
         tokio::spawn(
             async move {
-                let mut results = futures::stream::iter(cases.into_iter().map(|c| {
+                let mut results = futures::stream::iter(cases.into_iter().enumerate().map(|(position, c)| {
                     let this = this.clone();
                     let options = options.clone();
                     let root = output_root.clone();
@@ -369,20 +369,22 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                             force,
                         };
                         let r = this.run_in_slot(job, &root).await;
-                        (c.case_id, c.section, r, t.elapsed().as_secs_f64())
+                        (position, c.case_id, c.section, r, t.elapsed().as_secs_f64())
                     }
                 }))
                 .buffer_unordered(parallel);
                 let (mut completed, mut reused, mut failed) = (0u32, 0u32, 0u32);
-                let mut manifest: std::collections::BTreeMap<String, Vec<serde_json::Value>> = Default::default();
-                while let Some((case_id, section, r, seconds)) = results.next().await {
+                // Cases finish in any order; the manifest lists them in datalist order, so a dataset
+                // index means the same case in every run (samplers and resumes rely on it).
+                let mut manifest: std::collections::BTreeMap<String, Vec<(usize, serde_json::Value)>> = Default::default();
+                while let Some((position, case_id, section, r, seconds)) = results.next().await {
                     completed += 1;
                     let outcome = match r {
                         Ok(out) => {
                             reused += out.reused as u32;
-                            manifest.entry(section.clone()).or_default().push(serde_json::json!({
+                            manifest.entry(section.clone()).or_default().push((position, serde_json::json!({
                                 "case_id": case_id, "tensors": out.tensors_uri.to_string(), "metadata": out.metadata_uri.to_string()
-                            }));
+                            })));
                             pb::CaseOutcome { case_id, section, tensors_uri: out.tensors_uri.to_string(), reused: out.reused, seconds, ..Default::default() }
                         }
                         Err(s) => {
@@ -396,6 +398,13 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                         return;
                     }
                 }
+                let manifest: std::collections::BTreeMap<String, Vec<serde_json::Value>> = manifest
+                    .into_iter()
+                    .map(|(section, mut cases)| {
+                        cases.sort_by_key(|(position, _)| *position);
+                        (section, cases.into_iter().map(|(_, case)| case).collect())
+                    })
+                    .collect();
                 let manifest_uri = output_root.join(&format!("datasets/{dataset_key}/manifest.json"));
                 let body = serde_json::json!({ "datalist": datalist.to_string(), "pipeline_version": crate::pipeline::PIPELINE_VERSION, "cases": manifest });
                 let manifest_written = this.stores.put(&manifest_uri, Bytes::from(serde_json::to_vec_pretty(&body).unwrap())).await;

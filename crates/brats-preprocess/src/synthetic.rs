@@ -171,6 +171,28 @@ pub fn write_case(case: &SyntheticCase, dir: &Path, case_id: &str) -> Result<Cas
     Ok(CaseFiles { images, label })
 }
 
+/// Writes `training + validation` cases (seeds `seed`, `seed + 1`, …) into `dir` and a MONAI
+/// decathlon datalist `dir/datalist.json` with relative paths (the first `training` cases in
+/// `"training"`, the rest in `"validation"`); returns the datalist's path. The datasets of the
+/// trainer's tests, demo and benchmarks.
+pub fn write_dataset(dir: &Path, shape: [usize; 3], seed: u64, training: usize, validation: usize) -> Result<PathBuf> {
+    let mut sections: [Vec<serde_json::Value>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..training + validation {
+        let id = format!("synth-{:05}", seed + i as u64);
+        let files = write_case(&generate(&SyntheticSpec::new(shape, seed + i as u64)), dir, &id)?;
+        let name = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        sections[usize::from(i >= training)].push(serde_json::json!({
+            "image": files.images.iter().map(|p| name(p)).collect::<Vec<_>>(),
+            "label": name(&files.label),
+        }));
+    }
+    let [train, val] = sections;
+    let path = dir.join("datalist.json");
+    let body = serde_json::to_vec_pretty(&serde_json::json!({"training": train, "validation": val})).expect("json");
+    std::fs::write(&path, body).map_err(|e| brats_core::CoreError::Internal(format!("{}: {e}", path.display())))?;
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

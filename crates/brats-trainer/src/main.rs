@@ -1,6 +1,10 @@
-//! `brats-trainer`: MONAI checkpoint import and ONNX export (training is a later subcommand).
+//! `brats-trainer`: training (offline `train`, the `serve` service and its `worker` processes),
+//! MONAI checkpoint import and ONNX export.
 //!
 //! ```text
+//! brats-trainer train --datalist DATALIST.json [--base-dir DIR] [--epochs N] [--lr LR] [--crop X,Y,Z]
+//!                     [--val-roi X,Y,Z] [--devices cpu|0,1,…] [--seed N] --out DIR
+//! brats-trainer serve [--config trainer.toml]
 //! brats-trainer import-monai --checkpoint IN.pt|IN.safetensors --out WEIGHTS.safetensors
 //! brats-trainer export-onnx --weights WEIGHTS.safetensors --out MODEL.onnx [--fp16]
 //! ```
@@ -13,6 +17,10 @@ use brats_model::metadata::export_onnx_file;
 use brats_model::onnx::{ExportOptions, GroupNormLowering, Precision};
 use brats_model::weights;
 use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
+use cli::TrainArgs;
 
 /// BraTS SegResNet trainer tools.
 #[derive(Debug, Parser)]
@@ -24,6 +32,42 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Train offline (no servers): preprocess the datalist in-process, train, and write
+    /// DIR/best.safetensors, model.onnx, metadata.json, metrics.csv and curves.png. Several
+    /// devices launch one process per device; torchrun-style variables (MASTER_ADDR,
+    /// MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK) join a multi-node job instead.
+    Train(TrainArgs),
+    /// Run the trainer gRPC service.
+    Serve {
+        /// TOML configuration (also BRATS_TRAINER_CONFIG); BRATS_TRAINER_* variables override it.
+        #[arg(long, env = "BRATS_TRAINER_CONFIG")]
+        config: Option<PathBuf>,
+        /// gRPC listen address (overrides the configuration).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Store root of jobs (overrides the configuration).
+        #[arg(long)]
+        store_root: Option<String>,
+        /// Model registry root (overrides the configuration).
+        #[arg(long)]
+        registry: Option<String>,
+        /// Log JSON lines.
+        #[arg(long)]
+        json_logs: bool,
+    },
+    /// Time training steps of the bundle's network on random data (the Rust side of the
+    /// training-step benchmark; benchmarks/trainer runs it beside MONAI's). Prints one JSON line.
+    BenchStep(cli::BenchStepArgs),
+    /// One rank of a service job (launched by `serve`; not for direct use).
+    #[command(hide = true)]
+    Worker {
+        /// The job's folder URI (config.json, checkpoints/, artifacts/).
+        #[arg(long)]
+        job_uri: String,
+        /// The preprocessed dataset's manifest URI.
+        #[arg(long)]
+        manifest_uri: String,
+    },
     /// Convert a MONAI checkpoint (torch.save `.pt`, plain or {"model": …}, or `.safetensors`)
     /// into our safetensors weights (MONAI's parameter names). Every key and shape is checked
     /// against the network; on any mismatch nothing is written.
@@ -74,8 +118,35 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
+    brats_service::init_logging(if serving { "info" } else { "warn" }, json);
+    match cli.command {
+        Command::Train(args) => return exit_code(cli::train(args)),
+        Command::BenchStep(args) => return exit_code(cli::bench_step(args)),
+        Command::Worker { job_uri, manifest_uri } => return cli::worker(&job_uri, &manifest_uri),
+        Command::Serve { config, listen, store_root, registry, json_logs: _ } => {
+            return brats_service::run_main(cli::serve(config, listen, store_root, registry));
+        }
+        other => exit_code(tools(other)),
+    }
+}
+
+fn exit_code(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn tools(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::ImportMonai { checkpoint, out, config } => {
             let config: SegResNetConfig = match config {
                 Some(s) => serde_json::from_str(&s).context("parsing --config")?,
@@ -119,6 +190,9 @@ fn main() -> anyhow::Result<()> {
                 report.metadata.onnx.sha256,
                 report.metadata_path.display()
             );
+        }
+        Command::Train(_) | Command::BenchStep(_) | Command::Serve { .. } | Command::Worker { .. } => {
+            unreachable!("dispatched in main")
         }
     }
     Ok(())

@@ -5,6 +5,7 @@ use anyhow::{Context, bail};
 use brats_proto::v1 as pb;
 use brats_proto::v1::inference_client::InferenceClient;
 use brats_proto::v1::preprocessor_client::PreprocessorClient;
+use brats_proto::v1::trainer_client::TrainerClient;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -84,6 +85,11 @@ enum Cmd {
         #[arg(long, default_value = "http://127.0.0.1:50052")]
         server: String,
     },
+    /// Training jobs on a running trainer service: start, watch, list, get, cancel, resume.
+    Train {
+        #[command(subcommand)]
+        command: TrainCmd,
+    },
     /// The first-run demo: generate a synthetic case, start the preprocessing service on
     /// loopback and preprocess the case through it; then initialise and export a model,
     /// register it, start the inference service and segment the case through it.
@@ -97,6 +103,110 @@ enum Cmd {
         /// Seed of the synthetic case.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+}
+
+/// Default address of the trainer service.
+const TRAINER: &str = "http://127.0.0.1:50053";
+
+#[derive(Subcommand)]
+enum TrainCmd {
+    /// Start a training job (SegResNet, the MONAI bundle's recipe; unset options take the
+    /// bundle's values) and print it; --watch follows it to the end.
+    Start {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// MONAI decathlon datalist URI (or a path, made an absolute file:// URI).
+        #[arg(long)]
+        datalist: String,
+        /// Base URI of the datalist's relative paths (default: the datalist's folder).
+        #[arg(long)]
+        base_uri: Option<String>,
+        /// Epochs (default 300).
+        #[arg(long)]
+        epochs: Option<u32>,
+        /// Initial learning rate (default 1e-4).
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Random training crop X,Y,Z (default 224,224,144).
+        #[arg(long)]
+        crop: Option<String>,
+        /// Validation sliding-window size X,Y,Z (default 240,240,160).
+        #[arg(long)]
+        val_roi: Option<String>,
+        /// Devices: cpu, or CUDA devices cuda:0,cuda:1,… (default: every GPU of the trainer, else cpu).
+        #[arg(long)]
+        devices: Option<String>,
+        /// Seed (default: drawn by the trainer and shown in the job).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Registry name of the trained model (default brats_mri_segmentation).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Move the "production" alias to the trained model (inference services hot-reload it).
+        #[arg(long)]
+        promote: bool,
+        /// Job id ([a-z0-9-]{1,63}); default chosen by the trainer.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Idempotency key: retrying with the same one returns the job the first call created.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow the job until it ends (as `train watch`).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Follow a job's events live (progress bar, loss, lr, throughput, ETA, per-epoch Dice);
+    /// reconnects after transient errors. Exits non-zero if the job FAILED.
+    Watch {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// The job's id.
+        job: String,
+        /// First event sequence number to show.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// List jobs, newest first.
+    List {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// Only jobs in these states (queued, preparing, running, succeeded, failed, cancelling, cancelled).
+        #[arg(long, value_delimiter = ',')]
+        state: Vec<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one job.
+    Get {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// The job's id.
+        job: String,
+    },
+    /// Cancel a job (a running one stops at the next step boundary; its checkpoint is kept).
+    Cancel {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// The job's id.
+        job: String,
+        /// Reason, recorded with the job.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a CANCELLED or FAILED job from its latest checkpoint.
+    Resume {
+        /// Trainer service address.
+        #[arg(long, default_value = TRAINER)]
+        server: String,
+        /// The job's id.
+        job: String,
     },
 }
 
@@ -200,6 +310,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Train { command } => train(command).await,
         Cmd::Demo { dir, shape, seed } => demo(&dir, &shape, seed).await,
     }
 }
@@ -212,6 +323,343 @@ async fn health(server: &str, service: &str) -> anyhow::Result<String> {
         .await
         .map_err(|s| status_line(&s))?;
     Ok(format!("{:?}", r.into_inner().status()))
+}
+
+async fn trainer(server: &str) -> anyhow::Result<TrainerClient<Channel>> {
+    TrainerClient::connect(server.to_string()).await.with_context(|| format!("connect {server}"))
+}
+
+fn triple_arg(flag: &str, s: &str) -> anyhow::Result<Vec<u32>> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{flag} '{s}': expected X,Y,Z"))?;
+    anyhow::ensure!(v.len() == 3, "{flag} '{s}': expected three sizes X,Y,Z");
+    Ok(v)
+}
+
+async fn train(cmd: TrainCmd) -> anyhow::Result<()> {
+    match cmd {
+        TrainCmd::Start {
+            server,
+            datalist,
+            base_uri,
+            epochs,
+            lr,
+            crop,
+            val_roi,
+            devices,
+            seed,
+            model_name,
+            promote,
+            job_id,
+            request_id,
+            watch,
+        } => {
+            let mut spec = pb::JobSpec {
+                datalist_uri: to_uri(&datalist)?,
+                base_uri: base_uri.map(|b| to_uri(&b)).transpose()?.unwrap_or_default(),
+                devices: devices
+                    .map(|d| d.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+                    .unwrap_or_default(),
+                seed,
+                ..Default::default()
+            };
+            if epochs.is_some() || lr.is_some() {
+                spec.hyperparameters =
+                    Some(pb::Hyperparameters { epochs: epochs.unwrap_or(0), learning_rate: lr, ..Default::default() });
+            }
+            if let Some(c) = crop {
+                spec.data = Some(pb::TrainingData {
+                    crop: Some(pb::CropSpec {
+                        mode: pb::CropMode::Random as i32,
+                        size: triple_arg("--crop", &c)?,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            if let Some(r) = val_roi {
+                spec.validation = Some(pb::ValidationSpec {
+                    sliding_window: Some(pb::SlidingWindowSpec {
+                        roi_size: triple_arg("--val-roi", &r)?,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                });
+            }
+            if model_name.is_some() || promote {
+                spec.registration = Some(pb::ModelRegistration {
+                    model_name: model_name.unwrap_or_default(),
+                    promote_to_production: promote,
+                    ..Default::default()
+                });
+            }
+            let mut client = trainer(&server).await?;
+            let req = pb::StartJobRequest {
+                spec: Some(spec),
+                job_id: job_id.unwrap_or_default(),
+                request_id: request_id.unwrap_or_default(),
+            };
+            let job = client.start_job(req).await.map_err(|s| status_line(&s))?.into_inner();
+            println!(
+                "job {} {} (seed {}, {} epochs, {})",
+                job.id,
+                job_state(job.state),
+                job.seed,
+                job.total_epochs,
+                job.job_uri
+            );
+            if watch { watch_job(&server, &job.id, 0).await } else { Ok(()) }
+        }
+        TrainCmd::Watch { server, job, from } => watch_job(&server, &job, from).await,
+        TrainCmd::List { server, state, limit } => {
+            let states = state
+                .iter()
+                .map(|s| {
+                    pb::JobState::from_str_name(&format!("JOB_STATE_{}", s.trim().to_ascii_uppercase()))
+                        .map(|v| v as i32)
+                        .with_context(|| format!("--state '{s}': use queued, preparing, running, succeeded, failed, cancelling or cancelled"))
+                })
+                .collect::<anyhow::Result<Vec<i32>>>()?;
+            let mut client = trainer(&server).await?;
+            let mut jobs = Vec::new();
+            let mut token = String::new();
+            while jobs.len() < limit {
+                let req = pb::ListJobsRequest {
+                    page_size: (limit - jobs.len()).min(1000) as u32,
+                    page_token: token.clone(),
+                    states: states.clone(),
+                };
+                let page = client.list_jobs(req).await.map_err(|s| status_line(&s))?.into_inner();
+                jobs.extend(page.jobs);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            println!("{:<24} {:<11} {:>9} {:>9} {:<20} model", "job", "state", "epoch", "best", "created (UTC)");
+            for j in &jobs {
+                println!(
+                    "{:<24} {:<11} {:>9} {:>9} {:<20} {}",
+                    j.id,
+                    job_state(j.state),
+                    format!("{}/{}", j.epoch, j.total_epochs),
+                    j.best_metrics.map(|m| format!("{:.4}", m.mean)).unwrap_or_else(|| "-".into()),
+                    j.created_at.as_ref().map(|t| utc(t.seconds)).unwrap_or_default(),
+                    j.registered_model.as_ref().map(|m| format!("{}/{}", m.name, m.version)).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        TrainCmd::Get { server, job } => {
+            let mut client = trainer(&server).await?;
+            let j = client.get_job(pb::GetJobRequest { job_id: job }).await.map_err(|s| status_line(&s))?.into_inner();
+            print_job(&j);
+            Ok(())
+        }
+        TrainCmd::Cancel { server, job, reason } => {
+            let mut client = trainer(&server).await?;
+            let req = pb::CancelJobRequest { job_id: job, reason: reason.unwrap_or_default() };
+            let j = client.cancel_job(req).await.map_err(|s| status_line(&s))?.into_inner();
+            println!("job {} {}", j.id, job_state(j.state));
+            Ok(())
+        }
+        TrainCmd::Resume { server, job } => {
+            let mut client = trainer(&server).await?;
+            let j = client
+                .resume_job(pb::ResumeJobRequest { job_id: job })
+                .await
+                .map_err(|s| status_line(&s))?
+                .into_inner();
+            println!("job {} {} (resume {})", j.id, job_state(j.state), j.resume_count);
+            Ok(())
+        }
+    }
+}
+
+fn job_state(v: i32) -> &'static str {
+    pb::JobState::try_from(v).map(|s| s.as_str_name().trim_start_matches("JOB_STATE_")).unwrap_or("UNKNOWN")
+}
+
+/// A timestamp as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(seconds: i64) -> String {
+    let days = seconds.div_euclid(86_400);
+    let secs = seconds.rem_euclid(86_400);
+    // H. Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn dice(d: &pb::DiceScores) -> String {
+    format!("TC {:.4}  WT {:.4}  ET {:.4}  mean {:.4}", d.tc, d.wt, d.et, d.mean)
+}
+
+fn print_job(j: &pb::Job) {
+    println!("job {}  {}", j.id, job_state(j.state));
+    if !j.failure_reason.is_empty() {
+        let code = if j.failure_code.is_empty() { String::new() } else { format!(" [{}]", j.failure_code) };
+        println!("  reason     {}{code}", j.failure_reason);
+    }
+    println!("  progress   epoch {}/{}, step {}", j.epoch, j.total_epochs, j.global_step);
+    if j.samples_per_second > 0.0 {
+        println!("  speed      {:.2} samples/s, ETA {}", j.samples_per_second, duration(j.eta_seconds));
+    }
+    if let Some(b) = &j.best_metrics {
+        println!("  best       {} (epoch {})", dice(b), j.best_epoch);
+    }
+    let when = |seconds: Option<i64>| seconds.map(utc).unwrap_or_else(|| "-".into());
+    println!(
+        "  created    {} UTC; started {}; finished {}",
+        when(j.created_at.as_ref().map(|t| t.seconds)),
+        when(j.started_at.as_ref().map(|t| t.seconds)),
+        when(j.finished_at.as_ref().map(|t| t.seconds))
+    );
+    println!("  seed       {}; resumed {} time(s); last event {}", j.seed, j.resume_count, j.last_sequence);
+    if let Some(s) = &j.spec {
+        println!("  datalist   {}", s.datalist_uri);
+    }
+    println!("  folder     {}", j.job_uri);
+    if !j.latest_checkpoint_uri.is_empty() {
+        println!("  latest     {}", j.latest_checkpoint_uri);
+    }
+    if !j.best_checkpoint_uri.is_empty() {
+        println!("  best ckpt  {}", j.best_checkpoint_uri);
+    }
+    if let Some(m) = &j.registered_model {
+        println!("  model      {} version {}", m.name, m.version);
+    }
+}
+
+fn duration(s: f64) -> String {
+    if !s.is_finite() || s <= 0.0 {
+        return "-".into();
+    }
+    let s = s.round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+/// Follows a job: a bar over the current epoch's steps, a line per epoch, state changes and
+/// logs. Transient errors (the trainer restarting, a dropped connection) reconnect with
+/// from_sequence = last seen + 1, for up to two minutes without news.
+async fn watch_job(server: &str, job: &str, from: u64) -> anyhow::Result<()> {
+    use pb::job_event::Event;
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    let say = |line: String| bar.suspend(|| println!("{line}"));
+    let mut next = from;
+    let mut total_epochs = 0;
+    let mut last_news = Instant::now();
+    let mut retry_in = Duration::from_millis(250);
+    loop {
+        let attempt: Result<(), tonic::Status> = async {
+            let mut client = TrainerClient::connect(server.to_string())
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("connect {server}: {e}")))?;
+            if total_epochs == 0 {
+                total_epochs = client.get_job(pb::GetJobRequest { job_id: job.to_string() }).await?.into_inner().total_epochs;
+            }
+            let mut stream = client
+                .watch_job(pb::WatchJobRequest { job_id: job.to_string(), from_sequence: next })
+                .await?
+                .into_inner();
+            while let Some(e) = stream.message().await? {
+                next = e.sequence + 1;
+                last_news = Instant::now();
+                retry_in = Duration::from_millis(250);
+                match e.event {
+                    Some(Event::StateChanged(s)) => {
+                        let reason = if s.reason.is_empty() { String::new() } else { format!(": {}", s.reason) };
+                        say(format!("[{}] {} → {}{reason}", e.sequence, job_state(s.from), job_state(s.to)));
+                    }
+                    Some(Event::Step(s)) => {
+                        bar.set_length(s.steps_per_epoch.max(1) as u64);
+                        bar.set_position(s.step as u64);
+                        bar.set_prefix(format!("epoch {}/{}", s.epoch, total_epochs));
+                        bar.set_message(format!(
+                            "loss {:.4}  lr {:.2e}  {:.2} samples/s  ETA {}",
+                            s.loss,
+                            s.learning_rate,
+                            s.samples_per_second,
+                            duration(s.eta_seconds)
+                        ));
+                    }
+                    Some(Event::Epoch(m)) => {
+                        let val = match &m.validation {
+                            Some(d) => format!("  Dice {}{}", dice(d), if m.is_best { " (best)" } else { "" }),
+                            None => String::new(),
+                        };
+                        say(format!(
+                            "epoch {}/{}: loss {:.4}  lr {:.2e}{val}  [{:.1}s train, {:.1}s val, {:.2} samples/s, ETA {}]",
+                            m.epoch,
+                            total_epochs,
+                            m.train_loss,
+                            m.learning_rate,
+                            m.train_seconds,
+                            m.validation_seconds,
+                            m.samples_per_second,
+                            duration(m.eta_seconds)
+                        ));
+                    }
+                    Some(Event::Checkpoint(c)) if c.best => say(format!("  best checkpoint (epoch {}) {}", c.epoch, c.uri)),
+                    Some(Event::Checkpoint(_)) => {}
+                    Some(Event::ModelRegistered(m)) => {
+                        let model = m.model.unwrap_or_default();
+                        let aliases =
+                            if m.aliases.is_empty() { String::new() } else { format!(" ({})", m.aliases.join(", ")) };
+                        say(format!("registered {} version {}{aliases} at {}", model.name, model.version, m.uri));
+                    }
+                    Some(Event::Log(l)) => say(format!("[{}] {}: {}", e.sequence, l.level, l.message)),
+                    None => {}
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match attempt {
+            Ok(()) => break,
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+                ) && last_news.elapsed() < Duration::from_secs(120) =>
+            {
+                say(format!("  ({}; reconnecting from event {next})", s.message()));
+                tokio::time::sleep(retry_in).await;
+                retry_in = (retry_in * 2).min(Duration::from_secs(5));
+            }
+            Err(s) => {
+                bar.finish_and_clear();
+                return Err(status_line(&s));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let mut client = trainer(server).await?;
+    let j =
+        client.get_job(pb::GetJobRequest { job_id: job.to_string() }).await.map_err(|s| status_line(&s))?.into_inner();
+    print_job(&j);
+    if j.state == pb::JobState::Failed as i32 {
+        bail!("job {} FAILED: {}", j.id, j.failure_reason);
+    }
+    Ok(())
 }
 
 fn print_case(r: &pb::PreprocessCaseResponse) {

@@ -1,0 +1,581 @@
+//! The binary's training commands: offline `train`, the service's `worker` processes and
+//! `serve`. Everything here is glue over the library; errors become one `error:` line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use brats_core::{StoreConfig, StoreUri, Stores};
+use brats_proto::v1 as pb;
+use brats_trainer::dataset::{self, Preprocessor};
+use brats_trainer::dist::{Backend, DistEnv, ProcessGroup};
+use brats_trainer::events::{EventKind, WorkerLine};
+use brats_trainer::spec::{self, Device, TrainConfig};
+use brats_trainer::train::{self, Dataset, RunEnv, TrainError};
+use clap::Args;
+
+/// Exit code of a worker that stopped because it was cancelled.
+pub const EXIT_CANCELLED: u8 = 3;
+
+/// Arguments of `brats-trainer train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// MONAI decathlon datalist JSON (path or URI).
+    #[arg(long)]
+    datalist: String,
+    /// Folder (or URI) that relative datalist paths are resolved against; default the
+    /// datalist's folder.
+    #[arg(long)]
+    base_dir: Option<String>,
+    /// Epochs (default 300, the bundle's).
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Initial learning rate (default 1e-4).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Training crop X,Y,Z (default 224,224,144).
+    #[arg(long)]
+    crop: Option<String>,
+    /// Validation sliding-window roi X,Y,Z (default 240,240,160).
+    #[arg(long)]
+    val_roi: Option<String>,
+    /// "cpu" or CUDA device indices "0,1,…" (default: every CUDA device, else cpu).
+    #[arg(long)]
+    devices: Option<String>,
+    /// Seed (default 0).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per step per device (default 1).
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Validate every N epochs (default 1).
+    #[arg(long)]
+    val_interval: Option<u32>,
+    /// Limit steps per epoch (smoke tests; default no limit).
+    #[arg(long, default_value_t = 0)]
+    max_steps_per_epoch: u32,
+    /// SegResNet configuration as JSON with MONAI's names, e.g. '{"init_filters": 8}'.
+    #[arg(long)]
+    model: Option<String>,
+    /// Disable mixed precision on CUDA.
+    #[arg(long)]
+    no_amp: bool,
+    /// Loader threads per device (default 2 on CPU, 4 on CUDA).
+    #[arg(long, default_value_t = 0)]
+    loader_workers: u32,
+    /// Continue from this training checkpoint (e.g. DIR/checkpoints/latest.safetensors of an
+    /// earlier run); a run whose --out already holds a checkpoint resumes from it by itself.
+    #[arg(long)]
+    resume_from: Option<String>,
+    /// Print every step (default: a line per epoch and a progress line every 10 s).
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn triple(field: &str, s: &str) -> anyhow::Result<Vec<u32>> {
+    let v: Vec<u32> = s.split(',').map(|p| p.trim().parse::<u32>()).collect::<Result<_, _>>().with_context(|| {
+        format!("{field}: '{s}' is not three integers X,Y,Z")
+    })?;
+    if v.len() != 3 {
+        bail!("{field}: '{s}' is not three integers X,Y,Z");
+    }
+    Ok(v)
+}
+
+fn uri_of(s: &str) -> anyhow::Result<String> {
+    if s.contains("://") || s.starts_with("file:") {
+        return Ok(s.to_string());
+    }
+    let p = std::path::absolute(s).with_context(|| format!("resolving {s}"))?;
+    Ok(format!("file://{}", p.display()))
+}
+
+/// The spec the offline flags describe (validated by the same code as StartJob).
+fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
+    let model = match &a.model {
+        None => None,
+        Some(json) => {
+            let c: brats_model::SegResNetConfig = serde_json::from_str(json).context("--model")?;
+            Some(pb::SegResNetSpec {
+                blocks_down: c.blocks_down.iter().map(|&b| b as u32).collect(),
+                blocks_up: c.blocks_up.iter().map(|&b| b as u32).collect(),
+                init_filters: Some(c.init_filters as u32),
+                in_channels: Some(c.in_channels as u32),
+                out_channels: Some(c.out_channels as u32),
+                dropout_prob: Some(c.dropout_prob.unwrap_or(0.0) as f32),
+            })
+        }
+    };
+    let devices = match a.devices.as_deref() {
+        None => Vec::new(),
+        Some(d) if d.trim().eq_ignore_ascii_case("cpu") => vec!["cpu".to_string()],
+        Some(d) => d.split(',').map(|i| format!("cuda:{}", i.trim().trim_start_matches("cuda:"))).collect(),
+    };
+    Ok(pb::JobSpec {
+        datalist_uri: uri_of(&a.datalist)?,
+        base_uri: a.base_dir.as_deref().map(uri_of).transpose()?.unwrap_or_default(),
+        hyperparameters: Some(pb::Hyperparameters {
+            epochs: a.epochs.unwrap_or(0),
+            batch_size: a.batch_size.unwrap_or(0),
+            learning_rate: a.lr,
+            ..Default::default()
+        }),
+        data: Some(pb::TrainingData {
+            crop: match &a.crop {
+                None => None,
+                Some(c) => Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: triple("--crop", c)?, ..Default::default() }),
+            },
+            loader_workers: a.loader_workers,
+            max_steps_per_epoch: a.max_steps_per_epoch,
+            ..Default::default()
+        }),
+        validation: Some(pb::ValidationSpec {
+            interval_epochs: a.val_interval.unwrap_or(0),
+            sliding_window: match &a.val_roi {
+                None => None,
+                Some(r) => Some(pb::SlidingWindowSpec { roi_size: triple("--val-roi", r)?, ..Default::default() }),
+            },
+            max_cases: 0,
+        }),
+        amp: Some(!a.no_amp),
+        devices,
+        seed: Some(a.seed),
+        model,
+        resume_from: a.resume_from.as_deref().map(uri_of).transpose()?.unwrap_or_default(),
+        ..Default::default()
+    })
+}
+
+/// Every CUDA device, or the CPU when there is none.
+pub fn available_devices() -> Vec<Device> {
+    let n = tch::Cuda::device_count().max(0) as usize;
+    if n == 0 { vec![Device::Cpu] } else { (0..n).map(Device::Cuda).collect() }
+}
+
+/// Sets libtorch's threads: OMP_NUM_THREADS when set, else the cores shared among the local
+/// ranks (two ranks on two cores must not each spawn two threads).
+fn set_threads(local_world: usize) {
+    if std::env::var_os("OMP_NUM_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        tch::set_num_threads((cores / local_world.max(1)).max(1) as i32);
+    }
+}
+
+fn process_group(env: Option<&DistEnv>, device: Device) -> anyhow::Result<Option<ProcessGroup>> {
+    // An explicit WORLD_SIZE=1 still builds a group: it checks the backend (e.g. NCCL) end to end.
+    let Some(env) = env else { return Ok(None) };
+    let backend = if device == Device::Cpu { Backend::Gloo } else { Backend::Nccl };
+    let timeout = std::env::var("BRATS_DIST_TIMEOUT_S").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    Ok(Some(
+        ProcessGroup::init(env, backend, Duration::from_secs(timeout))
+            .with_context(|| format!("joining the process group as rank {} of {}", env.rank, env.world_size))?,
+    ))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+/// Cancellation on SIGTERM/SIGINT (and, for workers, when stdin closes).
+fn cancel_flag(watch_stdin: bool) -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let flag = FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+    // SAFETY: the handler only stores to an atomic that outlives the process.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+    }
+    if watch_stdin {
+        let f = flag.clone();
+        std::thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            let mut stdin = std::io::stdin().lock();
+            while matches!(std::io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            f.store(true, Ordering::SeqCst);
+        });
+    }
+    flag
+}
+
+/// `brats-trainer train`.
+pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let dist_env = DistEnv::from_env().context("torchrun-style environment")?;
+    let spec = spec_of(&args)?;
+    let config = spec::resolve(&spec, args.seed, &available_devices()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for d in &config.devices {
+        if let Device::Cuda(i) = d
+            && *i as i64 >= tch::Cuda::device_count()
+        {
+            bail!("devices: cuda:{i} is not present (this machine has {} CUDA devices)", tch::Cuda::device_count());
+        }
+    }
+    if config.devices.len() > 1 && dist_env.is_none() {
+        return launch_local_ranks(&config);
+    }
+    let (rank, world, local_rank) = dist_env.as_ref().map(|e| (e.rank, e.world_size, e.local_rank)).unwrap_or((0, 1, 0));
+    let device = match config.devices.as_slice() {
+        [Device::Cpu] => Device::Cpu,
+        devs => *devs.get(local_rank).with_context(|| format!("LOCAL_RANK {local_rank} has no device in {devs:?}"))?,
+    };
+    set_threads(if device == Device::Cpu { local_world(dist_env.as_ref()) } else { 1 });
+    let rt = runtime()?;
+    let stores = Arc::new(Stores::new(StoreConfig::default()));
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let out = StoreUri::parse(&uri_of(&args.out.to_string_lossy())?)?;
+    let group = process_group(dist_env.as_ref(), device)?;
+    let lead = rank == 0;
+
+    // Rank 0 preprocesses (or finds the cache); the others then find everything cached.
+    let sections = vec![config.data.train_section.clone(), config.data.validation_section.clone()];
+    let prepare = |quiet: bool| {
+        let started = Instant::now();
+        rt.block_on(dataset::prepare(
+            stores.clone(),
+            &Preprocessor::InProcess,
+            &config.datalist_uri,
+            &config.base_uri,
+            &sections,
+            &config.data.label_convention,
+            &out.join("cache"),
+            |done, total| {
+                if !quiet && (done == total || started.elapsed() > Duration::from_secs(5)) {
+                    eprint!("\rpreprocessing: {done}/{total} cases");
+                }
+            },
+        ))
+    };
+    let manifest_uri = if lead {
+        let m = prepare(false).context("preparing the dataset")?;
+        eprintln!();
+        if let Some(g) = &group {
+            g.barrier()?;
+        }
+        m
+    } else {
+        if let Some(g) = &group {
+            g.barrier()?;
+        }
+        prepare(true).context("preparing the dataset")?
+    };
+    let manifest = rt.block_on(dataset::read_manifest(&stores, &manifest_uri))?;
+    let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
+    let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
+    if lead {
+        eprintln!(
+            "training on {} cases, validating on {}, {} epoch(s), device {device}, world size {world}",
+            train_cases.len(),
+            validation.len(),
+            config.epochs
+        );
+    }
+    let data = Dataset { train: Arc::new(train_cases), validation: Arc::new(validation) };
+    let env = RunEnv {
+        stores: stores.clone(),
+        runtime: rt.handle().clone(),
+        checkpoints: out.join("checkpoints"),
+        artifacts: out.clone(),
+        device,
+        group,
+        resume_from: config.resume_from.as_deref().map(StoreUri::parse).transpose()?,
+        run_name: args.out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "train".into()),
+    };
+    let cancel = cancel_flag(false);
+    let mut printer = ProgressPrinter { epochs: config.epochs, verbose: args.verbose, last: Instant::now() };
+    let result = train::run(&config, &data, &env, &mut |e| if lead { printer.print(&e) }, &cancel);
+    match result {
+        Ok(outcome) => {
+            if lead {
+                let best = outcome
+                    .best_metrics
+                    .map(|d| format!("best mean Dice {:.4} (TC {:.4}, WT {:.4}, ET {:.4}) at epoch {}", d.mean, d.tc, d.wt, d.et, outcome.best_epoch))
+                    .unwrap_or_else(|| "no validation".into());
+                println!("done: {} epochs, {} steps; {best}", outcome.epochs, outcome.global_step);
+                println!("wrote {}", args.out.display());
+            }
+            Ok(())
+        }
+        Err(TrainError::Cancelled) => bail!("cancelled; the latest checkpoint is kept, run the same command to resume"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn local_world(env: Option<&DistEnv>) -> usize {
+    std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| env.map(|e| e.world_size).unwrap_or(1))
+}
+
+/// One process per local device, like torchrun on one node; waits for all, fails if any fails.
+fn launch_local_ranks(config: &TrainConfig) -> anyhow::Result<()> {
+    let world = config.devices.len();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", world.to_string())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = Vec::new();
+    for (rank, mut c) in children.into_iter().enumerate() {
+        let status = c.wait()?;
+        if !status.success() {
+            failed.push(format!("rank {rank}: {status}"));
+        }
+    }
+    if failed.is_empty() { Ok(()) } else { bail!("{}", failed.join("; ")) }
+}
+
+/// Human-readable progress of the offline command.
+struct ProgressPrinter {
+    epochs: u32,
+    verbose: bool,
+    last: Instant,
+}
+
+impl ProgressPrinter {
+    fn print(&mut self, e: &EventKind) {
+        match e {
+            EventKind::Step(s) => {
+                if self.verbose || self.last.elapsed() > Duration::from_secs(10) {
+                    self.last = Instant::now();
+                    eprintln!(
+                        "epoch {}/{} step {}/{} loss {:.4} lr {:.2e} {:.2} samples/s eta {:.0}s",
+                        s.epoch,
+                        self.epochs,
+                        s.step,
+                        s.steps_per_epoch,
+                        s.loss,
+                        s.learning_rate,
+                        s.samples_per_second,
+                        s.eta_seconds
+                    );
+                }
+            }
+            EventKind::Epoch(m) => {
+                let dice = m
+                    .validation
+                    .map(|d| format!(" dice mean {:.4} tc {:.4} wt {:.4} et {:.4}{}", d.mean, d.tc, d.wt, d.et, if m.is_best { " *" } else { "" }))
+                    .unwrap_or_default();
+                eprintln!(
+                    "epoch {} loss {:.4} lr {:.2e}{dice} ({:.1}s train, {:.1}s val, loader wait {:.0}%)",
+                    m.epoch,
+                    m.train_loss,
+                    m.learning_rate,
+                    m.train_seconds,
+                    m.validation_seconds,
+                    m.loader_wait_fraction * 100.0
+                );
+            }
+            EventKind::Log { level, message } => eprintln!("{level}: {message}"),
+            _ => {}
+        }
+    }
+}
+
+/// `brats-trainer worker`: one rank of a service job. Exit 0 = finished, 3 = cancelled,
+/// 1 = failed (the reason is the last stderr line).
+pub fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
+    let cancel = cancel_flag(true);
+    match run_worker(job_uri, manifest_uri, &cancel) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if matches!(e.downcast_ref::<TrainError>(), Some(TrainError::Cancelled)) => ExitCode::from(EXIT_CANCELLED),
+        Err(e) => {
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow::Result<()> {
+    let store_config: StoreConfig = match std::env::var("BRATS_TRAINER_STORE") {
+        Ok(json) if !json.is_empty() => serde_json::from_str(&json).context("BRATS_TRAINER_STORE")?,
+        _ => StoreConfig::default(),
+    };
+    let device = match std::env::var("BRATS_TRAINER_DEVICE") {
+        Ok(d) => Device::parse(&d).with_context(|| format!("BRATS_TRAINER_DEVICE '{d}'"))?,
+        Err(_) => Device::Cpu,
+    };
+    let dist_env = DistEnv::from_env().context("worker environment")?;
+    set_threads(if device == Device::Cpu { local_world(dist_env.as_ref()) } else { 1 });
+    let rt = runtime()?;
+    let stores = Arc::new(Stores::new(store_config));
+    let job = StoreUri::parse(job_uri)?;
+    let config: TrainConfig = serde_json::from_slice(&rt.block_on(stores.get(&job.join("config.json")))?)
+        .context("the job's config.json")?;
+    let group = process_group(dist_env.as_ref(), device)?;
+    let lead = group.as_ref().map(|g| g.rank() == 0).unwrap_or(true);
+    let manifest = rt.block_on(dataset::read_manifest(&stores, &StoreUri::parse(manifest_uri)?))?;
+    let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
+    let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
+    let data = Dataset { train: Arc::new(train_cases), validation: Arc::new(validation) };
+    let env = RunEnv {
+        stores,
+        runtime: rt.handle().clone(),
+        checkpoints: job.join("checkpoints"),
+        artifacts: job.join("artifacts"),
+        device,
+        group,
+        resume_from: config.resume_from.as_deref().map(StoreUri::parse).transpose()?,
+        run_name: job.file_name(),
+    };
+    let stdout = std::io::stdout();
+    let mut emit = |e: EventKind| {
+        if lead {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{}", WorkerLine::Event(e).encode());
+            let _ = out.flush();
+        }
+    };
+    let outcome = train::run(&config, &data, &env, &mut emit, cancel)?;
+    if lead {
+        let mut out = stdout.lock();
+        writeln!(out, "{}", WorkerLine::Finished(outcome).encode())?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `brats-trainer serve`.
+pub async fn serve(
+    config: Option<PathBuf>,
+    listen: Option<String>,
+    store_root: Option<String>,
+    registry: Option<String>,
+) -> anyhow::Result<()> {
+    let mut cfg = brats_trainer::config::TrainerConfig::load(config.as_deref())?;
+    if let Some(v) = listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = store_root {
+        cfg.store_root = v;
+    }
+    if let Some(v) = registry {
+        cfg.registry = v;
+    }
+    brats_trainer::server::serve(cfg, brats_service::shutdown_signal(), None).await
+}
+
+/// Arguments of `brats-trainer bench-step`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchStepArgs {
+    /// Crop X,Y,Z of the random input.
+    #[arg(long, default_value = "64,64,64")]
+    crop: String,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// libtorch intra-op threads (0 = libtorch's default).
+    #[arg(long, default_value_t = 0)]
+    threads: i32,
+    /// Seed of the weights, the input and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// "cpu" or "cuda:N".
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// fp16 autocast with gradient scaling (CUDA only).
+    #[arg(long)]
+    amp: bool,
+}
+
+/// `brats-trainer bench-step`: the bundle's training step (zero_grad, forward in train mode,
+/// DiceLoss, backward, Adam lr 1e-4 wd 1e-5; with AMP: autocast + GradScaler) on a fixed random
+/// input and target, timed per step, exactly the work `benchmarks/trainer/monai_train_step.py`
+/// times for MONAI.
+pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
+    use brats_trainer::loss::DiceLoss;
+    use brats_trainer::optim::{Adam, AdamConfig, GradScaler, GradScalerConfig};
+    let crop: Vec<i64> = triple("--crop", &a.crop)?.into_iter().map(i64::from).collect();
+    let device = Device::parse(&a.device).with_context(|| format!("--device '{}'", a.device))?;
+    if a.threads > 0 {
+        tch::set_num_threads(a.threads);
+    }
+    let dev = device.to_tch();
+    let amp = a.amp && dev.is_cuda();
+    tch::manual_seed(a.seed);
+    let config = brats_model::SegResNetConfig::default();
+    let vs = tch::nn::VarStore::new(dev);
+    let net = brats_model::SegResNet::new(&vs.root(), &config)?;
+    let vars = vs.variables();
+    let params: Vec<(String, tch::Tensor)> =
+        config.parameters().into_iter().map(|p| (p.name.clone(), vars[&p.name].shallow_clone())).collect();
+    let grads_of: Vec<tch::Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+    let mut adam = Adam::new(params, AdamConfig::adam(1e-5))?;
+    let mut scaler = if amp { GradScaler::new(GradScalerConfig::default())? } else { GradScaler::disabled() };
+    let loss_fn = DiceLoss::bundle();
+    let x = tch::Tensor::randn([1, 4, crop[0], crop[1], crop[2]], (tch::Kind::Float, dev));
+    let y = tch::Tensor::rand([1, 3, crop[0], crop[1], crop[2]], (tch::Kind::Float, dev)).lt(0.5).to_kind(tch::Kind::Float);
+    let sync = || {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut times = Vec::new();
+    let mut last_loss = 0.0;
+    for i in 0..a.warmup + a.steps {
+        sync();
+        let t = Instant::now();
+        adam.zero_grad();
+        let logits = tch::autocast(amp, || net.forward(&x, true));
+        let loss = loss_fn.forward(&logits, &y);
+        let t_fwd = t.elapsed().as_secs_f64();
+        scaler.scale(&loss).backward();
+        let t_bwd = t.elapsed().as_secs_f64();
+        let grads: Vec<tch::Tensor> = grads_of.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+        scaler.unscale_(&grads)?;
+        if scaler.should_step()? {
+            adam.step(1e-4);
+        }
+        scaler.update()?;
+        last_loss = loss.double_value(&[]);
+        if std::env::var_os("BRATS_BENCH_DETAIL").is_some() {
+            eprintln!("forward+loss {t_fwd:.3}s backward {:.3}s optimiser {:.3}s", t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd);
+        }
+        sync();
+        if i >= a.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |q: f64| {
+        let pos = q * (sorted.len() - 1) as f64;
+        let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+        sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+    };
+    let rss_kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()));
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "brats-trainer (tch)", "median_s": pct(0.5), "p90_s": pct(0.9), "times_s": times,
+            "steps": a.steps, "crop": crop, "threads": tch::get_num_threads(), "seed": a.seed,
+            "device": device.to_string(), "amp": amp, "final_loss": last_loss, "peak_rss_kib": rss_kib,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Turning a datalist into training data: the dataset is preprocessed by the preprocessing
+//! service (over gRPC, or the same service code called in-process) into cached tensors in the
+//! store, described by a manifest; workers read the manifest and load its cases.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use brats_core::nifti_io::ReadLimits;
+use brats_core::{StoreUri, Stores};
+use brats_proto::v1 as pb;
+use brats_proto::v1::preprocessor_server::Preprocessor as _;
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::data::CachedCase;
+
+/// Why a dataset could not be prepared or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// The preprocessing service refused or failed the request.
+    #[error("preprocessing {field}: {message}")]
+    Preprocess {
+        /// The request field (or case) concerned.
+        field: String,
+        /// What went wrong.
+        message: String,
+        /// The gRPC status code of the failure.
+        code: tonic::Code,
+    },
+    /// Some cases failed to preprocess.
+    #[error("{failed} of {total} cases failed to preprocess; first: case {case_id}: {message}")]
+    Cases {
+        /// Failed cases.
+        failed: u32,
+        /// All cases.
+        total: u32,
+        /// The first failed case.
+        case_id: String,
+        /// Its error.
+        message: String,
+    },
+    /// The manifest is unreadable.
+    #[error("manifest {uri}: {message}")]
+    Manifest {
+        /// Where.
+        uri: String,
+        /// What.
+        message: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] brats_core::CoreError),
+}
+
+/// One preprocessed case in a manifest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ManifestCase {
+    /// Case id.
+    pub case_id: String,
+    /// URI of its tensors (normalised image + label channels).
+    pub tensors: String,
+}
+
+/// The preprocessing service's dataset manifest, by datalist section.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Manifest {
+    /// Section name → cases, in datalist order.
+    pub cases: BTreeMap<String, Vec<ManifestCase>>,
+}
+
+/// Where the dataset is preprocessed.
+#[derive(Debug, Clone)]
+pub enum Preprocessor {
+    /// A preprocessing service at this endpoint (`http://host:port`).
+    Remote(String),
+    /// The preprocessing service's code, called in-process.
+    InProcess,
+}
+
+/// Preprocesses a datalist's sections (full volumes: normalised, label channels, no crop) into
+/// `output_root`, reusing cached cases, and returns the manifest's URI. `progress` sees
+/// (completed, total) as cases finish.
+pub async fn prepare(
+    stores: Arc<Stores>,
+    preprocessor: &Preprocessor,
+    datalist_uri: &str,
+    base_uri: &str,
+    sections: &[String],
+    label_convention: &str,
+    output_root: &StoreUri,
+    mut progress: impl FnMut(u32, u32),
+) -> Result<StoreUri, DatasetError> {
+    let convention = match label_convention {
+        "brats2023" => pb::LabelConvention::Brats2023,
+        "brats2015" => pb::LabelConvention::Brats2015,
+        _ => pb::LabelConvention::Brats2018,
+    };
+    let request = pb::PreprocessDatasetRequest {
+        datalist_uri: datalist_uri.to_string(),
+        base_uri: base_uri.to_string(),
+        sections: sections.to_vec(),
+        label_convention: convention as i32,
+        crop: None,
+        max_parallel: 0,
+        output_uri: output_root.to_string(),
+        force: false,
+    };
+    let refused = |s: tonic::Status| {
+        let message = s.message().to_string();
+        let field = message.split(':').next().filter(|f| f.len() < 40 && !f.contains(' ')).unwrap_or("request");
+        DatasetError::Preprocess { field: field.to_string(), message, code: s.code() }
+    };
+    let mut stream = match preprocessor {
+        Preprocessor::InProcess => {
+            let service = brats_preprocess::service::PreprocessService::new(
+                stores.clone(),
+                output_root.clone(),
+                ReadLimits::default(),
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4),
+                usize::MAX / 2,
+                brats_preprocess::service::Metrics::new(),
+            );
+            service.preprocess_dataset(tonic::Request::new(request)).await.map_err(refused)?.into_inner()
+        }
+        Preprocessor::Remote(endpoint) => {
+            let mut client = pb::preprocessor_client::PreprocessorClient::connect(endpoint.clone()).await.map_err(|e| {
+                DatasetError::Preprocess {
+                    field: "preprocess_endpoint".into(),
+                    message: format!("cannot reach the preprocessing service at {endpoint}: {e}"),
+                    code: tonic::Code::Unavailable,
+                }
+            })?;
+            let s = client.preprocess_dataset(request).await.map_err(refused)?.into_inner();
+            Box::pin(s) as std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, tonic::Status>> + Send>>
+        }
+    };
+    let mut first_failure: Option<(String, String)> = None;
+    while let Some(msg) = stream.next().await {
+        let p = msg.map_err(refused)?;
+        progress(p.completed, p.total);
+        if let Some(c) = &p.case
+            && !c.error.is_empty()
+            && first_failure.is_none()
+        {
+            first_failure = Some((c.case_id.clone(), c.error.clone()));
+        }
+        if p.done {
+            if p.failed > 0 {
+                let (case_id, message) = first_failure.unwrap_or_default();
+                return Err(DatasetError::Cases { failed: p.failed, total: p.total, case_id, message });
+            }
+            return Ok(StoreUri::parse(&p.manifest_uri)?);
+        }
+    }
+    Err(DatasetError::Preprocess {
+        field: "request".into(),
+        message: "the preprocessing stream ended before the dataset was done".into(),
+        code: tonic::Code::Unavailable,
+    })
+}
+
+/// Reads a manifest.
+pub async fn read_manifest(stores: &Stores, uri: &StoreUri) -> Result<Manifest, DatasetError> {
+    let bytes = stores.get(uri).await?;
+    serde_json::from_slice(&bytes).map_err(|e| DatasetError::Manifest { uri: uri.to_string(), message: e.to_string() })
+}
+
+/// Loads one section's cases (an absent section is empty).
+pub async fn load_section(stores: &Stores, manifest: &Manifest, section: &str) -> Result<Vec<CachedCase>, DatasetError> {
+    let Some(cases) = manifest.cases.get(section) else { return Ok(Vec::new()) };
+    let uris: Vec<(String, StoreUri)> = cases
+        .iter()
+        .map(|c| Ok((c.case_id.clone(), StoreUri::parse(&c.tensors)?)))
+        .collect::<Result<_, brats_core::CoreError>>()?;
+    crate::data::load_cases(stores, &uris).await.map_err(|e| DatasetError::Manifest {
+        uri: format!("section {section}"),
+        message: e.to_string(),
+    })
+}

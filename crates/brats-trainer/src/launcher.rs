@@ -1,0 +1,519 @@
+//! Worker processes of a job: one `<exe> worker --job-uri … --manifest-uri …` per device, with
+//! torchrun's rendezvous variables, their protocol lines collected from rank 0's stdout, a short
+//! tail of every rank's stderr kept for failure reasons, and the whole group taken down when one
+//! rank fails.
+//!
+//! Workers die with the service: `PR_SET_PDEATHSIG` (SIGKILL) is set in the child before `exec`.
+//! That signal follows the *thread* that forked, not the process, so every worker is forked by
+//! one long-lived launcher thread rather than by a runtime thread that may be retired. Each
+//! worker gets its own process group, so a Ctrl-C aimed at the service's terminal reaches only
+//! the service, which then stops its workers at a step boundary by closing their stdin.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use crate::events::WorkerLine;
+use crate::spec::Device;
+
+/// Exit code of a worker that stopped because its stdin closed (a cancel).
+pub const EXIT_CANCELLED: i32 = 3;
+/// Lines of each rank's stderr kept for the failure reason.
+const STDERR_TAIL: usize = 20;
+/// Longest stderr line kept (characters).
+const MAX_LINE: usize = 1000;
+
+/// What to launch.
+#[derive(Clone)]
+pub struct LaunchSpec {
+    /// The worker executable.
+    pub exe: PathBuf,
+    /// The job (for logs).
+    pub job_id: String,
+    /// The job's folder URI (`…/jobs/<id>/`).
+    pub job_uri: String,
+    /// The preprocessed dataset's manifest URI.
+    pub manifest_uri: String,
+    /// One worker per device, rank = position.
+    pub devices: Vec<Device>,
+    /// The service's `StoreConfig` as JSON (`BRATS_TRAINER_STORE`); holds credentials, so it
+    /// goes through the environment only and is never logged.
+    pub store_json: String,
+}
+
+impl std::fmt::Debug for LaunchSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaunchSpec")
+            .field("exe", &self.exe)
+            .field("job_id", &self.job_id)
+            .field("job_uri", &self.job_uri)
+            .field("manifest_uri", &self.manifest_uri)
+            .field("devices", &self.devices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why workers could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The executable could not be started.
+    #[error("cannot start worker rank {rank} ({exe}): {source}; check worker_exe in the trainer's configuration")]
+    Spawn {
+        /// The rank.
+        rank: usize,
+        /// The executable.
+        exe: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No loopback port could be reserved for the rendezvous.
+    #[error("no free loopback port for the workers' rendezvous: {0}")]
+    Port(std::io::Error),
+    /// The launcher thread is gone (a bug).
+    #[error("the worker launcher thread is not running")]
+    Launcher,
+}
+
+/// How a rank ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RankExit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+/// One rank's end.
+#[derive(Debug, Clone)]
+pub struct RankStatus {
+    /// The rank.
+    pub rank: usize,
+    /// Its process id.
+    pub pid: u32,
+    /// How it ended.
+    pub exit: RankExit,
+    /// The last lines of its stderr (ANSI colours removed).
+    pub stderr_tail: Vec<String>,
+}
+
+impl RankStatus {
+    /// True unless it exited 0 or [`EXIT_CANCELLED`].
+    pub fn failed(&self) -> bool {
+        !matches!(self.exit, RankExit::Code(0) | RankExit::Code(EXIT_CANCELLED))
+    }
+
+    /// A sentence for `Job.failure_reason`: the rank, pid, exit and the last stderr lines.
+    pub fn describe(&self) -> String {
+        let how = match self.exit {
+            RankExit::Code(c) => format!("exited with code {c}"),
+            RankExit::Signal(s) => format!("was killed by signal {s}{}", signal_name(s)),
+        };
+        let tail: Vec<&str> =
+            self.stderr_tail.iter().rev().filter(|l| !l.trim().is_empty()).take(3).map(|s| s.trim()).collect();
+        let mut s = format!("worker rank {} (pid {}) {how}", self.rank, self.pid);
+        if !tail.is_empty() {
+            let lines: Vec<&str> = tail.into_iter().rev().collect();
+            s.push_str(": ");
+            s.push_str(&lines.join(" | "));
+        }
+        s
+    }
+
+    /// The gRPC code name that fits the failure: out-of-memory is RESOURCE_EXHAUSTED, a signal
+    /// ABORTED, anything else INTERNAL.
+    pub fn failure_code(&self) -> &'static str {
+        let oom = self.stderr_tail.iter().any(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("out of memory") || l.contains("cannot allocate memory")
+        });
+        match self.exit {
+            _ if oom => "RESOURCE_EXHAUSTED",
+            RankExit::Signal(_) => "ABORTED",
+            _ => "INTERNAL",
+        }
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    match s {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGBUS => " (SIGBUS)",
+        libc::SIGINT => " (SIGINT)",
+        _ => "",
+    }
+}
+
+/// How the whole group ended.
+#[derive(Debug, Clone)]
+pub struct GroupOutcome {
+    /// Every rank, by rank.
+    pub ranks: Vec<RankStatus>,
+    /// The rank that failed first (the others may then have been killed), if any.
+    pub first_failure: Option<usize>,
+}
+
+impl GroupOutcome {
+    /// The first failure, if any.
+    pub fn failure(&self) -> Option<&RankStatus> {
+        self.first_failure.and_then(|r| self.ranks.get(r))
+    }
+
+    /// True when every rank exited with `code`.
+    pub fn all_exited_with(&self, code: i32) -> bool {
+        self.ranks.iter().all(|r| r.exit == RankExit::Code(code))
+    }
+}
+
+struct RankHandle {
+    pid: u32,
+    exited: AtomicBool,
+}
+
+/// A running group of workers.
+pub struct WorkerGroup {
+    ranks: Arc<Vec<RankHandle>>,
+    stdins: Arc<Mutex<Vec<Option<ChildStdin>>>>,
+    done: tokio::task::JoinHandle<GroupOutcome>,
+}
+
+impl WorkerGroup {
+    /// Process ids, by rank.
+    pub fn pids(&self) -> Vec<u32> {
+        self.ranks.iter().map(|r| r.pid).collect()
+    }
+
+    /// Closes every rank's stdin: the workers stop at the next step boundary and exit with
+    /// [`EXIT_CANCELLED`].
+    pub fn close_stdin(&self) {
+        let mut stdins = self.stdins.lock().expect("stdin lock");
+        for s in stdins.iter_mut() {
+            drop(s.take());
+        }
+    }
+
+    /// SIGKILLs every rank that has not exited.
+    pub fn kill(&self) {
+        kill_all(&self.ranks);
+    }
+
+    /// Resolves when every rank has exited and all their output has been read.
+    pub fn done(&mut self) -> &mut tokio::task::JoinHandle<GroupOutcome> {
+        &mut self.done
+    }
+}
+
+impl Drop for WorkerGroup {
+    fn drop(&mut self) {
+        // Nothing may outlive its group: a dropped group means its job is no longer watched.
+        if !self.done.is_finished() {
+            self.close_stdin();
+            self.kill();
+        }
+    }
+}
+
+fn kill_all(ranks: &[RankHandle]) {
+    for r in ranks {
+        if !r.exited.load(Ordering::SeqCst) && r.pid > 0 {
+            // The whole process group (the worker leads its own): anything the worker started
+            // would otherwise keep its pipes open. SAFETY: kill(2) on a group we created and
+            // whose leader we have not reaped.
+            unsafe {
+                libc::kill(-(r.pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+type SpawnRequest = (Box<Command>, tokio::runtime::Handle, oneshot::Sender<std::io::Result<Child>>);
+
+/// The thread every worker is forked from (see the module docs for why one thread).
+fn launcher_thread() -> &'static Mutex<std::sync::mpsc::Sender<SpawnRequest>> {
+    static LAUNCHER: OnceLock<Mutex<std::sync::mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    LAUNCHER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("worker-launcher".into())
+            .spawn(move || {
+                for (mut cmd, handle, reply) in rx {
+                    let _guard = handle.enter();
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn the worker launcher thread");
+        Mutex::new(tx)
+    })
+}
+
+async fn spawn(cmd: Command) -> Result<std::io::Result<Child>, LaunchError> {
+    let (tx, rx) = oneshot::channel();
+    launcher_thread()
+        .lock()
+        .expect("launcher lock")
+        .send((Box::new(cmd), tokio::runtime::Handle::current(), tx))
+        .map_err(|_| LaunchError::Launcher)?;
+    rx.await.map_err(|_| LaunchError::Launcher)
+}
+
+/// A free loopback port (for the rendezvous of multi-rank jobs).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts one worker per device. Rank 0's protocol lines arrive on the returned receiver in
+/// order; the channel closes after the last rank's output has been read.
+pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedReceiver<WorkerLine>), LaunchError> {
+    let port = free_port().map_err(LaunchError::Port)?;
+    let world = spec.devices.len();
+    let parent = std::process::id() as libc::pid_t;
+    let mut children = Vec::with_capacity(world);
+    for (rank, device) in spec.devices.iter().enumerate() {
+        let mut cmd = Command::new(&spec.exe);
+        cmd.arg("worker")
+            .arg("--job-uri")
+            .arg(&spec.job_uri)
+            .arg("--manifest-uri")
+            .arg(&spec.manifest_uri)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("BRATS_TRAINER_DEVICE", device.to_string())
+            .env("BRATS_TRAINER_STORE", &spec.store_json)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+        // functions (prctl, getppid).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The service died between fork and prctl: do not start an orphan.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the trainer service exited"));
+                }
+                Ok(())
+            });
+        }
+        match spawn(cmd).await? {
+            Ok(child) => children.push(child),
+            Err(source) => {
+                for mut c in children {
+                    let _ = c.start_kill();
+                }
+                return Err(LaunchError::Spawn { rank, exe: spec.exe.display().to_string(), source });
+            }
+        }
+    }
+
+    let ranks: Arc<Vec<RankHandle>> = Arc::new(
+        children.iter().map(|c| RankHandle { pid: c.id().unwrap_or(0), exited: AtomicBool::new(false) }).collect(),
+    );
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stdins = Vec::with_capacity(world);
+    let mut readers = Vec::new();
+    let mut tails = Vec::new();
+    for (rank, child) in children.iter_mut().enumerate() {
+        stdins.push(child.stdin.take());
+        let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL)));
+        tails.push(tail.clone());
+        if let Some(out) = child.stdout.take() {
+            let tx = (rank == 0).then(|| tx.clone());
+            let job = spec.job_id.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match (&tx, WorkerLine::decode(&line)) {
+                        (Some(tx), Some(parsed)) => {
+                            let _ = tx.send(parsed);
+                        }
+                        _ => debug!(job_id = %job, rank, line = %truncate(&line), "worker stdout"),
+                    }
+                }
+            }));
+        }
+        if let Some(err) = child.stderr.take() {
+            let job = spec.job_id.clone();
+            readers.push(tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let clean = truncate(&strip_ansi(&line));
+                    debug!(job_id = %job, rank, line = %clean, "worker stderr");
+                    let mut t = tail.lock().expect("tail lock");
+                    if t.len() == STDERR_TAIL {
+                        t.pop_front();
+                    }
+                    t.push_back(clean);
+                }
+            }));
+        }
+    }
+    drop(tx);
+
+    let supervised = ranks.clone();
+    let job = spec.job_id.clone();
+    let done = tokio::spawn(async move {
+        let mut waits: FuturesUnordered<_> = children
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut child)| async move { (rank, child.wait().await) })
+            .collect();
+        let mut exits: Vec<Option<RankExit>> = vec![None; supervised.len()];
+        let mut first_failure = None;
+        while let Some((rank, status)) = waits.next().await {
+            supervised[rank].exited.store(true, Ordering::SeqCst);
+            let exit = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    match (s.code(), s.signal()) {
+                        (Some(c), _) => RankExit::Code(c),
+                        (None, Some(sig)) => RankExit::Signal(sig),
+                        (None, None) => RankExit::Code(-1),
+                    }
+                }
+                Err(e) => {
+                    warn!(job_id = %job, rank, error = %e, "cannot wait for a worker");
+                    RankExit::Code(-1)
+                }
+            };
+            exits[rank] = Some(exit);
+            let failed = !matches!(exit, RankExit::Code(0) | RankExit::Code(EXIT_CANCELLED));
+            if failed && first_failure.is_none() {
+                first_failure = Some(rank);
+                // One rank down stalls the others in their next collective: take them down now.
+                kill_all(&supervised);
+            }
+        }
+        // The output of the exited ranks is complete once their pipes close; something that
+        // escaped the process group could hold a pipe open, so do not wait on it forever.
+        let drained = futures::future::join_all(readers);
+        if tokio::time::timeout(std::time::Duration::from_secs(10), drained).await.is_err() {
+            warn!(job_id = %job, "a worker's output pipe stayed open after it exited; not waiting for it");
+        }
+        let ranks = exits
+            .into_iter()
+            .enumerate()
+            .map(|(rank, exit)| RankStatus {
+                rank,
+                pid: supervised[rank].pid,
+                exit: exit.unwrap_or(RankExit::Code(-1)),
+                stderr_tail: tails[rank].lock().expect("tail lock").iter().cloned().collect(),
+            })
+            .collect();
+        GroupOutcome { ranks, first_failure }
+    });
+    Ok((WorkerGroup { ranks, stdins: Arc::new(Mutex::new(stdins)), done }, rx))
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= MAX_LINE { s.to_string() } else { s.chars().take(MAX_LINE).collect::<String>() + "…" }
+}
+
+/// Removes ANSI escape sequences (colours from a worker's log formatter).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::EventKind;
+
+    fn script(dir: &std::path::Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("worker.sh");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn spec(exe: PathBuf, devices: Vec<Device>) -> LaunchSpec {
+        LaunchSpec {
+            exe,
+            job_id: "t".into(),
+            job_uri: "file:///tmp/jobs/t/".into(),
+            manifest_uri: "file:///tmp/m.json".into(),
+            devices,
+            store_json: "{}".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn protocol_lines_arrive_and_closing_stdin_cancels() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = WorkerLine::Event(EventKind::info("hello")).encode();
+        let exe = script(
+            dir.path(),
+            &format!(
+                "echo 'noise'\necho '{line}'\necho \"rank $RANK of $WORLD_SIZE on $BRATS_TRAINER_DEVICE $1 $2\" >&2\ncat >/dev/null\nexit 3"
+            ),
+        );
+        let (mut group, mut rx) = launch(&spec(exe, vec![Device::Cpu])).await.unwrap();
+        assert_eq!(rx.recv().await, Some(WorkerLine::Event(EventKind::info("hello"))));
+        group.close_stdin();
+        let outcome = group.done().await.unwrap();
+        assert!(outcome.all_exited_with(EXIT_CANCELLED), "{outcome:?}");
+        assert!(outcome.failure().is_none());
+        assert_eq!(outcome.ranks[0].stderr_tail, vec!["rank 0 of 1 on cpu worker --job-uri"]);
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn one_failing_rank_takes_the_group_down_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = script(
+            dir.path(),
+            "if [ \"$RANK\" = 1 ]; then echo '\u{1b}[31mERROR\u{1b}[0m CUDA out of memory' >&2; exit 7; fi\nsleep 30",
+        );
+        let (mut group, _rx) = launch(&spec(exe, vec![Device::Cuda(0), Device::Cuda(1)])).await.unwrap();
+        let t = std::time::Instant::now();
+        let outcome = group.done().await.unwrap();
+        assert!(t.elapsed().as_secs() < 10, "rank 0 was not killed");
+        let f = outcome.failure().unwrap();
+        assert_eq!((f.rank, f.exit), (1, RankExit::Code(7)));
+        assert!(f.describe().ends_with("exited with code 7: ERROR CUDA out of memory"), "{}", f.describe());
+        assert_eq!(f.failure_code(), "RESOURCE_EXHAUSTED");
+        assert_eq!(outcome.ranks[0].exit, RankExit::Signal(libc::SIGKILL));
+        assert!(outcome.ranks[0].describe().contains("was killed by signal 9 (SIGKILL)"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_executable_is_a_spawn_error() {
+        let e = launch(&spec("/nonexistent/worker".into(), vec![Device::Cpu])).await.err().unwrap();
+        assert!(e.to_string().contains("cannot start worker rank 0"), "{e}");
+    }
+}

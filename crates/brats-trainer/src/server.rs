@@ -1,0 +1,111 @@
+//! Runs the trainer service: gRPC (`Trainer`, `grpc.health.v1`, reflection) and `/metrics`;
+//! health turns SERVING once the jobs in the store are recovered. On shutdown the workers are
+//! asked to stop at a step boundary (their stdin closes) and the jobs stay RUNNING in the store,
+//! so the next start resumes them from their latest checkpoint.
+
+use crate::config::TrainerConfig;
+use crate::service::{Metrics, ServiceSettings, TrainerService};
+use anyhow::Context;
+use brats_core::store::{StoreUri, Stores};
+use brats_proto::v1::trainer_server::TrainerServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// The service settings a configuration gives (CUDA devices counted by libtorch, the worker
+/// executable defaulting to this binary).
+pub fn settings(cfg: &TrainerConfig) -> anyhow::Result<ServiceSettings> {
+    let worker_exe = if cfg.worker_exe.is_empty() {
+        std::env::current_exe().context("locating this binary (the default worker_exe)")?
+    } else {
+        PathBuf::from(&cfg.worker_exe)
+    };
+    Ok(ServiceSettings {
+        store_root: StoreUri::parse(&cfg.store_root).context("store_root")?,
+        registry: StoreUri::parse(&cfg.registry).context("registry")?,
+        preprocess_endpoint: (!cfg.preprocess_endpoint.is_empty()).then(|| cfg.preprocess_endpoint.clone()),
+        cpu_slots: cfg.cpu_slots.max(1),
+        max_queue: cfg.max_queue,
+        cancel_grace: Duration::from_secs(cfg.cancel_grace_s),
+        shutdown_grace: Duration::from_secs(cfg.shutdown_grace_s),
+        worker_exe,
+        store_config: cfg.store.clone(),
+        cuda_devices: tch::Cuda::device_count().max(0) as usize,
+    })
+}
+
+/// Serves until `shutdown` resolves; `bound` receives the gRPC address as soon as it listens.
+/// Health reports NOT_SERVING until the jobs in the store are recovered (retried while the
+/// store is unreachable).
+pub async fn serve(
+    cfg: TrainerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> anyhow::Result<()> {
+    cfg.validate()?;
+    let stores = Arc::new(Stores::new(cfg.store.clone()));
+    let settings = settings(&cfg)?;
+    let metrics = Metrics::new();
+    info!(
+        store_root = %settings.store_root,
+        registry = %settings.registry,
+        cuda_devices = settings.cuda_devices,
+        cpu_slots = settings.cpu_slots,
+        preprocess = if settings.preprocess_endpoint.is_some() { "remote" } else { "in-process" },
+        "trainer starting"
+    );
+    let service = TrainerService::new(stores, settings, metrics.clone());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_not_serving::<TrainerServer<TrainerService>>().await;
+    let reflection = brats_service::reflection().context("reflection service")?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("bind {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    brats_service::spawn_metrics_endpoint(&cfg.metrics_listen, metrics.registry.clone()).await?;
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+    info!(%addr, "trainer service listening; recovering jobs");
+
+    let recovering = service.clone();
+    let reporter = health_reporter.clone();
+    tokio::spawn(async move {
+        loop {
+            match recovering.recover().await {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(error = %e, "cannot recover the jobs from the store; retrying in 5 s");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+        recovering.start();
+        reporter.set_serving::<TrainerServer<TrainerService>>().await;
+        info!("serving");
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stopping = service.clone();
+    let stopper = tokio::spawn(async move {
+        shutdown.await;
+        info!("shutting down: NOT_SERVING; workers stop at a step boundary and their jobs resume at the next start");
+        health_reporter.set_not_serving::<TrainerServer<TrainerService>>().await;
+        let _ = stop_tx.send(());
+        stopping.shutdown().await;
+    });
+    tonic::transport::Server::builder()
+        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(TrainerServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        })
+        .await
+        .context("gRPC server")?;
+    stopper.await.context("shutdown task")?;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,803 @@
+//! The trainer service end to end: the real `brats-trainer serve` binary on loopback, a local
+//! directory store, synthetic NIfTI datasets preprocessed in-process, and every StartJob
+//! refusal. The service-side tests use a stand-in worker (a shell script that speaks the worker
+//! protocol) so they run in seconds and need no training; the training tests run the real
+//! `brats-trainer worker`.
+
+mod common;
+
+use brats_proto::v1 as pb;
+use brats_proto::v1::trainer_client::TrainerClient;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// The `brats-trainer` binary: `BRATS_TEST_TRAINER_EXE`, else built next to this test's target folder
+/// (`cargo test` builds no binary of another package, so this asks cargo once per test run).
+fn trainer_exe() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        if let Ok(p) = std::env::var("BRATS_TEST_TRAINER_EXE") {
+            return PathBuf::from(p);
+        }
+        // target/<profile>/deps/trainer_service-<hash> → target/<profile>/brats-trainer
+        let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--quiet", "-p", "brats-trainer", "--bin", "brats-trainer"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the brats-trainer binary");
+        assert!(status.success(), "cargo build -p brats-trainer failed");
+        profile_dir.join("brats-trainer")
+    })
+    .clone()
+}
+
+/// A stand-in worker. It checks what the service hands it (arguments, environment, config.json,
+/// manifest), then behaves as the job's `fake` label says: `finish` writes artefacts and reports
+/// a result, `fail` exits 1 with a message on stderr, anything else blocks until its stdin closes
+/// and exits 3, as a cancelled worker does. Every run appends "<rank> <pid>" to `pids` in the job
+/// folder.
+const FAKE_WORKER: &str = r#"#!/bin/sh
+set -u
+[ "$1" = worker ] && [ "$2" = --job-uri ] && [ "$4" = --manifest-uri ] || { echo "bad arguments: $*" >&2; exit 64; }
+job_uri="$3"; job="${3#file://}"; manifest="${5#file://}"
+[ -f "${job}config.json" ] || { echo "no config.json in $job" >&2; exit 65; }
+[ -f "$manifest" ] || { echo "no manifest at $manifest" >&2; exit 66; }
+case "$BRATS_TRAINER_STORE" in "{"*) ;; *) echo "BRATS_TRAINER_STORE is not JSON" >&2; exit 67;; esac
+[ -n "$MASTER_PORT" ] && [ "$MASTER_ADDR" = 127.0.0.1 ] && [ "$WORLD_SIZE" = 1 ] || { echo "bad rendezvous" >&2; exit 68; }
+echo "$RANK $$" >> "${job}pids"
+echo "not a protocol line"
+echo "@brats-worker {\"event\":{\"type\":\"log\",\"level\":\"info\",\"message\":\"fake worker rank $RANK on $BRATS_TRAINER_DEVICE\"}}"
+if grep -q '"fake": "finish"' "${job}config.json"; then
+  mkdir -p "${job}artifacts" "${job}checkpoints"
+  echo onnx > "${job}artifacts/model.onnx"; echo '{"format": "fake"}' > "${job}artifacts/metadata.json"
+  echo ck > "${job}checkpoints/latest.safetensors"
+  echo '@brats-worker {"event":{"type":"step","epoch":1,"step":1,"steps_per_epoch":2,"global_step":1,"loss":0.9,"learning_rate":0.0001,"samples_per_second":2.0,"eta_seconds":1.0}}'
+  echo '@brats-worker {"event":{"type":"step","epoch":1,"step":2,"steps_per_epoch":2,"global_step":2,"loss":0.8,"learning_rate":0.0001,"samples_per_second":2.0,"eta_seconds":0.5}}'
+  echo '@brats-worker {"event":{"type":"epoch","epoch":1,"train_loss":0.85,"learning_rate":0.0001,"validation":{"tc":0.5,"wt":0.6,"et":0.4,"mean":0.5},"is_best":true,"train_seconds":1.0,"validation_seconds":0.5,"samples_per_second":2.0,"eta_seconds":0.0,"loader_wait_fraction":0.1}}'
+  echo "@brats-worker {\"event\":{\"type\":\"checkpoint\",\"epoch\":1,\"uri\":\"${job_uri}checkpoints/latest.safetensors\",\"best\":false,\"sha256\":\"00\"}}"
+  echo "@brats-worker {\"finished\":{\"epochs\":1,\"global_step\":2,\"best_metrics\":{\"tc\":0.5,\"wt\":0.6,\"et\":0.4,\"mean\":0.5},\"best_epoch\":1,\"onnx_uri\":\"${job_uri}artifacts/model.onnx\",\"metadata_uri\":\"${job_uri}artifacts/metadata.json\"}}"
+  exit 0
+fi
+if grep -q '"fake": "fail"' "${job}config.json"; then
+  echo "fake worker: the loss diverged at step 1" >&2
+  exit 1
+fi
+cat > /dev/null
+exit 3
+"#;
+
+/// A `brats-trainer serve` process on loopback; SIGKILLed when dropped.
+struct Trainer {
+    child: Child,
+    url: String,
+    metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("BRATS_TEST_SHOW_LOGS").is_some() {
+            eprintln!("--- {}\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+impl Trainer {
+    /// Starts the service on `store` (a folder) with the stand-in worker (or the real one when
+    /// `worker` is None), and waits until it reports SERVING.
+    async fn start(dir: &Path, store: &Path, worker: Option<&Path>, extra: &str) -> Trainer {
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = dir.join(format!("trainer-{port}.toml"));
+        let worker_exe = worker.map(|w| w.display().to_string()).unwrap_or_default();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                 store_root = \"{}\"\nregistry = \"{}\"\nworker_exe = \"{worker_exe}\"\n\
+                 cancel_grace_s = 5\nshutdown_grace_s = 5\n{extra}\n",
+                file_uri(store),
+                file_uri(&store.join("models")),
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("trainer-{port}.log"));
+        let child = Command::new(trainer_exe())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info,brats_trainer=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start brats-trainer serve");
+        let mut t = Trainer { child, url: format!("http://127.0.0.1:{port}"), metrics_port, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = t.child.try_wait() {
+                panic!("brats-trainer serve exited with {status} during start-up:\n{}", t.log_text());
+            }
+            if t.serving().await {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "the trainer did not report SERVING in 60 s:\n{}", t.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn serving(&self) -> bool {
+        let Ok(channel) = Channel::from_shared(self.url.clone()).unwrap().connect().await else { return false };
+        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Trainer".into() })
+            .await
+            .is_ok_and(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    async fn client(&self) -> TrainerClient<Channel> {
+        TrainerClient::connect(self.url.clone()).await.unwrap()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the trainer exited with {status} on SIGTERM:\n{}", self.log_text());
+                return;
+            }
+            assert!(Instant::now() < deadline, "the trainer did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to stop anything.
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn fake_worker(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join("fake-worker.sh");
+    std::fs::write(&p, FAKE_WORKER).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// A small synthetic dataset (32³ cases) and its datalist URI.
+fn dataset(dir: &Path, training: usize, validation: usize) -> String {
+    let datalist = brats_preprocess::synthetic::write_dataset(dir, [32, 32, 32], 100, training, validation).unwrap();
+    file_uri(&datalist)
+}
+
+/// A spec that the stand-in worker treats as `fake`.
+fn spec(datalist: &str, fake: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        datalist_uri: datalist.to_string(),
+        devices: vec!["cpu".into()],
+        hyperparameters: Some(pb::Hyperparameters { epochs: 1, ..Default::default() }),
+        data: Some(pb::TrainingData {
+            crop: Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![32, 32, 32], ..Default::default() }),
+            ..Default::default()
+        }),
+        validation: Some(pb::ValidationSpec {
+            sliding_window: Some(pb::SlidingWindowSpec { roi_size: vec![32, 32, 32], ..Default::default() }),
+            ..Default::default()
+        }),
+        model: Some(pb::SegResNetSpec {
+            init_filters: Some(8),
+            blocks_down: vec![1, 1, 1],
+            blocks_up: vec![1, 1],
+            ..Default::default()
+        }),
+        labels: [("fake".to_string(), fake.to_string())].into(),
+        ..Default::default()
+    }
+}
+
+fn start_req(spec: pb::JobSpec) -> pb::StartJobRequest {
+    pb::StartJobRequest { spec: Some(spec), ..Default::default() }
+}
+
+async fn get(client: &mut TrainerClient<Channel>, id: &str) -> pb::Job {
+    client.get_job(pb::GetJobRequest { job_id: id.into() }).await.unwrap().into_inner()
+}
+
+/// Polls until the job is in `state` (panics after `secs`, showing the service's log).
+async fn wait_state(t: &Trainer, id: &str, state: pb::JobState, secs: u64) -> pb::Job {
+    let mut client = t.client().await;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let job = get(&mut client, id).await;
+        if job.state == state as i32 {
+            return job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} is {:?} ({}), not {state:?} after {secs} s:\n{}",
+            job.state(),
+            job.failure_reason,
+            t.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every event of a job from `from` until the stream ends (or `secs` pass).
+async fn watch_all(client: &mut TrainerClient<Channel>, id: &str, from: u64, secs: u64) -> Vec<pb::JobEvent> {
+    let mut stream = client
+        .watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            events.push(e);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), collect).await.expect("the watch did not end");
+    events
+}
+
+fn state_changes(events: &[pb::JobEvent]) -> Vec<pb::JobState> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::StateChanged(s)) => Some(s.to()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); only /proc says whether it runs.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+fn worker_pids(store: &Path, id: &str) -> Vec<i32> {
+    std::fs::read_to_string(store.join(format!("jobs/{id}/pids")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_job_refuses_bad_specs_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let datalist = dataset(&data, 2, 1);
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let mut client = t.client().await;
+
+    let refuse = |req: pb::StartJobRequest| {
+        let mut client = client.clone();
+        async move { client.start_job(req).await.expect_err("StartJob must refuse") }
+    };
+    let write_datalist = |name: &str, v: serde_json::Value| {
+        let p = data.join(name);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        file_uri(&p)
+    };
+    let list: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("datalist.json")).unwrap()).unwrap();
+    let case0 = list["training"][0].clone();
+
+    // A referenced file that does not exist: NOT_FOUND naming the file and its case.
+    let mut missing = case0.clone();
+    missing["image"][2] = "synth-00100-gone.nii.gz".into();
+    let uri = write_datalist("missing.json", serde_json::json!({"training": [case0, missing]}));
+    let e = refuse(start_req(spec(&uri, "block"))).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("synth-00100-gone.nii.gz") && e.message().contains("case 'synth-00100"), "{e:?}");
+
+    // Three modalities instead of four: INVALID_ARGUMENT naming the case.
+    let mut three = list["training"][1].clone();
+    three["image"].as_array_mut().unwrap().pop();
+    let uri = write_datalist("three.json", serde_json::json!({"training": [three]}));
+    let e = refuse(start_req(spec(&uri, "block"))).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("case 'synth-00101'") && e.message().contains("has 3 images"), "{e:?}");
+
+    // An empty training section: INVALID_ARGUMENT naming datalist_uri and the section.
+    let uri = write_datalist("empty.json", serde_json::json!({"training": [], "validation": [list["validation"][0]]}));
+    let e = refuse(start_req(spec(&uri, "block"))).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("datalist_uri:") && e.message().contains("section 'training'"), "{e:?}");
+
+    // The datalist itself missing.
+    let e = refuse(start_req(spec(&file_uri(&data.join("nope.json")), "block"))).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("datalist_uri:") && e.message().contains("nope.json"), "{e:?}");
+
+    // An absurd learning rate.
+    let mut s = spec(&datalist, "block");
+    s.hyperparameters = Some(pb::Hyperparameters { learning_rate: Some(50.0), ..Default::default() });
+    let e = refuse(start_req(s)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("hyperparameters.learning_rate"), "{e:?}");
+
+    // An unknown device, then devices this host does not have.
+    let mut s = spec(&datalist, "block");
+    s.devices = vec!["tpu:0".into()];
+    let e = refuse(start_req(s)).await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("devices") && e.message().contains("tpu:0"), "{e:?}");
+    let mut s = spec(&datalist, "block");
+    s.devices = vec!["cuda:63".into()];
+    let e = refuse(start_req(s)).await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("this trainer has"), "{e:?}");
+    if e.message().contains("has 0 CUDA devices") {
+        let mut s = spec(&datalist, "block");
+        s.devices = vec!["cuda:0".into()];
+        let e = refuse(start_req(s)).await;
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(e.message().contains("cuda:0") && e.message().contains("has 0 CUDA devices"), "{e:?}");
+    }
+
+    // A checkpoint to resume from that does not exist.
+    let mut s = spec(&datalist, "block");
+    s.resume_from = file_uri(&dir.path().join("other-job/latest.safetensors"));
+    let e = refuse(start_req(s)).await;
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().starts_with("spec.resume_from:") && e.message().contains("latest.safetensors"), "{e:?}");
+
+    // No spec, a malformed job id.
+    assert_eq!(refuse(pb::StartJobRequest::default()).await.code(), Code::InvalidArgument);
+    let e = refuse(pb::StartJobRequest { job_id: "Bad_Id".into(), ..start_req(spec(&datalist, "block")) }).await;
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("job_id:"), "{e:?}");
+
+    // Nothing was created.
+    let jobs = client.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert!(jobs.is_empty(), "{jobs:?}");
+    t.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_cancel_resume_list_and_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), 2, 1);
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let mut client = t.client().await;
+
+    // request_id makes StartJob idempotent; a client-chosen id is too, for the same spec.
+    let req = pb::StartJobRequest { request_id: "req-1".into(), ..start_req(spec(&datalist, "block")) };
+    let a = client.start_job(req.clone()).await.unwrap().into_inner();
+    assert_eq!(a.state(), pb::JobState::Queued);
+    assert!(a.id.starts_with("job-") && a.id.len() == 19, "{}", a.id);
+    assert!(a.job_uri.ends_with(&format!("/jobs/{}/", a.id)), "{}", a.job_uri);
+    assert_eq!(a.total_epochs, 1);
+    assert_eq!(client.start_job(req).await.unwrap().into_inner().id, a.id, "a retried request_id");
+
+    // The CPU holds one job: A runs, B waits.
+    let a = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
+    assert!(a.started_at.is_some());
+    let b_req = pb::StartJobRequest { job_id: "second-job".into(), ..start_req(spec(&datalist, "block")) };
+    let b = client.start_job(b_req.clone()).await.unwrap().into_inner();
+    assert_eq!(b.id, "second-job");
+    assert_eq!(client.start_job(b_req.clone()).await.unwrap().into_inner().id, "second-job");
+    let mut other = b_req.clone();
+    other.spec.as_mut().unwrap().hyperparameters = Some(pb::Hyperparameters { epochs: 2, ..Default::default() });
+    let e = client.start_job(other).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("second-job") && e.message().contains("different spec"), "{e:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(&mut client, "second-job").await.state(), pb::JobState::Queued, "B must wait for the CPU");
+
+    // Metrics: one running, one queued.
+    let (_, body) = http("GET", t.metrics_port, "/metrics").await.unwrap();
+    assert!(body.contains("brats_trainer_queue_depth 1"), "{body}");
+    assert!(body.contains("brats_trainer_jobs{state=\"RUNNING\"} 1"), "{body}");
+
+    // Cancelling a queued job is immediate; resuming it queues it again.
+    let b = client
+        .cancel_job(pb::CancelJobRequest { job_id: "second-job".into(), reason: "not now".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.state(), pb::JobState::Cancelled);
+    assert_eq!(b.failure_reason, "not now");
+    assert!(b.finished_at.is_some());
+    let again = client.cancel_job(pb::CancelJobRequest { job_id: "second-job".into(), ..Default::default() }).await;
+    assert_eq!(again.unwrap().into_inner().state(), pb::JobState::Cancelled, "cancelling twice is a no-op");
+    let b = client.resume_job(pb::ResumeJobRequest { job_id: "second-job".into() }).await.unwrap().into_inner();
+    assert_eq!((b.state(), b.resume_count), (pb::JobState::Queued, 1));
+    let e = client.resume_job(pb::ResumeJobRequest { job_id: a.id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "resuming a RUNNING job: {e:?}");
+
+    // Get / List: newest first, pages, state filter, bad tokens and sizes.
+    let e = client.get_job(pb::GetJobRequest { job_id: "no-such-job".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(client.get_job(pb::GetJobRequest::default()).await.unwrap_err().code(), Code::InvalidArgument);
+    let page1 = client.list_jobs(pb::ListJobsRequest { page_size: 1, ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(page1.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["second-job"]);
+    assert!(!page1.next_page_token.is_empty());
+    let page2 = client
+        .list_jobs(pb::ListJobsRequest { page_size: 1, page_token: page1.next_page_token.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page2.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec![a.id.as_str()]);
+    assert!(page2.next_page_token.is_empty());
+    let running = client
+        .list_jobs(pb::ListJobsRequest { states: vec![pb::JobState::Running as i32], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(running.jobs.len(), 1);
+    assert_eq!(running.jobs[0].id, a.id);
+    let forged = format!("{}0", page1.next_page_token);
+    let e = client.list_jobs(pb::ListJobsRequest { page_token: forged, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = client.list_jobs(pb::ListJobsRequest { page_size: 1001, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    // Watch A from a sequence in the middle, then cancel it: the stream ends after CANCELLED.
+    let a_now = get(&mut client, &a.id).await;
+    let e = client
+        .watch_job(pb::WatchJobRequest { job_id: a.id.clone(), from_sequence: a_now.last_sequence + 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let watcher = {
+        let mut c = client.clone();
+        let id = a.id.clone();
+        tokio::spawn(async move { watch_all(&mut c, &id, 2, 60).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cancelling = client
+        .cancel_job(pb::CancelJobRequest { job_id: a.id.clone(), reason: "operator".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(cancelling.state(), pb::JobState::Cancelling | pb::JobState::Cancelled),
+        "{:?}",
+        cancelling.state()
+    );
+    let events = watcher.await.unwrap();
+    assert_eq!(events.first().map(|e| e.sequence), Some(2), "the watch starts at from_sequence");
+    assert!(events.windows(2).all(|w| w[1].sequence == w[0].sequence + 1), "sequences are contiguous");
+    assert!(events.iter().all(|e| e.job_id == a.id));
+    let changes = state_changes(&events);
+    assert_eq!(changes.last(), Some(&pb::JobState::Cancelled), "{changes:?}");
+    assert!(changes.contains(&pb::JobState::Cancelling), "{changes:?}");
+    let a_done = get(&mut client, &a.id).await;
+    assert_eq!((a_done.state(), a_done.failure_reason.as_str()), (pb::JobState::Cancelled, "operator"));
+    assert_eq!(a_done.last_sequence, events.last().unwrap().sequence);
+
+    // The whole history from 0: created QUEUED, PREPARING, the worker's line, RUNNING, …
+    let all = watch_all(&mut client, &a.id, 0, 10).await;
+    assert_eq!(all.len() as u64, a_done.last_sequence + 1);
+    assert_eq!(
+        state_changes(&all),
+        vec![
+            pb::JobState::Queued,
+            pb::JobState::Preparing,
+            pb::JobState::Running,
+            pb::JobState::Cancelling,
+            pb::JobState::Cancelled
+        ]
+    );
+    assert!(
+        all.iter().any(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message == "fake worker rank 0 on cpu")),
+        "{all:?}"
+    );
+    // The worker is gone; the stored log is what was streamed.
+    for pid in worker_pids(&store, &a.id) {
+        assert!(!pid_alive(pid), "worker {pid} still runs");
+    }
+    let stored = std::fs::read_to_string(store.join(format!("jobs/{}/events.jsonl", a.id))).unwrap();
+    assert_eq!(stored.lines().count(), all.len());
+
+    // B got the CPU once A stopped; cancel it while it runs.
+    wait_state(&t, "second-job", pb::JobState::Running, 60).await;
+    client.cancel_job(pb::CancelJobRequest { job_id: "second-job".into(), ..Default::default() }).await.unwrap();
+    let b = wait_state(&t, "second-job", pb::JobState::Cancelled, 30).await;
+    assert_eq!(b.resume_count, 1);
+    t.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), 1, 1);
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let mut client = t.client().await;
+
+    let mut s = spec(&datalist, "finish");
+    s.registration = Some(pb::ModelRegistration {
+        model_name: "tiny".into(),
+        promote_to_production: true,
+        description: "test run".into(),
+        ..Default::default()
+    });
+    let first = client.start_job(start_req(s.clone())).await.unwrap().into_inner();
+    let events = watch_all(&mut client, &first.id, 0, 60).await;
+    let done = get(&mut client, &first.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
+    assert_eq!(done.registered_model, Some(pb::ModelVersionRef { name: "tiny".into(), version: "1".into() }));
+    assert_eq!((done.epoch, done.global_step, done.best_epoch), (1, 2, 1));
+    assert_eq!(done.best_metrics.unwrap().wt, 0.6f64);
+    assert!(done.latest_checkpoint_uri.ends_with("checkpoints/latest.safetensors"), "{}", done.latest_checkpoint_uri);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| match &e.event {
+            Some(pb::job_event::Event::StateChanged(_)) => "state",
+            Some(pb::job_event::Event::Step(_)) => "step",
+            Some(pb::job_event::Event::Epoch(_)) => "epoch",
+            Some(pb::job_event::Event::Checkpoint(_)) => "checkpoint",
+            Some(pb::job_event::Event::ModelRegistered(_)) => "registered",
+            Some(pb::job_event::Event::Log(_)) => "log",
+            None => "none",
+        })
+        .collect();
+    for k in ["step", "epoch", "checkpoint", "registered"] {
+        assert!(kinds.contains(&k), "no {k} event in {kinds:?}");
+    }
+    assert_eq!(kinds.last(), Some(&"state"));
+    let registered = events.iter().find_map(|e| match &e.event {
+        Some(pb::job_event::Event::ModelRegistered(m)) => Some(m.clone()),
+        _ => None,
+    });
+    assert_eq!(registered.unwrap().aliases, vec!["production"]);
+    let models = store.join("models/tiny");
+    assert_eq!(std::fs::read_to_string(models.join("1/model.onnx")).unwrap(), "onnx\n");
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("1/metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["format"], "fake");
+    assert_eq!(meta["description"], "test run");
+    assert_eq!(meta["trainer_job"]["job_id"], first.id.as_str());
+    let aliases: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
+    assert_eq!(aliases["production"], "1");
+    let e = client.cancel_job(pb::CancelJobRequest { job_id: first.id.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // The next job of the same name is version 2; without promotion production stays on 1.
+    s.registration.as_mut().unwrap().promote_to_production = false;
+    s.seed = Some(7);
+    let second = client.start_job(start_req(s)).await.unwrap().into_inner();
+    let second = wait_state(&t, &second.id, pb::JobState::Succeeded, 60).await;
+    assert_eq!(second.registered_model.unwrap().version, "2");
+    assert_eq!(second.seed, 7);
+    let aliases: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
+    assert_eq!(aliases["production"], "1");
+
+    // A worker that fails: FAILED with its stderr as the reason; resumable.
+    let failing = client.start_job(start_req(spec(&datalist, "fail"))).await.unwrap().into_inner();
+    let failed = wait_state(&t, &failing.id, pb::JobState::Failed, 60).await;
+    assert!(failed.failure_reason.starts_with("worker rank 0 (pid "), "{}", failed.failure_reason);
+    assert!(
+        failed.failure_reason.ends_with("exited with code 1: fake worker: the loss diverged at step 1"),
+        "{}",
+        failed.failure_reason
+    );
+    assert_eq!(failed.failure_code, "INTERNAL");
+    let resumed = client.resume_job(pb::ResumeJobRequest { job_id: failing.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((resumed.state(), resumed.resume_count, resumed.failure_reason.as_str()), (pb::JobState::Queued, 1, ""));
+    wait_state(&t, &failing.id, pb::JobState::Failed, 60).await;
+    t.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_trainer_resumes_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), 1, 1);
+    let store = dir.path().join("store");
+    let worker = fake_worker(dir.path());
+    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let mut client = t.client().await;
+    let a = client.start_job(start_req(spec(&datalist, "block"))).await.unwrap().into_inner();
+    let b = client.start_job(start_req(spec(&datalist, "block"))).await.unwrap().into_inner();
+    wait_state(&t, &a.id, pb::JobState::Running, 60).await;
+    let first_worker = worker_pids(&store, &a.id);
+    assert_eq!(first_worker.len(), 1);
+
+    // SIGKILL: the service cannot stop anything, its worker dies with it (PR_SET_PDEATHSIG).
+    t.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(first_worker[0]) {
+        assert!(Instant::now() < deadline, "the worker outlived the trainer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let mut client = t.client().await;
+    let a2 = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
+    assert_eq!(a2.resume_count, 1, "a job that was running counts a resume");
+    assert_eq!(get(&mut client, &b.id).await.state(), pb::JobState::Queued, "B keeps waiting behind A");
+    let events = watch_all_until(&mut client, &a.id, pb::JobState::Running, 2).await;
+    assert!(
+        events.iter().any(|e| matches!(&e.event,
+            Some(pb::job_event::Event::Log(l)) if l.message == "trainer restarted; resuming from the last checkpoint")),
+        "{events:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while worker_pids(&store, &a.id).len() < 2 {
+        assert!(Instant::now() < deadline, "the job was not relaunched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // SIGTERM: workers stop at a step boundary, the job stays RUNNING in the store and resumes.
+    t.stop();
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join(format!("jobs/{}/job.json", a.id))).unwrap()).unwrap();
+    assert_eq!(record["state"], "RUNNING");
+    for pid in worker_pids(&store, &a.id) {
+        assert!(!pid_alive(pid), "worker {pid} still runs after the trainer stopped");
+    }
+    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let a3 = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
+    assert_eq!(a3.resume_count, 2);
+    let mut client = t.client().await;
+    client.cancel_job(pb::CancelJobRequest { job_id: a.id.clone(), ..Default::default() }).await.unwrap();
+    wait_state(&t, &a.id, pb::JobState::Cancelled, 30).await;
+    wait_state(&t, &b.id, pb::JobState::Running, 60).await;
+    t.stop();
+}
+
+/// Watches from 0 until the job has entered `state` `times` times (the stream of a running job
+/// does not end by itself).
+async fn watch_all_until(
+    client: &mut TrainerClient<Channel>,
+    id: &str,
+    state: pb::JobState,
+    times: usize,
+) -> Vec<pb::JobEvent> {
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: 0 }).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            events.push(e);
+            if state_changes(&events).iter().filter(|s| **s == state).count() >= times {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), collect).await.expect("the job did not get there");
+    events
+}
+
+/// The real worker for the training tests: `BRATS_TEST_TRAINER_WORKER` when set, else the
+/// trainer's own binary (worker_exe left empty, the production default).
+fn real_worker() -> Option<PathBuf> {
+    std::env::var("BRATS_TEST_TRAINER_WORKER").ok().map(PathBuf::from)
+}
+
+/// A tiny real training spec: 32³ crops, a SegResNet with 8 filters and one block per level.
+fn training_spec(datalist: &str, epochs: u32) -> pb::JobSpec {
+    let mut s = spec(datalist, "real");
+    s.seed = Some(3);
+    s.hyperparameters = Some(pb::Hyperparameters {
+        epochs,
+        learning_rate: Some(3e-3),
+        lr_schedule: pb::LrSchedule::Constant as i32,
+        ..Default::default()
+    });
+    s.registration = Some(pb::ModelRegistration { model_name: "tiny".into(), ..Default::default() });
+    s
+}
+
+fn epochs_of(events: &[pb::JobEvent]) -> Vec<pb::EpochMetrics> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Epoch(m)) => Some(*m),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_on_the_cpu_and_registers_a_model_that_learned() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), 2, 1);
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
+    let mut client = t.client().await;
+    let started = Instant::now();
+    let job = client.start_job(start_req(training_spec(&datalist, 8))).await.unwrap().into_inner();
+    let events = watch_all(&mut client, &job.id, 0, 600).await;
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
+    eprintln!("8 epochs in {:.1} s", started.elapsed().as_secs_f64());
+    let epochs = epochs_of(&events);
+    assert_eq!(epochs.iter().map(|e| e.epoch).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    let (first, last) = (epochs[0], epochs[7]);
+    assert!(last.train_loss < first.train_loss, "the loss did not go down: {first:?} → {last:?}");
+    let best = done.best_metrics.unwrap();
+    assert!(best.mean > first.validation.unwrap().mean, "the validation Dice did not improve: {best:?}");
+    assert_eq!((done.epoch, done.registered_model.unwrap().version.as_str()), (8, "1"));
+    assert!(events.iter().any(|e| matches!(e.event, Some(pb::job_event::Event::Step(_)))));
+    for f in ["model.onnx", "metadata.json", "best.safetensors", "metrics.csv", "curves.png"] {
+        assert!(store.join(format!("jobs/{}/artifacts/{f}", job.id)).exists(), "no artefact {f}");
+    }
+    assert!(store.join("models/tiny/1/model.onnx").exists());
+    t.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_killed_mid_training_resumes_losing_at_most_one_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), 2, 1);
+    let store = dir.path().join("store");
+    let worker = real_worker();
+    let t = Trainer::start(dir.path(), &store, worker.as_deref(), "").await;
+    let mut client = t.client().await;
+    let job = client.start_job(start_req(training_spec(&datalist, 6))).await.unwrap().into_inner();
+
+    // Watch until two epochs are done, noting the worker's pid, then SIGKILL the trainer.
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: job.id.clone(), from_sequence: 0 }).await.unwrap().into_inner();
+    let mut before = Vec::new();
+    let follow = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            before.push(e);
+            if epochs_of(&before).len() >= 2 {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), follow).await.expect("two epochs did not finish");
+    let pid: i32 = before
+        .iter()
+        .find_map(|e| match &e.event {
+            Some(pb::job_event::Event::Log(l)) if l.message.starts_with("started 1 worker") => {
+                l.message.split("pids [").nth(1)?.trim_end_matches(')').trim_end_matches(']').parse().ok()
+            }
+            _ => None,
+        })
+        .expect("the worker's pid in the log");
+    t.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) {
+        assert!(Instant::now() < deadline, "the worker outlived the trainer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored: Vec<serde_json::Value> = std::fs::read_to_string(store.join(format!("jobs/{}/events.jsonl", job.id)))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done_before = stored.iter().filter(|e| e["type"] == "epoch").map(|e| e["epoch"].as_u64().unwrap()).max();
+    let done_before = done_before.expect("epochs are stored as they end") as u32;
+    assert!(done_before >= 2, "stored epochs: {done_before}");
+
+    let t = Trainer::start(dir.path(), &store, worker.as_deref(), "").await;
+    let mut client = t.client().await;
+    let all = watch_all(&mut client, &job.id, 0, 600).await;
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
+    assert_eq!((done.epoch, done.resume_count), (6, 1));
+    // After the restart, training continued from the latest checkpoint: the first epoch run
+    // again is at most one past what had finished.
+    let restart = all
+        .iter()
+        .position(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.starts_with("trainer restarted")))
+        .expect("a restart note");
+    let rerun: Vec<u32> = epochs_of(&all[restart..]).iter().map(|e| e.epoch).collect();
+    assert_eq!(rerun.last(), Some(&6));
+    assert!(rerun[0] >= done_before, "resumed at epoch {} after {done_before} had finished: lost more than one", rerun[0]);
+    assert!(rerun[0] <= done_before + 1, "skipped epochs: {rerun:?} after {done_before}");
+    t.stop();
+}
