@@ -20,10 +20,10 @@ dir=target/gpu-train
 case "${1:-}" in
 build)
     set -e
-    cargo build -p brats-trainer -p brats-preprocess --bins
+    cargo build -p brats-trainer --bins
     cargo test -p brats-trainer --test dist --no-run 2>&1 | tail -1
     rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/py"
-    cp target/debug/brats-trainer target/debug/brats-preprocess "$dir/bin/"
+    cp target/debug/brats-trainer "$dir/bin/"
     dist_test=$(ls -t target/debug/deps/dist-* | grep -v '\.d$' | head -1)
     cp "$dist_test" "$dir/bin/dist-test"
     strip --strip-debug "$dir"/bin/*
@@ -74,7 +74,7 @@ PY
     tail -3 "$out/step.err" 2>/dev/null | grep -v "^\[W" | tee -a "$out/summary.txt"
 
     log "3. brats-trainer train on cuda:0, AMP, NCCL world size 1, 6 synthetic 240x240x155 cases"
-    timeout 90 "$bin/brats-preprocess" synth --shape 240,240,155 --seed 7 --count 6 --validation 2 --out "$work/data" >/dev/null
+    timeout 90 "$bin/brats-trainer" synth-dataset --shape 240,240,155 --seed 7 --training 4 --validation 2 --out "$work/data" >/dev/null
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 \
         timeout 300 "$bin/brats-trainer" train --datalist "$work/data/datalist.json" --epochs 2 --max-steps-per-epoch 12 \
         --lr 1e-4 --crop 224,224,144 --val-roi 240,240,160 --devices 0 --verbose --out "$work/run" >"$out/train.txt" 2>&1

@@ -95,6 +95,11 @@ impl Trainer {
     /// Starts the service on `store` (a folder) with the stand-in worker (or the real one when
     /// `worker` is None), and waits until it reports SERVING.
     async fn start(dir: &Path, store: &Path, worker: Option<&Path>, extra: &str) -> Trainer {
+        Trainer::start_on(dir, &file_uri(store), &file_uri(&store.join("models")), worker, extra).await
+    }
+
+    /// [`Trainer::start`] on any store and registry root.
+    async fn start_on(dir: &Path, store_root: &str, registry: &str, worker: Option<&Path>, extra: &str) -> Trainer {
         let port = free_port();
         let metrics_port = free_port();
         let config = dir.join(format!("trainer-{port}.toml"));
@@ -103,10 +108,8 @@ impl Trainer {
             &config,
             format!(
                 "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                 store_root = \"{}\"\nregistry = \"{}\"\nworker_exe = \"{worker_exe}\"\n\
-                 cancel_grace_s = 5\nshutdown_grace_s = 5\n{extra}\n",
-                file_uri(store),
-                file_uri(&store.join("models")),
+                 store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
+                 shutdown_grace_s = 20\n{extra}\n",
             ),
         )
         .unwrap();
@@ -136,9 +139,9 @@ impl Trainer {
     async fn serving(&self) -> bool {
         let Ok(channel) = Channel::from_shared(self.url.clone()).unwrap().connect().await else { return false };
         let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Trainer".into() })
-            .await
-            .is_ok_and(|r| r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Trainer".into() }).await.is_ok_and(|r| {
+            r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        })
     }
 
     async fn client(&self) -> TrainerClient<Channel> {
@@ -191,7 +194,11 @@ fn spec(datalist: &str, fake: &str) -> pb::JobSpec {
         devices: vec!["cpu".into()],
         hyperparameters: Some(pb::Hyperparameters { epochs: 1, ..Default::default() }),
         data: Some(pb::TrainingData {
-            crop: Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![32, 32, 32], ..Default::default() }),
+            crop: Some(pb::CropSpec {
+                mode: pb::CropMode::Random as i32,
+                size: vec![32, 32, 32],
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         validation: Some(pb::ValidationSpec {
@@ -239,11 +246,8 @@ async fn wait_state(t: &Trainer, id: &str, state: pb::JobState, secs: u64) -> pb
 
 /// Every event of a job from `from` until the stream ends (or `secs` pass).
 async fn watch_all(client: &mut TrainerClient<Channel>, id: &str, from: u64, secs: u64) -> Vec<pb::JobEvent> {
-    let mut stream = client
-        .watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from }).await.unwrap().into_inner();
     let mut events = Vec::new();
     let collect = async {
         while let Some(e) = stream.message().await.unwrap() {
@@ -428,11 +432,16 @@ async fn queue_cancel_resume_list_and_watch() {
     let e = client.get_job(pb::GetJobRequest { job_id: "no-such-job".into() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert_eq!(client.get_job(pb::GetJobRequest::default()).await.unwrap_err().code(), Code::InvalidArgument);
-    let page1 = client.list_jobs(pb::ListJobsRequest { page_size: 1, ..Default::default() }).await.unwrap().into_inner();
+    let page1 =
+        client.list_jobs(pb::ListJobsRequest { page_size: 1, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(page1.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), vec!["second-job"]);
     assert!(!page1.next_page_token.is_empty());
     let page2 = client
-        .list_jobs(pb::ListJobsRequest { page_size: 1, page_token: page1.next_page_token.clone(), ..Default::default() })
+        .list_jobs(pb::ListJobsRequest {
+            page_size: 1,
+            page_token: page1.next_page_token.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -499,7 +508,9 @@ async fn queue_cancel_resume_list_and_watch() {
         ]
     );
     assert!(
-        all.iter().any(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message == "fake worker rank 0 on cpu")),
+        all.iter().any(
+            |e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message == "fake worker rank 0 on cpu")
+        ),
         "{all:?}"
     );
     // The worker is gone; the stored log is what was streamed.
@@ -563,13 +574,16 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
     assert_eq!(registered.unwrap().aliases, vec!["production"]);
     let models = store.join("models/tiny");
     assert_eq!(std::fs::read_to_string(models.join("1/model.onnx")).unwrap(), "onnx\n");
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("1/metadata.json")).unwrap()).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("1/metadata.json")).unwrap()).unwrap();
     assert_eq!(meta["format"], "fake");
     assert_eq!(meta["description"], "test run");
     assert_eq!(meta["trainer_job"]["job_id"], first.id.as_str());
-    let aliases: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
+    let aliases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
     assert_eq!(aliases["production"], "1");
-    let e = client.cancel_job(pb::CancelJobRequest { job_id: first.id.clone(), ..Default::default() }).await.unwrap_err();
+    let e =
+        client.cancel_job(pb::CancelJobRequest { job_id: first.id.clone(), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
 
     // The next job of the same name is version 2; without promotion production stays on 1.
@@ -579,7 +593,8 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
     let second = wait_state(&t, &second.id, pb::JobState::Succeeded, 60).await;
     assert_eq!(second.registered_model.unwrap().version, "2");
     assert_eq!(second.seed, 7);
-    let aliases: serde_json::Value = serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
+    let aliases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
     assert_eq!(aliases["production"], "1");
 
     // A worker that fails: FAILED with its stderr as the reason; resumable.
@@ -733,6 +748,25 @@ async fn a_job_trains_on_the_cpu_and_registers_a_model_that_learned() {
         assert!(store.join(format!("jobs/{}/artifacts/{f}", job.id)).exists(), "no artefact {f}");
     }
     assert!(store.join("models/tiny/1/model.onnx").exists());
+
+    // Cancelling a training job: the worker stops at the next step boundary (exit 3), well
+    // within the grace period, and the job is CANCELLED.
+    let long = client.start_job(start_req(training_spec(&datalist, 50))).await.unwrap().into_inner();
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: long.id.clone(), from_sequence: 0 }).await.unwrap().into_inner();
+    let first_step = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            if matches!(e.event, Some(pb::job_event::Event::Step(_))) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), first_step).await.expect("no step");
+    client.cancel_job(pb::CancelJobRequest { job_id: long.id.clone(), reason: "enough".into() }).await.unwrap();
+    let cancelled = wait_state(&t, &long.id, pb::JobState::Cancelled, 60).await;
+    assert_eq!(cancelled.failure_reason, "enough");
+    assert!(cancelled.registered_model.is_none());
+    assert!(!t.log_text().contains("did not stop within the grace period"), "{}", t.log_text());
     t.stop();
 }
 
@@ -793,11 +827,59 @@ async fn a_trainer_killed_mid_training_resumes_losing_at_most_one_epoch() {
     // again is at most one past what had finished.
     let restart = all
         .iter()
-        .position(|e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.starts_with("trainer restarted")))
+        .position(
+            |e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.starts_with("trainer restarted")),
+        )
         .expect("a restart note");
     let rerun: Vec<u32> = epochs_of(&all[restart..]).iter().map(|e| e.epoch).collect();
     assert_eq!(rerun.last(), Some(&6));
-    assert!(rerun[0] >= done_before, "resumed at epoch {} after {done_before} had finished: lost more than one", rerun[0]);
+    assert!(
+        rerun[0] >= done_before,
+        "resumed at epoch {} after {done_before} had finished: lost more than one",
+        rerun[0]
+    );
     assert!(rerun[0] <= done_before + 1, "skipped epochs: {rerun:?} after {done_before}");
+    t.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_against_s3_and_is_recovered_from_it() {
+    let moto = Moto::start("brats").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data, 1, 1);
+    let stores = brats_core::store::Stores::new(moto.store_config());
+    for f in list_files(&data) {
+        let uri = brats_core::StoreUri::parse(&format!("s3://brats/data/{f}")).unwrap();
+        stores.put(&uri, std::fs::read(data.join(&f)).unwrap().into()).await.unwrap();
+    }
+    let c = moto.store_config();
+    let extra = format!(
+        "[store]\ns3_endpoint = \"{}\"\ns3_region = \"us-east-1\"\ns3_access_key_id = \"testing\"\n\
+         s3_secret_access_key = \"{}\"\n",
+        c.s3_endpoint.unwrap(),
+        c.s3_secret_access_key.unwrap()
+    );
+    let worker = real_worker();
+    let t = Trainer::start_on(dir.path(), "s3://brats/trainer", "s3://brats/models", worker.as_deref(), &extra).await;
+    let mut client = t.client().await;
+    let job =
+        client.start_job(start_req(training_spec("s3://brats/data/datalist.json", 2))).await.unwrap().into_inner();
+    assert_eq!(job.job_uri, format!("s3://brats/trainer/jobs/{}/", job.id));
+    let done = wait_state(&t, &job.id, pb::JobState::Succeeded, 300).await;
+    assert_eq!(done.registered_model.unwrap().version, "1");
+    for key in ["models/tiny/1/model.onnx", "models/tiny/1/metadata.json"] {
+        let uri = brats_core::StoreUri::parse(&format!("s3://brats/{key}")).unwrap();
+        assert!(stores.exists(&uri).await.unwrap(), "{key} missing");
+    }
+    let config = brats_core::StoreUri::parse(&format!("{}config.json", job.job_uri)).unwrap();
+    assert!(stores.exists(&config).await.unwrap());
+    assert!(!t.log_text().contains("s3_secret_access_key"), "the store's credentials were logged");
+    t.stop();
+
+    // A new trainer finds the job in the bucket.
+    let t = Trainer::start_on(dir.path(), "s3://brats/trainer", "s3://brats/models", worker.as_deref(), &extra).await;
+    let again = get(&mut t.client().await, &job.id).await;
+    assert_eq!((again.state(), again.epoch), (pb::JobState::Succeeded, 2));
     t.stop();
 }

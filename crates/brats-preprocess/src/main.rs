@@ -179,7 +179,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Synth { shape, seed, count, out, validation: Some(val) } => {
             anyhow::ensure!(val < count, "--validation {val} must leave at least one training case of --count {count}");
-            let path = synthetic::write_dataset(&out, shape, seed, count - val, val).context("writing synthetic dataset")?;
+            let path =
+                synthetic::write_dataset(&out, shape, seed, count - val, val).context("writing synthetic dataset")?;
             println!("{}", path.display());
             Ok(())
         }

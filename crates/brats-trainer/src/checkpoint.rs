@@ -95,10 +95,8 @@ pub fn to_bytes(
         (brats_model::weights::META_CONFIG.to_string(), serde_json::to_string(config).expect("config serialises")),
         (META_TRAIN_STATE.to_string(), serde_json::to_string(state).expect("state serialises")),
     ]);
-    brats_model::tensors::serialize_safetensors(&sd, &meta).map_err(|e| CheckpointError::Invalid {
-        source_name: "checkpoint".into(),
-        message: e.to_string(),
-    })
+    brats_model::tensors::serialize_safetensors(&sd, &meta)
+        .map_err(|e| CheckpointError::Invalid { source_name: "checkpoint".into(), message: e.to_string() })
 }
 
 /// Parses a checkpoint written by [`to_bytes`]; `source_name` names it in errors.

@@ -80,9 +80,11 @@ pub struct TrainArgs {
 }
 
 fn triple(field: &str, s: &str) -> anyhow::Result<Vec<u32>> {
-    let v: Vec<u32> = s.split(',').map(|p| p.trim().parse::<u32>()).collect::<Result<_, _>>().with_context(|| {
-        format!("{field}: '{s}' is not three integers X,Y,Z")
-    })?;
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{field}: '{s}' is not three integers X,Y,Z"))?;
     if v.len() != 3 {
         bail!("{field}: '{s}' is not three integers X,Y,Z");
     }
@@ -130,7 +132,11 @@ fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
         data: Some(pb::TrainingData {
             crop: match &a.crop {
                 None => None,
-                Some(c) => Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: triple("--crop", c)?, ..Default::default() }),
+                Some(c) => Some(pb::CropSpec {
+                    mode: pb::CropMode::Random as i32,
+                    size: triple("--crop", c)?,
+                    ..Default::default()
+                }),
             },
             loader_workers: a.loader_workers,
             max_steps_per_epoch: a.max_steps_per_epoch,
@@ -224,7 +230,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     if config.devices.len() > 1 && dist_env.is_none() {
         return launch_local_ranks(&config);
     }
-    let (rank, world, local_rank) = dist_env.as_ref().map(|e| (e.rank, e.world_size, e.local_rank)).unwrap_or((0, 1, 0));
+    let (rank, world, local_rank) =
+        dist_env.as_ref().map(|e| (e.rank, e.world_size, e.local_rank)).unwrap_or((0, 1, 0));
     let device = match config.devices.as_slice() {
         [Device::Cpu] => Device::Cpu,
         devs => *devs.get(local_rank).with_context(|| format!("LOCAL_RANK {local_rank} has no device in {devs:?}"))?,
@@ -293,13 +300,28 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     let cancel = cancel_flag(false);
     let mut printer = ProgressPrinter { epochs: config.epochs, verbose: args.verbose, last: Instant::now() };
-    let result = train::run(&config, &data, &env, &mut |e| if lead { printer.print(&e) }, &cancel);
+    let result = train::run(
+        &config,
+        &data,
+        &env,
+        &mut |e| {
+            if lead {
+                printer.print(&e)
+            }
+        },
+        &cancel,
+    );
     match result {
         Ok(outcome) => {
             if lead {
                 let best = outcome
                     .best_metrics
-                    .map(|d| format!("best mean Dice {:.4} (TC {:.4}, WT {:.4}, ET {:.4}) at epoch {}", d.mean, d.tc, d.wt, d.et, outcome.best_epoch))
+                    .map(|d| {
+                        format!(
+                            "best mean Dice {:.4} (TC {:.4}, WT {:.4}, ET {:.4}) at epoch {}",
+                            d.mean, d.tc, d.wt, d.et, outcome.best_epoch
+                        )
+                    })
                     .unwrap_or_else(|| "no validation".into());
                 println!("done: {} epochs, {} steps; {best}", outcome.epochs, outcome.global_step);
                 println!("wrote {}", args.out.display());
@@ -312,7 +334,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn local_world(env: Option<&DistEnv>) -> usize {
-    std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or_else(|| env.map(|e| e.world_size).unwrap_or(1))
+    std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| env.map(|e| e.world_size).unwrap_or(1))
 }
 
 /// One process per local device, like torchrun on one node; waits for all, fails if any fails.
@@ -354,26 +379,33 @@ struct ProgressPrinter {
 impl ProgressPrinter {
     fn print(&mut self, e: &EventKind) {
         match e {
-            EventKind::Step(s) => {
-                if self.verbose || self.last.elapsed() > Duration::from_secs(10) {
-                    self.last = Instant::now();
-                    eprintln!(
-                        "epoch {}/{} step {}/{} loss {:.4} lr {:.2e} {:.2} samples/s eta {:.0}s",
-                        s.epoch,
-                        self.epochs,
-                        s.step,
-                        s.steps_per_epoch,
-                        s.loss,
-                        s.learning_rate,
-                        s.samples_per_second,
-                        s.eta_seconds
-                    );
-                }
+            EventKind::Step(s) if self.verbose || self.last.elapsed() > Duration::from_secs(10) => {
+                self.last = Instant::now();
+                eprintln!(
+                    "epoch {}/{} step {}/{} loss {:.4} lr {:.2e} {:.2} samples/s eta {:.0}s",
+                    s.epoch,
+                    self.epochs,
+                    s.step,
+                    s.steps_per_epoch,
+                    s.loss,
+                    s.learning_rate,
+                    s.samples_per_second,
+                    s.eta_seconds
+                );
             }
             EventKind::Epoch(m) => {
                 let dice = m
                     .validation
-                    .map(|d| format!(" dice mean {:.4} tc {:.4} wt {:.4} et {:.4}{}", d.mean, d.tc, d.wt, d.et, if m.is_best { " *" } else { "" }))
+                    .map(|d| {
+                        format!(
+                            " dice mean {:.4} tc {:.4} wt {:.4} et {:.4}{}",
+                            d.mean,
+                            d.tc,
+                            d.wt,
+                            d.et,
+                            if m.is_best { " *" } else { "" }
+                        )
+                    })
                     .unwrap_or_default();
                 eprintln!(
                     "epoch {} loss {:.4} lr {:.2e}{dice} ({:.1}s train, {:.1}s val, loader wait {:.0}%)",
@@ -397,7 +429,9 @@ pub fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
     let cancel = cancel_flag(true);
     match run_worker(job_uri, manifest_uri, &cancel) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if matches!(e.downcast_ref::<TrainError>(), Some(TrainError::Cancelled)) => ExitCode::from(EXIT_CANCELLED),
+        Err(e) if matches!(e.downcast_ref::<TrainError>(), Some(TrainError::Cancelled)) => {
+            ExitCode::from(EXIT_CANCELLED)
+        }
         Err(e) => {
             let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("error: {}", msg.join(": "));
@@ -420,8 +454,8 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
     let rt = runtime()?;
     let stores = Arc::new(Stores::new(store_config));
     let job = StoreUri::parse(job_uri)?;
-    let config: TrainConfig = serde_json::from_slice(&rt.block_on(stores.get(&job.join("config.json")))?)
-        .context("the job's config.json")?;
+    let config: TrainConfig =
+        serde_json::from_slice(&rt.block_on(stores.get(&job.join("config.json")))?).context("the job's config.json")?;
     let group = process_group(dist_env.as_ref(), device)?;
     let lead = group.as_ref().map(|g| g.rank() == 0).unwrap_or(true);
     let manifest = rt.block_on(dataset::read_manifest(&stores, &StoreUri::parse(manifest_uri)?))?;
@@ -527,7 +561,8 @@ pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
     let mut scaler = if amp { GradScaler::new(GradScalerConfig::default())? } else { GradScaler::disabled() };
     let loss_fn = DiceLoss::bundle();
     let x = tch::Tensor::randn([1, 4, crop[0], crop[1], crop[2]], (tch::Kind::Float, dev));
-    let y = tch::Tensor::rand([1, 3, crop[0], crop[1], crop[2]], (tch::Kind::Float, dev)).lt(0.5).to_kind(tch::Kind::Float);
+    let y =
+        tch::Tensor::rand([1, 3, crop[0], crop[1], crop[2]], (tch::Kind::Float, dev)).lt(0.5).to_kind(tch::Kind::Float);
     let sync = || {
         if let Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -552,7 +587,11 @@ pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
         scaler.update()?;
         last_loss = loss.double_value(&[]);
         if std::env::var_os("BRATS_BENCH_DETAIL").is_some() {
-            eprintln!("forward+loss {t_fwd:.3}s backward {:.3}s optimiser {:.3}s", t_bwd - t_fwd, t.elapsed().as_secs_f64() - t_bwd);
+            eprintln!(
+                "forward+loss {t_fwd:.3}s backward {:.3}s optimiser {:.3}s",
+                t_bwd - t_fwd,
+                t.elapsed().as_secs_f64() - t_bwd
+            );
         }
         sync();
         if i >= a.warmup {
@@ -566,9 +605,9 @@ pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
         let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
         sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
     };
-    let rss_kib = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()));
+    let rss_kib = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+    });
     println!(
         "{}",
         serde_json::json!({
@@ -577,5 +616,25 @@ pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
             "device": device.to_string(), "amp": amp, "final_loss": last_loss, "peak_rss_kib": rss_kib,
         })
     );
+    Ok(())
+}
+
+/// `brats-trainer synth-dataset`.
+pub fn synth_dataset(
+    shape: &str,
+    seed: u64,
+    training: usize,
+    validation: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let s = triple("--shape", shape)?;
+    let path = brats_preprocess::synthetic::write_dataset(
+        out,
+        [s[0] as usize, s[1] as usize, s[2] as usize],
+        seed,
+        training,
+        validation,
+    )?;
+    println!("{}", path.display());
     Ok(())
 }

@@ -246,9 +246,10 @@ fn crop_box(shape: [usize; 3], augment: &Augment, draws: &Draws) -> CropBox {
     b
 }
 
-/// Draws and applies `augment` to a labelled case, exactly as `pipeline::preprocess` with the
-/// same options and seed would (same draws from ChaCha8, same transforms, same order); only the
-/// zero padding of crops larger than the case is added. Same case and seed → same sample.
+/// Draws and applies `augment` to a labelled case, bit for bit as `pipeline::preprocess` with
+/// the same options and seed would (the library's draws from ChaCha8, then crop, flip X, Y, Z,
+/// scale, shift with the same f32 operations); only the zero padding of crops larger than the
+/// case is added. Same case and seed → same sample.
 pub fn sample(case: &CachedCase, augment: &Augment, seed: u64) -> Result<Sample> {
     let n: usize = augment.crop.iter().product();
     let mut image = vec![0f32; IMAGE_CHANNELS * n];

@@ -80,6 +80,7 @@ pub enum Preprocessor {
 /// Preprocesses a datalist's sections (full volumes: normalised, label channels, no crop) into
 /// `output_root`, reusing cached cases, and returns the manifest's URI. `progress` sees
 /// (completed, total) as cases finish.
+#[allow(clippy::too_many_arguments)] // the PreprocessDataset request's fields, each needed
 pub async fn prepare(
     stores: Arc<Stores>,
     preprocessor: &Preprocessor,
@@ -123,15 +124,19 @@ pub async fn prepare(
             service.preprocess_dataset(tonic::Request::new(request)).await.map_err(refused)?.into_inner()
         }
         Preprocessor::Remote(endpoint) => {
-            let mut client = pb::preprocessor_client::PreprocessorClient::connect(endpoint.clone()).await.map_err(|e| {
-                DatasetError::Preprocess {
-                    field: "preprocess_endpoint".into(),
-                    message: format!("cannot reach the preprocessing service at {endpoint}: {e}"),
-                    code: tonic::Code::Unavailable,
-                }
-            })?;
+            let mut client =
+                pb::preprocessor_client::PreprocessorClient::connect(endpoint.clone()).await.map_err(|e| {
+                    DatasetError::Preprocess {
+                        field: "preprocess_endpoint".into(),
+                        message: format!("cannot reach the preprocessing service at {endpoint}: {e}"),
+                        code: tonic::Code::Unavailable,
+                    }
+                })?;
             let s = client.preprocess_dataset(request).await.map_err(refused)?.into_inner();
-            Box::pin(s) as std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, tonic::Status>> + Send>>
+            Box::pin(s)
+                as std::pin::Pin<
+                    Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, tonic::Status>> + Send>,
+                >
         }
     };
     let mut first_failure: Option<(String, String)> = None;
@@ -166,14 +171,17 @@ pub async fn read_manifest(stores: &Stores, uri: &StoreUri) -> Result<Manifest, 
 }
 
 /// Loads one section's cases (an absent section is empty).
-pub async fn load_section(stores: &Stores, manifest: &Manifest, section: &str) -> Result<Vec<CachedCase>, DatasetError> {
+pub async fn load_section(
+    stores: &Stores,
+    manifest: &Manifest,
+    section: &str,
+) -> Result<Vec<CachedCase>, DatasetError> {
     let Some(cases) = manifest.cases.get(section) else { return Ok(Vec::new()) };
     let uris: Vec<(String, StoreUri)> = cases
         .iter()
         .map(|c| Ok((c.case_id.clone(), StoreUri::parse(&c.tensors)?)))
         .collect::<Result<_, brats_core::CoreError>>()?;
-    crate::data::load_cases(stores, &uris).await.map_err(|e| DatasetError::Manifest {
-        uri: format!("section {section}"),
-        message: e.to_string(),
-    })
+    crate::data::load_cases(stores, &uris)
+        .await
+        .map_err(|e| DatasetError::Manifest { uri: format!("section {section}"), message: e.to_string() })
 }

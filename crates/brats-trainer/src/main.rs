@@ -58,6 +58,26 @@ enum Command {
     /// Time training steps of the bundle's network on random data (the Rust side of the
     /// training-step benchmark; benchmarks/trainer runs it beside MONAI's). Prints one JSON line.
     BenchStep(cli::BenchStepArgs),
+    /// Write a synthetic BraTS-like dataset and its datalist (the preprocessing CLI's `synth
+    /// --validation`, here too so a GPU machine needs only this binary).
+    #[command(hide = true)]
+    SynthDataset {
+        /// Volume shape X,Y,Z.
+        #[arg(long, default_value = "240,240,155")]
+        shape: String,
+        /// Seed of the first case.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training cases.
+        #[arg(long)]
+        training: usize,
+        /// Validation cases.
+        #[arg(long)]
+        validation: usize,
+        /// Output folder (datalist.json and the cases).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// One rank of a service job (launched by `serve`; not for direct use).
     #[command(hide = true)]
     Worker {
@@ -124,11 +144,14 @@ fn main() -> ExitCode {
     let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
     brats_service::init_logging(if serving { "info" } else { "warn" }, json);
     match cli.command {
-        Command::Train(args) => return exit_code(cli::train(args)),
-        Command::BenchStep(args) => return exit_code(cli::bench_step(args)),
-        Command::Worker { job_uri, manifest_uri } => return cli::worker(&job_uri, &manifest_uri),
+        Command::Train(args) => exit_code(cli::train(args)),
+        Command::BenchStep(args) => exit_code(cli::bench_step(args)),
+        Command::SynthDataset { shape, seed, training, validation, out } => {
+            exit_code(cli::synth_dataset(&shape, seed, training, validation, &out))
+        }
+        Command::Worker { job_uri, manifest_uri } => cli::worker(&job_uri, &manifest_uri),
         Command::Serve { config, listen, store_root, registry, json_logs: _ } => {
-            return brats_service::run_main(cli::serve(config, listen, store_root, registry));
+            brats_service::run_main(cli::serve(config, listen, store_root, registry))
         }
         other => exit_code(tools(other)),
     }
@@ -191,7 +214,11 @@ fn tools(command: Command) -> anyhow::Result<()> {
                 report.metadata_path.display()
             );
         }
-        Command::Train(_) | Command::BenchStep(_) | Command::Serve { .. } | Command::Worker { .. } => {
+        Command::Train(_)
+        | Command::BenchStep(_)
+        | Command::SynthDataset { .. }
+        | Command::Serve { .. }
+        | Command::Worker { .. } => {
             unreachable!("dispatched in main")
         }
     }

@@ -108,6 +108,15 @@ struct JobInner {
     /// The event log while the job is active (or was touched since the start); None = only in
     /// the store.
     log: Option<EventLog>,
+    /// The last write failed: the store is behind the record.
+    dirty: bool,
+}
+
+impl JobInner {
+    /// Whether something is not in the store yet.
+    fn unsaved(&self) -> bool {
+        self.dirty || self.log.as_ref().is_some_and(|l| l.pending())
+    }
 }
 
 /// One job known to the service.
@@ -129,7 +138,7 @@ impl Job {
             sequence: watch::Sender::new(record.last_sequence),
             cancel: watch::Sender::new(false),
             snapshot: RwLock::new(record.clone()),
-            inner: tokio::sync::Mutex::new(JobInner { record, log: None }),
+            inner: tokio::sync::Mutex::new(JobInner { record, log: None, dirty: false }),
         })
     }
 
@@ -306,6 +315,7 @@ impl TrainerService {
 
     /// Writes pending events, then the record.
     async fn persist(&self, inner: &mut JobInner) -> Result<(), JobStoreError> {
+        inner.dirty = true;
         if let Some(log) = &mut inner.log
             && log.pending()
         {
@@ -313,7 +323,9 @@ impl TrainerService {
             self.store.write_events(&inner.record.id, log.encode()).await?;
             log.mark_persisted(count, Instant::now());
         }
-        self.store.put(&inner.record).await
+        self.store.put(&inner.record).await?;
+        inner.dirty = false;
+        Ok(())
     }
 
     /// Numbers an event, applies it to the record, writes it as `durability` says and wakes
@@ -507,20 +519,41 @@ impl TrainerService {
 
     /// Ends a job in a terminal state and drops its in-memory log once it is stored. A
     /// cancellation without a reason keeps the one given to CancelJob.
-    async fn finish(&self, job: &Job, to: JobState, reason: String, code: &str) {
+    async fn finish(&self, job: &Arc<Job>, to: JobState, reason: String, code: &str) {
         let mut inner = job.inner.lock().await;
         let reason =
             if to == JobState::Cancelled && reason.is_empty() { inner.record.failure_reason.clone() } else { reason };
         // Set before the transition so that one write stores both.
         inner.record.failure_code = if to == JobState::Failed { code.to_string() } else { String::new() };
         let _ = self.transition(job, &mut inner, to, reason.clone(), Durability::Now).await;
-        if !inner.log.as_ref().is_some_and(|l| l.pending()) {
+        if inner.unsaved() {
+            self.retry_writes(job.clone());
+        } else {
             inner.log = None;
         }
         match to {
             JobState::Failed => warn!(reason = %reason, code, "job failed"),
             _ => info!(state = state_name(to), "job ended"),
         }
+    }
+
+    /// Keeps writing a finished job's record and events until the store takes them (otherwise
+    /// a restart would find the job where the store last saw it, and run it again).
+    fn retry_writes(&self, job: Arc<Job>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let mut inner = job.inner.lock().await;
+                if !inner.unsaved() || this.persist(&mut inner).await.is_ok() {
+                    if inner.record.state.is_terminal() {
+                        inner.log = None;
+                    }
+                    info!(job_id = %job.id, "the job's record reached the store");
+                    return;
+                }
+            }
+        });
     }
 
     /// Runs one job from PREPARING to a terminal state (or, on shutdown, leaves it RUNNING in
@@ -562,6 +595,7 @@ impl TrainerService {
             };
             let started = Instant::now();
             let mut last_logged = Instant::now();
+            let cases = std::sync::atomic::AtomicU32::new(0);
             let sections = [config.data.train_section.clone(), config.data.validation_section.clone()];
             let prepare = dataset::prepare(
                 self.stores.clone(),
@@ -572,7 +606,8 @@ impl TrainerService {
                 &config.data.label_convention,
                 &self.settings.store_root,
                 |done, total| {
-                    if last_logged.elapsed() > Duration::from_secs(10) || done == total {
+                    cases.store(total, Ordering::Relaxed);
+                    if last_logged.elapsed() > Duration::from_secs(10) {
                         last_logged = Instant::now();
                         info!(done, total, "preprocessing");
                     }
@@ -582,7 +617,11 @@ impl TrainerService {
             tokio::select! {
                 r = prepare => match r {
                     Ok(m) => {
-                        info!(seconds = started.elapsed().as_secs_f64(), manifest = %m, "dataset ready");
+                        let seconds = started.elapsed().as_secs_f64();
+                        info!(seconds, manifest = %m, "dataset ready");
+                        let note = EventKind::info(format!("dataset ready: {} cases in {seconds:.1} s", cases.load(Ordering::Relaxed)));
+                        let mut inner = job.inner.lock().await;
+                        let _ = self.emit(&job, &mut inner, note, Durability::Batched).await;
                         m
                     }
                     Err(e) => {
@@ -656,8 +695,7 @@ impl TrainerService {
         if let Some(f) = outcome.failure() {
             return self.finish(&job, JobState::Failed, f.describe(), f.failure_code()).await;
         }
-        if outcome.ranks.iter().any(|r| r.exit == RankExit::Code(EXIT_CANCELLED)) {
-            let r = outcome.ranks.iter().find(|r| r.exit == RankExit::Code(EXIT_CANCELLED)).expect("found");
+        if let Some(r) = outcome.ranks.iter().find(|r| r.exit == RankExit::Code(EXIT_CANCELLED)) {
             let reason = format!("{}, as if cancelled, but no cancel was requested", r.describe());
             return self.finish(&job, JobState::Failed, reason, "ABORTED").await;
         }
@@ -722,7 +760,7 @@ impl TrainerService {
                 }
                 _ = ticker.tick() => {
                     let mut inner = job.inner.lock().await;
-                    if inner.log.as_ref().is_some_and(|l| l.flush_due(Instant::now()))
+                    if (inner.dirty || inner.log.as_ref().is_some_and(|l| l.flush_due(Instant::now())))
                         && let Err(e) = self.persist(&mut inner).await
                     {
                         warn!(error = %e, "cannot write the job's events; retrying");
@@ -841,8 +879,10 @@ impl TrainerService {
         }
         for job in self.all_jobs() {
             let mut inner = job.inner.lock().await;
-            if inner.log.as_ref().is_some_and(|l| l.pending()) {
-                let _ = self.persist(&mut inner).await;
+            if inner.unsaved()
+                && let Err(e) = self.persist(&mut inner).await
+            {
+                warn!(job_id = %job.id, error = %e, "cannot write the job's last events before stopping");
             }
         }
     }

@@ -215,11 +215,7 @@ fn triple(field: &str, v: &[u32], default: [usize; 3]) -> Result<[usize; 3], Spe
 }
 
 fn finite(field: &str, v: f64, lo: f64, hi: f64, hint: &str) -> Result<f64, SpecError> {
-    if v.is_finite() && v >= lo && v <= hi {
-        Ok(v)
-    } else {
-        bad(field, format!("{v} is out of range; {hint}"))
-    }
+    if v.is_finite() && v >= lo && v <= hi { Ok(v) } else { bad(field, format!("{v} is out of range; {hint}")) }
 }
 
 /// Parses device names ("cpu", "cuda:0", …); empty means `default`.
@@ -252,7 +248,7 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
     if !spec.resume_from.is_empty() && !spec.init_weights_uri.is_empty() {
         return bad("init_weights_uri", "resume_from and init_weights_uri are mutually exclusive; set only one");
     }
-    let hp = spec.hyperparameters.clone().unwrap_or_default();
+    let hp = spec.hyperparameters.unwrap_or_default();
     let epochs = if hp.epochs == 0 { 300 } else { hp.epochs };
     if epochs > MAX_EPOCHS {
         return bad("hyperparameters.epochs", format!("{epochs} epochs is more than {MAX_EPOCHS}; check for a typo"));
@@ -277,7 +273,7 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
     )?;
     let grad_clip_norm = match hp.grad_clip_norm {
         None => None,
-        Some(v) if v == 0.0 => None,
+        Some(0.0) => None,
         Some(v) => {
             Some(finite("hyperparameters.grad_clip_norm", v, f64::MIN_POSITIVE, 1e6, "use a positive norm or 0")?)
         }
@@ -530,7 +526,8 @@ mod tests {
 
     #[test]
     fn bad_fields_are_named() {
-        let cases: Vec<(Box<dyn Fn(&mut pb::JobSpec)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut pb::JobSpec)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.datalist_uri.clear()), "datalist_uri"),
             (
                 Box::new(|s| {

@@ -154,9 +154,11 @@ fn validate(
     let mut acc = DiceAccumulator::default();
     for &i in shard {
         let case = &cases[i];
-        let label = case.label.as_ref().ok_or_else(|| TrainError::Data(format!("validation case {} has no label", case.id)))?;
+        let label =
+            case.label.as_ref().ok_or_else(|| TrainError::Data(format!("validation case {} has no label", case.id)))?;
         let logits = brats_inference::window::infer(&case.image, 4, case.shape, 3, &window, |win, roi| {
-            let x = Tensor::from_slice(win).reshape([1, 4, roi[0] as i64, roi[1] as i64, roi[2] as i64]).to_device(device);
+            let x =
+                Tensor::from_slice(win).reshape([1, 4, roi[0] as i64, roi[1] as i64, roi[2] as i64]).to_device(device);
             let y = tch::no_grad(|| tch::autocast(amp, || net.forward(&x, false)));
             let y = y.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
             Vec::<f32>::try_from(y.flatten(0, -1)).map_err(TrainError::from)
@@ -275,7 +277,8 @@ pub fn run(
         let uri = StoreUri::parse(w)?;
         let bytes = env.get(&uri)?.ok_or_else(|| TrainError::Data(format!("init_weights_uri {w} does not exist")))?;
         let loaded = weights::load_weights_from_bytes(&bytes, w).map_err(|e| TrainError::Model(e.to_string()))?;
-        weights::load_into_var_store(&vs, &config.model, &loaded.tensors).map_err(|e| TrainError::Model(e.to_string()))?;
+        weights::load_into_var_store(&vs, &config.model, &loaded.tensors)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
     }
     if let Some(g) = &env.group {
         let tensors: Vec<Tensor> = params.iter().map(|(_, t)| t.shallow_clone()).collect();
@@ -312,7 +315,8 @@ pub fn run(
         let _enter = span.enter();
         let lr = lr_at(config, epoch - 1);
         tch::manual_seed(derive_seed(config.seed, &[2, epoch as u64, rank as u64]) as i64);
-        let indices: Vec<usize> = sampler.indices(epoch as u64).into_iter().take(steps_per_epoch * config.batch_size).collect();
+        let indices: Vec<usize> =
+            sampler.indices(epoch as u64).into_iter().take(steps_per_epoch * config.batch_size).collect();
         let mut loader = Loader::start(
             dataset.train.clone(),
             indices,
@@ -330,7 +334,7 @@ pub fn run(
         let mut step_in_epoch = 0usize;
         let mut recent = Instant::now();
         let mut recent_samples = 0usize;
-        while let Some(batch) = loader.next() {
+        for batch in loader.by_ref() {
             let batch = batch.map_err(|e| TrainError::Data(e.to_string()))?;
             step_in_epoch += 1;
             let image = batch.image.to_device(device);
@@ -370,7 +374,8 @@ pub fn run(
             if lead {
                 let elapsed = recent.elapsed().as_secs_f64();
                 let sps = recent_samples as f64 / elapsed.max(1e-9);
-                let remaining_steps = (config.epochs - epoch) as usize * steps_per_epoch + (steps_per_epoch - step_in_epoch);
+                let remaining_steps =
+                    (config.epochs - epoch) as usize * steps_per_epoch + (steps_per_epoch - step_in_epoch);
                 let eta = remaining_steps as f64 * (config.batch_size * world) as f64 / sps.max(1e-9);
                 emit(EventKind::Step(StepMetrics {
                     epoch,
@@ -397,10 +402,11 @@ pub fn run(
         let train_loss = loss_sum / step_in_epoch.max(1) as f64;
 
         // Validation.
-        let validate_now = !val_cases.is_empty()
-            && (epoch % config.validation.interval_epochs == 0 || epoch == config.epochs);
+        let validate_now =
+            !val_cases.is_empty() && (epoch % config.validation.interval_epochs == 0 || epoch == config.epochs);
         let val_started = Instant::now();
-        let scores = if validate_now { Some(validate(&net, &dataset.validation, &val_shard, config, env)?) } else { None };
+        let scores =
+            if validate_now { Some(validate(&net, &dataset.validation, &val_shard, config, env)?) } else { None };
         let validation_seconds = if validate_now { val_started.elapsed().as_secs_f64() } else { 0.0 };
         let is_best = scores.is_some() && checkpoint::score(scores.as_ref()) > checkpoint::score(state.best.as_ref());
         if is_best {
@@ -422,7 +428,8 @@ pub fn run(
 
         // Checkpoints (rank 0). Best first, so a crash between the two never loses the best.
         if lead {
-            let sd = weights::state_dict_from_var_store(&vs, &config.model).map_err(|e| TrainError::Model(e.to_string()))?;
+            let sd =
+                weights::state_dict_from_var_store(&vs, &config.model).map_err(|e| TrainError::Model(e.to_string()))?;
             if is_best {
                 let provenance = provenance(config, env, &state);
                 let bytes = weights::weights_to_safetensors(&sd, &config.model, Some(&provenance))
@@ -473,7 +480,11 @@ fn model_err(e: impl std::fmt::Display) -> TrainError {
 /// Scales gradients so their global L2 norm is at most `max_norm` (torch.nn.utils.clip_grad_norm_).
 fn clip_grad_norm(grads: &[Tensor], max_norm: f64) {
     tch::no_grad(|| {
-        let total: f64 = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+        let total: f64 = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
         let coef = max_norm / (total + 1e-6);
         if coef < 1.0 {
             for g in grads {
@@ -516,7 +527,12 @@ fn outcome_of(env: &RunEnv, state: &TrainState) -> TrainOutcome {
 
 /// Exports the best weights (or the final ones when nothing was validated) and writes the
 /// artefacts: best.safetensors, model.onnx, metadata.json, metrics.csv, curves.png.
-fn finish(config: &TrainConfig, env: &RunEnv, vs: &nn::VarStore, state: &TrainState) -> Result<TrainOutcome, TrainError> {
+fn finish(
+    config: &TrainConfig,
+    env: &RunEnv,
+    vs: &nn::VarStore,
+    state: &TrainState,
+) -> Result<TrainOutcome, TrainError> {
     let model_err = |e: &dyn std::fmt::Display| TrainError::Model(e.to_string());
     let best_uri = env.checkpoints.join("best.safetensors");
     let weights_bytes = match env.get(&best_uri)? {
@@ -549,23 +565,12 @@ fn finish(config: &TrainConfig, env: &RunEnv, vs: &nn::VarStore, state: &TrainSt
     env.put(&dir.join("best.safetensors"), weights_bytes)?;
     env.put(&dir.join("model.onnx"), onnx)?;
     env.put(&dir.join("metadata.json"), serde_json::to_vec_pretty(&metadata).expect("metadata serialises"))?;
-    let tmp = tempfile_dir()?;
-    let csv = tmp.join("metrics.csv");
-    plot::write_metrics_csv(&csv, &state.history).map_err(|e| model_err(&e))?;
-    env.put(&dir.join("metrics.csv"), std::fs::read(&csv).map_err(|e| model_err(&e))?)?;
-    let png = tmp.join("curves.png");
-    match plot::write_plot_png(&png, &state.history, &format!("SegResNet training — {}", env.run_name)) {
-        Ok(()) => env.put(&dir.join("curves.png"), std::fs::read(&png).map_err(|e| model_err(&e))?)?,
+    env.put(&dir.join("metrics.csv"), plot::metrics_csv(&state.history).into_bytes())?;
+    match plot::plot_png(&state.history, &format!("SegResNet training - {}", env.run_name)) {
+        Ok(png) => env.put(&dir.join("curves.png"), png)?,
         Err(e) => warn!(error = %e, "training curves not plotted"),
     }
-    let _ = std::fs::remove_dir_all(&tmp);
     Ok(outcome_of(env, state))
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf, TrainError> {
-    let dir = std::env::temp_dir().join(format!("brats-trainer-{}-{}", std::process::id(), crate::events::now_ms()));
-    std::fs::create_dir_all(&dir).map_err(|e| TrainError::Model(format!("temporary folder: {e}")))?;
-    Ok(dir)
 }
 
 /// The network's weights as a MONAI-ordered state dict (for callers that keep a VarStore).

@@ -132,7 +132,8 @@ fn two_gloo_ranks_equal_one_process_on_the_concatenated_batch() {
     assert!(worst <= 1e-6, "weights differ by {worst:e}");
     // The averaged gradients: Adam's first moments after one step are 0.1·g.
     let moments = |out: &Path| {
-        let ck = checkpoint::from_bytes(&std::fs::read(out.join("checkpoints/latest.safetensors")).unwrap(), "ck").unwrap();
+        let ck =
+            checkpoint::from_bytes(&std::fs::read(out.join("checkpoints/latest.safetensors")).unwrap(), "ck").unwrap();
         assert_eq!(ck.state.global_step, 1);
         ck.optimizer_tensors
             .into_iter()
