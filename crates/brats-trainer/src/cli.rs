@@ -489,22 +489,33 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
     Ok(())
 }
 
+/// Flags of `brats-trainer serve` that override the configuration.
+pub struct ServeOverrides {
+    /// gRPC listen address.
+    pub listen: Option<String>,
+    /// Store root of jobs.
+    pub store_root: Option<String>,
+    /// Model registry root.
+    pub registry: Option<String>,
+    /// Metrics address.
+    pub metrics_listen: Option<String>,
+    /// Preprocessing service endpoint.
+    pub preprocess_endpoint: Option<String>,
+}
+
 /// `brats-trainer serve`.
-pub async fn serve(
-    config: Option<PathBuf>,
-    listen: Option<String>,
-    store_root: Option<String>,
-    registry: Option<String>,
-) -> anyhow::Result<()> {
+pub async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result<()> {
     let mut cfg = brats_trainer::config::TrainerConfig::load(config.as_deref())?;
-    if let Some(v) = listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = store_root {
-        cfg.store_root = v;
-    }
-    if let Some(v) = registry {
-        cfg.registry = v;
+    for (field, value) in [
+        (&mut cfg.listen, o.listen),
+        (&mut cfg.store_root, o.store_root),
+        (&mut cfg.registry, o.registry),
+        (&mut cfg.metrics_listen, o.metrics_listen),
+        (&mut cfg.preprocess_endpoint, o.preprocess_endpoint),
+    ] {
+        if let Some(v) = value {
+            *field = v;
+        }
     }
     brats_trainer::server::serve(cfg, brats_service::shutdown_signal(), None).await
 }

@@ -51,6 +51,13 @@ enum Command {
         /// Model registry root (overrides the configuration).
         #[arg(long)]
         registry: Option<String>,
+        /// Prometheus `/metrics` address; "" disables (overrides the configuration).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Preprocessing service that prepares datasets, e.g. http://127.0.0.1:50051; "" = the
+        /// same code in-process (overrides the configuration).
+        #[arg(long)]
+        preprocess_endpoint: Option<String>,
         /// Log JSON lines.
         #[arg(long)]
         json_logs: bool,
@@ -150,8 +157,11 @@ fn main() -> ExitCode {
             exit_code(cli::synth_dataset(&shape, seed, training, validation, &out))
         }
         Command::Worker { job_uri, manifest_uri } => cli::worker(&job_uri, &manifest_uri),
-        Command::Serve { config, listen, store_root, registry, json_logs: _ } => {
-            brats_service::run_main(cli::serve(config, listen, store_root, registry))
+        Command::Serve { config, listen, store_root, registry, metrics_listen, preprocess_endpoint, json_logs: _ } => {
+            brats_service::run_main(cli::serve(
+                config,
+                cli::ServeOverrides { listen, store_root, registry, metrics_listen, preprocess_endpoint },
+            ))
         }
         other => exit_code(tools(other)),
     }

@@ -97,12 +97,18 @@ enum Cmd {
         /// Working directory for the demo's data and store.
         #[arg(long, default_value = "demo-out")]
         dir: PathBuf,
-        /// Shape of the synthetic case, X,Y,Z.
-        #[arg(long, default_value = "160,160,128")]
+        /// Shape of the synthetic cases, X,Y,Z (small, so training takes minutes on a CPU).
+        #[arg(long, default_value = "32,32,32")]
         shape: String,
-        /// Seed of the synthetic case.
-        #[arg(long, default_value_t = 1)]
+        /// Seed of the synthetic dataset (its cases use seed, seed + 1, …).
+        #[arg(long, default_value_t = 100)]
         seed: u64,
+        /// Seed of the training job (weights, sampling, augmentation).
+        #[arg(long, default_value_t = 0)]
+        train_seed: u64,
+        /// Training epochs (12 steps each).
+        #[arg(long, default_value_t = 25)]
+        epochs: u32,
     },
 }
 
@@ -311,7 +317,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Train { command } => train(command).await,
-        Cmd::Demo { dir, shape, seed } => demo(&dir, &shape, seed).await,
+        Cmd::Demo { dir, shape, seed, train_seed, epochs } => demo(&dir, &shape, seed, train_seed, epochs).await,
     }
 }
 
@@ -884,19 +890,6 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// Runs a sibling binary to completion, failing with its stderr.
-fn run_tool(bin: &str, args: &[String]) -> anyhow::Result<()> {
-    let out = Command::new(sibling(bin)?).args(args).output().with_context(|| format!("run {bin}"))?;
-    if !out.status.success() {
-        bail!(
-            "{bin} {} failed: {}",
-            args.first().map(String::as_str).unwrap_or(""),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -943,99 +936,129 @@ async fn start_service(
     }
 }
 
-async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
+/// Dice of one region between two label maps (BraTS codes), 1 when both are empty.
+fn region_dice(pred: &[u8], truth: &[u8], codes: &[u8]) -> f64 {
+    let (mut both, mut p, mut t) = (0u64, 0u64, 0u64);
+    for (&a, &b) in pred.iter().zip(truth) {
+        let (x, y) = (codes.contains(&a), codes.contains(&b));
+        both += u64::from(x && y);
+        p += u64::from(x);
+        t += u64::from(y);
+    }
+    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
+}
+
+async fn demo(dir: &Path, shape: &str, seed: u64, train_seed: u64, epochs: u32) -> anyhow::Result<()> {
     let dir = std::path::absolute(dir)?;
     std::fs::create_dir_all(&dir)?;
     let shape: Vec<usize> =
         shape.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>().context("--shape X,Y,Z")?;
     let shape: [usize; 3] = shape.try_into().map_err(|_| anyhow::anyhow!("--shape needs three values"))?;
+    let (training, validation) = (12, 4);
 
-    println!("1. generating a synthetic BraTS-like case {shape:?} (seed {seed})");
+    println!(
+        "1. generating a synthetic BraTS-like dataset: {training} training + {validation} validation cases {shape:?}, and one held-out case"
+    );
     let t = Instant::now();
-    let case = brats_preprocess::synthetic::generate(&brats_preprocess::synthetic::SyntheticSpec::new(shape, seed));
-    let files = brats_preprocess::synthetic::write_case(&case, &dir.join("cases"), &format!("synth-{seed:05}"))?;
-    println!("   wrote 4 modalities + label to {} in {:.1} s", dir.join("cases").display(), t.elapsed().as_secs_f64());
+    let data = dir.join("data");
+    let datalist = brats_preprocess::synthetic::write_dataset(&data, shape, seed, training, validation)?;
+    let held_out_seed = seed + 1000;
+    let held_out =
+        brats_preprocess::synthetic::generate(&brats_preprocess::synthetic::SyntheticSpec::new(shape, held_out_seed));
+    let files = brats_preprocess::synthetic::write_case(
+        &held_out,
+        &dir.join("held-out"),
+        &format!("synth-{held_out_seed:05}"),
+    )?;
+    println!("   datalist {} ({:.1} s)", datalist.display(), t.elapsed().as_secs_f64());
 
-    let port = free_port()?;
-    let addr = format!("http://127.0.0.1:{port}");
     let store = dir.join("store");
-    println!("2. starting the preprocessing service on {addr} (store file://{})", store.display());
-    let args = vec![
+    let paddr_port = free_port()?;
+    let paddr = format!("http://127.0.0.1:{paddr_port}");
+    println!("2. starting the preprocessing service on {paddr} (store file://{})", store.display());
+    let pargs = vec![
         "serve".to_string(),
         "--listen".into(),
-        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{paddr_port}"),
         "--metrics-listen".into(),
         format!("127.0.0.1:{}", free_port()?),
         "--output-root".into(),
         format!("file://{}", store.display()),
     ];
-    let _service =
-        start_service("brats-preprocess", &args, &dir.join("preprocess.log"), "brats.v1.Preprocessor", &addr).await?;
+    let _preprocess =
+        start_service("brats-preprocess", &pargs, &dir.join("preprocess.log"), "brats.v1.Preprocessor", &paddr).await?;
 
-    println!("3. PreprocessCase through gRPC");
-    let mut client = PreprocessorClient::connect(addr.clone()).await?;
-    let req = pb::PreprocessCaseRequest {
-        case_id: format!("synth-{seed:05}"),
-        image_uris: files.images.iter().map(|p| format!("file://{}", p.display())).collect(),
-        label_uri: format!("file://{}", files.label.display()),
+    let tport = free_port()?;
+    let taddr = format!("http://127.0.0.1:{tport}");
+    let registry = format!("file://{}", store.join("models").display());
+    println!("3. starting the trainer service on {taddr} (datasets prepared by the preprocessing service)");
+    let targs = vec![
+        "serve".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{tport}"),
+        "--metrics-listen".into(),
+        format!("127.0.0.1:{}", free_port()?),
+        "--store-root".into(),
+        format!("file://{}", store.display()),
+        "--registry".into(),
+        registry.clone(),
+        "--preprocess-endpoint".into(),
+        paddr.clone(),
+    ];
+    let _trainer = start_service("brats-trainer", &targs, &dir.join("trainer.log"), "brats.v1.Trainer", &taddr).await?;
+
+    let roi: Vec<u32> = shape.iter().map(|s| (s.div_ceil(8) * 8) as u32).collect();
+    println!(
+        "4. StartJob: SegResNet (8 filters, 3 levels), {epochs} epochs, Adam lr 5e-3 with cosine decay, DiceLoss, crop {roi:?} with flips and intensity jitter, validation every 5 epochs"
+    );
+    let spec = pb::JobSpec {
+        datalist_uri: format!("file://{}", datalist.display()),
+        hyperparameters: Some(pb::Hyperparameters { epochs, learning_rate: Some(5e-3), ..Default::default() }),
+        data: Some(pb::TrainingData {
+            crop: Some(pb::CropSpec { mode: pb::CropMode::Random as i32, size: roi.clone(), ..Default::default() }),
+            ..Default::default()
+        }),
+        validation: Some(pb::ValidationSpec {
+            interval_epochs: 5,
+            sliding_window: Some(pb::SlidingWindowSpec { roi_size: roi.clone(), ..Default::default() }),
+            max_cases: 0,
+        }),
+        devices: vec!["cpu".into()],
+        seed: Some(train_seed),
+        model: Some(pb::SegResNetSpec {
+            blocks_down: vec![1, 1, 1],
+            blocks_up: vec![1, 1],
+            init_filters: Some(8),
+            ..Default::default()
+        }),
+        registration: Some(pb::ModelRegistration {
+            model_name: "segresnet".into(),
+            promote_to_production: true,
+            description: "bratsctl demo: synthetic data".into(),
+            ..Default::default()
+        }),
+        labels: [("owner".to_string(), "demo".to_string())].into(),
         ..Default::default()
     };
+    let mut trainer = TrainerClient::connect(taddr.clone()).await?;
+    let job = trainer
+        .start_job(pb::StartJobRequest { spec: Some(spec), request_id: format!("demo-{seed}"), ..Default::default() })
+        .await
+        .map_err(|s| status_line(&s))?
+        .into_inner();
+    println!("   job {} {}", job.id, job_state(job.state));
     let t = Instant::now();
-    let resp = client.preprocess_case(req.clone()).await.map_err(|s| status_line(&s))?.into_inner();
-    let first = t.elapsed().as_secs_f64();
-    print_case(&resp);
-    println!("   round trip {first:.2} s");
-    let t = Instant::now();
-    let again = client.preprocess_case(req).await.map_err(|s| status_line(&s))?.into_inner();
-    println!(
-        "   the same request again: {} in {:.3} s",
-        if again.reused { "reused" } else { "recomputed" },
-        t.elapsed().as_secs_f64()
-    );
-
-    println!("4. a model: untrained SegResNet weights (training comes with the trainer), exported to ONNX, registered");
-    let model_dir = dir.join("model");
-    run_tool(
-        "brats-trainer",
-        &[
-            "init".into(),
-            "--out".into(),
-            model_dir.join("weights.safetensors").display().to_string(),
-            "--seed".into(),
-            "1".into(),
-        ],
-    )?;
-    run_tool(
-        "brats-trainer",
-        &[
-            "export-onnx".into(),
-            "--weights".into(),
-            model_dir.join("weights.safetensors").display().to_string(),
-            "--out".into(),
-            model_dir.join("model.onnx").display().to_string(),
-        ],
-    )?;
-    let registry = format!("file://{}", store.join("models").display());
-    run_tool(
-        "brats-inference",
-        &[
-            "register".into(),
-            "--registry".into(),
-            registry.clone(),
-            "--version".into(),
-            "1".into(),
-            "--model".into(),
-            model_dir.join("model.onnx").display().to_string(),
-            "--alias".into(),
-            "production".into(),
-        ],
-    )?;
+    watch_job(&taddr, &job.id, 0).await?;
+    let job =
+        trainer.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.map_err(|s| status_line(&s))?.into_inner();
+    anyhow::ensure!(job.state == pb::JobState::Succeeded as i32, "job {} ended {}", job.id, job_state(job.state));
+    println!("   trained in {:.0} s", t.elapsed().as_secs_f64());
 
     let iport = free_port()?;
     let iaddr = format!("http://127.0.0.1:{iport}");
-    // One window covering the case (sizes rounded up to SegResNet's multiple of 8).
-    let roi: Vec<String> = shape.iter().map(|s| s.div_ceil(8) * 8).map(|v| v.to_string()).collect();
-    println!("5. starting the inference service on {iaddr} (ONNX Runtime, CPU; warm-up before SERVING)");
+    println!(
+        "5. starting the inference service on {iaddr} (model segresnet@production from the registry; ONNX Runtime, CPU)"
+    );
     let iargs = vec![
         "serve".to_string(),
         "--listen".into(),
@@ -1047,22 +1070,37 @@ async fn demo(dir: &Path, shape: &str, seed: u64) -> anyhow::Result<()> {
         "--output-root".into(),
         format!("file://{}", store.join("predictions").display()),
         "--roi".into(),
-        roi.join(","),
+        roi.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
         "--warmup-shape".into(),
-        "32,32,32".into(),
+        roi.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(","),
     ];
     let _inference =
         start_service("brats-inference", &iargs, &dir.join("inference.log"), "brats.v1.Inference", &iaddr).await?;
-    println!("6. SegmentStream: upload the 4 modalities in checked chunks, segment, download the label map");
+    println!(
+        "6. SegmentStream on the held-out case: upload the 4 modalities in checked chunks, segment, download the label map"
+    );
     let out = dir.join("seg.nii.gz");
     let channel = Channel::from_shared(iaddr)?.connect().await?;
     let t = Instant::now();
     let r = segment_stream(channel, &files.images, &out, None, format!("demo-{seed}"), false).await?;
     print_segmentation(&r, &out);
+    println!("   round trip {:.2} s", t.elapsed().as_secs_f64());
+    let seg = brats_core::nifti_io::read_nifti(&std::fs::read(&out)?, &out.display().to_string(), &Default::default())?;
+    let seg: Vec<u8> = seg.data.iter().map(|&v| v as u8).collect();
+    let dices = [
+        ("TC", region_dice(&seg, &held_out.label, &[1, 4])),
+        ("WT", region_dice(&seg, &held_out.label, &[1, 2, 4])),
+        ("ET", region_dice(&seg, &held_out.label, &[4])),
+    ];
+    let mean = dices.iter().map(|(_, d)| d).sum::<f64>() / 3.0;
     println!(
-        "   round trip {:.2} s (the weights are untrained, so the regions are not meaningful yet)",
-        t.elapsed().as_secs_f64()
+        "7. Dice against the held-out label: {}  mean {mean:.3}",
+        dices.iter().map(|(n, d)| format!("{n} {d:.3}")).collect::<Vec<_>>().join("  ")
     );
-    println!("7. done; service logs in {}", dir.display());
+    println!(
+        "8. done; job artefacts under {}, service logs in {}",
+        store.join("jobs").join(&job.id).display(),
+        dir.display()
+    );
     Ok(())
 }
