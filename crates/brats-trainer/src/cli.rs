@@ -277,6 +277,8 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         prepare(true).context("preparing the dataset")?
     };
     let manifest = rt.block_on(dataset::read_manifest(&stores, &manifest_uri))?;
+    let sections = [config.data.train_section.as_str(), config.data.validation_section.as_str()];
+    rt.block_on(dataset::check_fits_in_memory(&stores, &manifest, &sections, local_world(dist_env.as_ref())))?;
     let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
     let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
     if lead {
@@ -459,6 +461,8 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
     let group = process_group(dist_env.as_ref(), device)?;
     let lead = group.as_ref().map(|g| g.rank() == 0).unwrap_or(true);
     let manifest = rt.block_on(dataset::read_manifest(&stores, &StoreUri::parse(manifest_uri)?))?;
+    let sections = [config.data.train_section.as_str(), config.data.validation_section.as_str()];
+    rt.block_on(dataset::check_fits_in_memory(&stores, &manifest, &sections, local_world(dist_env.as_ref())))?;
     let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
     let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
     let data = Dataset { train: Arc::new(train_cases), validation: Arc::new(validation) };

@@ -47,6 +47,18 @@ pub enum DatasetError {
         /// What.
         message: String,
     },
+    /// The sections do not fit in this machine's memory (every worker holds them in RAM).
+    #[error(
+        "the dataset needs {needed_gib:.1} GiB of memory per worker ({workers} worker(s) on this machine) but {available_gib:.1} GiB is available; cases are held in memory (streaming from the store is not implemented yet): train on fewer cases, fewer devices per machine, or a machine with more memory"
+    )]
+    TooLarge {
+        /// Bytes one worker needs, in GiB.
+        needed_gib: f64,
+        /// Workers sharing this machine.
+        workers: usize,
+        /// MemAvailable, in GiB.
+        available_gib: f64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] brats_core::CoreError),
@@ -184,4 +196,60 @@ pub async fn load_section(
     crate::data::load_cases(stores, &uris)
         .await
         .map_err(|e| DatasetError::Manifest { uri: format!("section {section}"), message: e.to_string() })
+}
+
+/// Refuses, before loading anything, sections whose cached tensors (their stored size is what a
+/// worker holds in RAM) would not fit `local_workers` times into the memory available now, so a
+/// too-large dataset is a clear job failure instead of an out-of-memory kill mid-epoch.
+pub async fn check_fits_in_memory(
+    stores: &Stores,
+    manifest: &Manifest,
+    sections: &[&str],
+    local_workers: usize,
+) -> Result<(), DatasetError> {
+    let Some(available) = mem_available_bytes() else { return Ok(()) };
+    let mut needed = 0u64;
+    for section in sections {
+        for case in manifest.cases.get(*section).into_iter().flatten() {
+            needed += stores.head(&StoreUri::parse(&case.tensors)?).await?.size;
+        }
+    }
+    // Decoded f32 images are the stored bytes; leave a quarter for the network and batches.
+    let workers = local_workers.max(1);
+    if needed.saturating_mul(workers as u64) > available / 4 * 3 {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(DatasetError::TooLarge { needed_gib: gib(needed), workers, available_gib: gib(available) });
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo (None where it cannot be read).
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_dataset_too_large_for_memory_is_refused_before_loading() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("case.safetensors");
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let manifest = Manifest {
+            cases: BTreeMap::from([(
+                "training".to_string(),
+                vec![ManifestCase { case_id: "a".into(), tensors: format!("file://{}", file.display()) }],
+            )]),
+        };
+        let stores = Stores::new(Default::default());
+        check_fits_in_memory(&stores, &manifest, &["training", "validation"], 1).await.unwrap();
+        // A million workers of 1 MiB each: a terabyte, more than any test machine has.
+        let e = check_fits_in_memory(&stores, &manifest, &["training"], 1_000_000).await.unwrap_err();
+        assert!(matches!(e, DatasetError::TooLarge { workers: 1_000_000, .. }), "{e}");
+        assert!(e.to_string().contains("GiB of memory per worker"), "{e}");
+    }
 }

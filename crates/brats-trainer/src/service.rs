@@ -1359,6 +1359,7 @@ fn dataset_code(e: &DatasetError) -> &'static str {
         DatasetError::Preprocess { code, .. } => code_name(*code),
         DatasetError::Cases { .. } => "INVALID_ARGUMENT",
         DatasetError::Manifest { .. } => "DATA_LOSS",
+        DatasetError::TooLarge { .. } => "RESOURCE_EXHAUSTED",
         DatasetError::Store(c) => core_code(c),
     }
 }
