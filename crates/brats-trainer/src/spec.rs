@@ -214,6 +214,12 @@ fn triple(field: &str, v: &[u32], default: [usize; 3]) -> Result<[usize; 3], Spe
     }
 }
 
+/// A proto `float` as the decimal the client wrote (1e-5f32 → 1e-5, not 9.99999974e-6), so
+/// values match the f64 constants of the MONAI recipe they stand for.
+fn decimal(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v as f64)
+}
+
 fn finite(field: &str, v: f64, lo: f64, hi: f64, hint: &str) -> Result<f64, SpecError> {
     if v.is_finite() && v >= lo && v <= hi { Ok(v) } else { bad(field, format!("{v} is out of range; {hint}")) }
 }
@@ -290,8 +296,8 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
     };
     let l = hp.loss.unwrap_or_default();
     let loss = LossConfig {
-        smooth_nr: finite("hyperparameters.loss.smooth_nr", l.smooth_nr.unwrap_or(0.0) as f64, 0.0, 1e3, "use >= 0")?,
-        smooth_dr: finite("hyperparameters.loss.smooth_dr", l.smooth_dr.unwrap_or(1e-5) as f64, 0.0, 1e3, "use >= 0")?,
+        smooth_nr: finite("hyperparameters.loss.smooth_nr", l.smooth_nr.map_or(0.0, decimal), 0.0, 1e3, "use >= 0")?,
+        smooth_dr: finite("hyperparameters.loss.smooth_dr", l.smooth_dr.map_or(1e-5, decimal), 0.0, 1e3, "use >= 0")?,
         squared_pred: l.squared_pred.unwrap_or(true),
         sigmoid: l.sigmoid.unwrap_or(true),
     };
@@ -394,7 +400,7 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
     }
     let overlap = finite(
         "validation.sliding_window.overlap",
-        sw.overlap.unwrap_or(0.5) as f64,
+        sw.overlap.map_or(0.5, decimal),
         0.0,
         0.95,
         "use an overlap in [0, 0.95], e.g. 0.5",
@@ -475,7 +481,7 @@ pub fn model_config(spec: Option<&pb::SegResNetSpec>) -> Result<SegResNetConfig,
             c.out_channels = o as i64;
         }
         if let Some(p) = m.dropout_prob {
-            c.dropout_prob = (p > 0.0).then_some(p as f64);
+            c.dropout_prob = (p > 0.0).then_some(decimal(p));
         }
     }
     if c.in_channels != 4 || c.out_channels != 3 {
