@@ -6,7 +6,9 @@
   bench.py options [--roi X,Y,Z] ONNX Runtime session options, ours only, one run each
 
 Environment: BIN (brats-inference), PY (MONAI venv python), DATA (work dir), MODEL, MODEL_IN
-(instance-norm export), IMAGES (4 paths, space-separated). Writes $DATA/*.jsonl, prints Markdown.
+(instance-norm export), IMAGES (4 paths, space-separated); optional BEFORE_BIN + BEFORE_MODEL: a
+third side in `compare` (e.g. an earlier binary and its export), run in the same rounds. The order
+of the sides rotates from round to round. Writes $DATA/*.jsonl, prints Markdown.
 """
 
 import json
@@ -24,6 +26,8 @@ PY = os.environ["PY"]
 DATA = Path(os.environ["DATA"])
 MODEL = os.environ["MODEL"]
 MODEL_IN = os.environ.get("MODEL_IN")
+BEFORE_BIN = os.environ.get("BEFORE_BIN")
+BEFORE_MODEL = os.environ.get("BEFORE_MODEL")
 IMAGES = os.environ["IMAGES"].split()
 STAGES = ["decompress", "convert", "normalise", "inference", "postprocess", "encode"]
 
@@ -42,9 +46,9 @@ def timed(cmd):
     return p.stdout, wall, int(g(r"Maximum resident set size \(kbytes\): (\d+)")), g(r"User time \(seconds\): ([\d.]+)"), g(r"System time \(seconds\): ([\d.]+)")
 
 
-def run_ours(extra=(), model=MODEL, out=None, logits=None):
+def run_ours(extra=(), model=MODEL, out=None, logits=None, binary=BIN):
     out = out or str(DATA / "ours-seg.nii.gz")
-    cmd = [BIN, "segment", "--model", model, "--image", *IMAGES, "--out", out, *extra]
+    cmd = [binary, "segment", "--model", model, "--image", *IMAGES, "--out", out, *extra]
     if logits:
         cmd += ["--logits", logits]
     stdout, wall, rss, user, sys_ = timed(cmd)
@@ -74,16 +78,21 @@ def med(rows, f):
 
 
 def compare(rounds):
-    ours, monai = [], []
+    ours, monai, before = [], [], []
+    sides = ["ours", "monai"] + (["before"] if BEFORE_BIN and BEFORE_MODEL else [])
     log = open(DATA / "compare.jsonl", "w")
     for i in range(rounds):
         last = i == rounds - 1
-        for side in ("ours", "monai"):
+        for side in sides[i % len(sides):] + sides[:i % len(sides)]:
             la = load()
             sys.stderr.write(f"== round {i + 1}/{rounds}: {side} (load {la:.2f})\n")
             if side == "ours":
                 r = run_ours(logits=str(DATA / "ours-logits.safetensors") if last else None)
                 ours.append(r)
+            elif side == "before":
+                r = run_ours(model=BEFORE_MODEL, binary=BEFORE_BIN, out=str(DATA / "before-seg.nii.gz"))
+                r["side"] = "before"
+                before.append(r)
             else:
                 r = run_monai(logits=str(DATA / "monai-logits.safetensors") if last else None)
                 monai.append(r)
@@ -94,7 +103,7 @@ def compare(rounds):
                           str(DATA / "ours-logits.safetensors"), str(DATA / "monai-logits.safetensors")],
                          capture_output=True, text=True, check=True).stdout
     (DATA / "compare-labels.json").write_text(cmp)
-    report(ours, monai, json.loads(cmp))
+    report(ours, monai, json.loads(cmp), before)
 
 
 def report_from_files():
@@ -104,30 +113,38 @@ def report_from_files():
         if r["side"] == "ours" and "wrote_in_s" in r:
             r["total_s"] = r["wrote_in_s"]
     report([r for r in rows if r["side"] == "ours"], [r for r in rows if r["side"] == "monai"],
-           json.loads((DATA / "compare-labels.json").read_text()))
+           json.loads((DATA / "compare-labels.json").read_text()), [r for r in rows if r["side"] == "before"])
 
 
-def report(ours, monai, c):
+def report(ours, monai, c, before=()):
     rounds = len(ours)
     mib = lambda k: k / 1024  # noqa: E731
+    sides = [("ours", ours), ("MONAI", monai)] + ([("before", before)] if before else [])
     s = lambda rows, k: med(rows, lambda r: r["stages_s"].get(k, 0.0))  # noqa: E731
-    print(f"{rounds} rounds, alternately; medians. Ours: `brats-inference segment` (ORT CPU, default session options);"
-          f" MONAI {monai[0]['monai']} / torch {monai[0]['torch']}, 2 threads.\n")
-    print("| stage | ours (median) | MONAI (median) |\n|---|---:|---:|")
-    print(f"| decompress + convert (ours) / `LoadImaged` (MONAI) | {s(ours,'decompress') + s(ours,'convert'):.2f} s | {s(monai,'load'):.2f} s |")
-    print(f"| normalise | {s(ours,'normalise'):.2f} s | {s(monai,'normalise'):.2f} s |")
-    print(f"| inference (sliding window, 1 window 240×240×160) | {s(ours,'inference'):.2f} s | {s(monai,'inference'):.2f} s |")
-    print(f"| postprocess (sigmoid, threshold, label map, volumes) | {s(ours,'postprocess'):.2f} s | {s(monai,'postprocess'):.2f} s |")
-    print(f"| encode + write label map | {s(ours,'encode'):.2f} s | {s(monai,'encode'):.2f} s |")
+    row = lambda label, f: print(f"| {label} | " + " | ".join(f(rows) for _, rows in sides) + " |")  # noqa: E731
+    print(f"{rounds} rounds, sides in rotating order; medians. Ours: `brats-inference segment` (ORT CPU, default session options);"
+          f" MONAI {monai[0]['monai']} / torch {monai[0]['torch']}, 2 threads."
+          + (" Before: BEFORE_BIN with BEFORE_MODEL." if before else "") + "\n")
+    print("| stage | " + " | ".join(f"{n} (median)" for n, _ in sides) + " |\n|---|" + "---:|" * len(sides))
+    stage = lambda rows, k: f"{s(rows, k):.2f} s"  # noqa: E731
+    row("decompress + convert (ours) / `LoadImaged` (MONAI)",
+        lambda rows: f"{s(rows, 'load'):.2f} s" if rows is monai else f"{s(rows, 'decompress') + s(rows, 'convert'):.2f} s")
+    row("normalise", lambda rows: stage(rows, "normalise"))
+    row("inference (sliding window, 1 window 240×240×160)", lambda rows: stage(rows, "inference"))
+    row("postprocess (sigmoid, threshold, label map, volumes)", lambda rows: stage(rows, "postprocess"))
+    row("encode + write label map", lambda rows: stage(rows, "encode"))
+    row("**total** (ours incl. ORT session creation)", lambda rows: f"**{med(rows, lambda r: r['total_s']):.2f} s**")
+    row("whole process wall (incl. start, imports, model build)", lambda rows: f"{med(rows, lambda r: r['process_wall_s']):.2f} s")
+    row("CPU time user + sys, whole process", lambda rows: f"{med(rows, lambda r: r['cpu_s']):.1f} s")
+    row("peak RSS (`/usr/bin/time` max RSS)", lambda rows: f"{mib(med(rows, lambda r: r['peak_rss_kib'])):.0f} MiB")
     to, tm = med(ours, lambda r: r["total_s"]), med(monai, lambda r: r["total_s"])
-    print(f"| **total** (ours incl. ORT session creation) | **{to:.2f} s** | **{tm:.2f} s** |")
-    po, pm = med(ours, lambda r: r["process_wall_s"]), med(monai, lambda r: r["process_wall_s"])
-    print(f"| whole process wall (incl. start, imports, model build) | {po:.2f} s | {pm:.2f} s |")
-    print(f"| CPU time user + sys, whole process | {med(ours, lambda r: r['cpu_s']):.1f} s | {med(monai, lambda r: r['cpu_s']):.1f} s |")
-    print(f"| peak RSS (`/usr/bin/time` max RSS) | {mib(med(ours, lambda r: r['peak_rss_kib'])):.0f} MiB | {mib(med(monai, lambda r: r['peak_rss_kib'])):.0f} MiB |")
-    print(f"\nRatio MONAI / ours (total): **{tm / to:.2f}×**; inference stage alone: {s(monai,'inference') / s(ours,'inference'):.2f}×.")
-    print("Round totals, ours: " + ", ".join(f"{r['total_s']:.1f} s" for r in ours)
-          + "; MONAI: " + ", ".join(f"{r['total_s']:.1f} s" for r in monai) + ".")
+    print(f"\nRatio MONAI / ours (median total): **{tm / to:.2f}×**; inference stage alone: {s(monai,'inference') / s(ours,'inference'):.2f}×;"
+          f" per round (same round, adjacent runs): " + ", ".join(f"{m['total_s'] / o['total_s']:.2f}×" for o, m in zip(ours, monai)) + ".")
+    if before:
+        tb = med(before, lambda r: r["total_s"])
+        print(f"Before / ours (median total): {tb / to:.2f}×; MONAI / before: {tm / tb:.2f}×.")
+    for n, rows in sides:
+        print(f"Round totals, {n}: " + ", ".join(f"{r['total_s']:.1f} s (load {r['load_before']:.1f})" for r in rows) + ".")
     print(f"Label maps: {c['differing_voxels']} differing voxels of {240*240*155}, "
           f"{c['differing_voxels_outside_near_zero']} of them outside |logit| < 1e-4 "
           f"({c['near_zero_voxels']} voxels have a near-zero logit); logits max abs diff {c['logits_max_abs_diff']:.2e}; "
@@ -136,20 +153,16 @@ def report(ours, monai, c):
 
 def options(roi):
     variants = [
-        ("defaults (threads 0 = all cores, arena on, memory pattern on, level 3)", []),
+        ("defaults (threads 0 = all cores, shape-pinned CPU session, level 3)", []),
         ("--threads 1", ["--threads", "1"]),
         ("--threads 2", ["--threads", "2"]),
-        ("--no-mem-pattern", ["--no-mem-pattern"]),
-        ("--no-arena", ["--no-arena"]),
-        ("--no-arena --no-mem-pattern", ["--no-arena", "--no-mem-pattern"]),
-        ("--opt-level 0 (disable)", ["--opt-level", "0"]),
-        ("--opt-level 1 (basic)", ["--opt-level", "1"]),
-        ("--opt-level 2 (extended)", ["--opt-level", "2"]),
         ("--ort-config session.intra_op.allow_spinning=0", ["--ort-config", "session.intra_op.allow_spinning=0"]),
+        ("--ort-config session.dynamic_block_base=4", ["--ort-config", "session.dynamic_block_base=4"]),
+        ("--opt-level 2 (extended: no NCHWc layout)", ["--opt-level", "2"]),
+        ("--no-arena (no effect: pinned CPU sessions never use the arena)", ["--no-arena"]),
     ]
     if MODEL_IN:
         variants.append(("`export-onnx --instance-norm` model, defaults", ["@in"]))
-        variants.append(("`--instance-norm` model, --no-arena --no-mem-pattern", ["@in", "--no-arena", "--no-mem-pattern"]))
     only = os.environ.get("ONLY")
     log = open(DATA / "options.jsonl", "a")
     print(f"roi {roi}, ours only, one run each.\n")

@@ -2,7 +2,10 @@
 with ORT's profiler (Python onnxruntime from the MONAI venv, same library family as ours) and
 prints the time per operator type (and the share of each).
 
-Usage: ort_profile.py MODEL.onnx [--shape 128,128,96] [--threads 2]
+Usage: ort_profile.py MODEL.onnx [--shape 128,128,96] [--threads 2] [--dynamic]
+
+By default the input dimensions N, X, Y, Z are pinned to the run's shape (free dimension
+overrides, arena off), as `brats-inference` runs the CPU provider; --dynamic keeps them symbolic.
 """
 
 import argparse
@@ -20,11 +23,16 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--shape", default="128,128,96")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dynamic", action="store_true")
     args = ap.parse_args()
     x, y, z = (int(v) for v in args.shape.split(","))
     so = ort.SessionOptions()
     so.intra_op_num_threads = args.threads
     so.enable_profiling = True
+    if not args.dynamic:
+        for name, v in zip("NXYZ", (1, x, y, z)):
+            so.add_free_dimension_override_by_name(name, v)
+        so.enable_cpu_mem_arena = False
     so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
     sess = ort.InferenceSession(args.model, so, providers=["CPUExecutionProvider"])
     inp = np.random.default_rng(0).standard_normal((1, 4, x, y, z), dtype=np.float32)
@@ -42,7 +50,8 @@ def main():
             by[op] += e["dur"]
             cnt[op] += 1
     total = sum(by.values())
-    print(f"ORT {ort.__version__}, input [1,4,{x},{y},{z}], {args.threads} threads, model run {runs[0]['dur']/1e6:.2f} s"
+    print(f"ORT {ort.__version__}, input [1,4,{x},{y},{z}] ({'symbolic' if args.dynamic else 'pinned'}), {args.threads} threads,"
+          f" model run {runs[0]['dur']/1e6:.2f} s"
           f" (kernel sum {total/1e6:.2f} s)")
     print("| op type | nodes | time | share |\n|---|---:|---:|---:|")
     for op, d in by.most_common():

@@ -13,6 +13,9 @@
 #    breakdown, peak RSS (/usr/bin/time -v), label-map check (bench.py, compare.py);
 #    options: ONNX Runtime session options, ours only, one run each, roi X,Y,Z (default full);
 #    ONLY=REGEX (environment) runs only the variants whose name matches.
+#    BEFORE_BIN=PATH BEFORE_MODEL=PATH (environment) add a third side to `compare` in the same
+#    rounds, e.g. the previous release binary with its export, for before/after tables.
+# The models are re-exported whenever brats-trainer was rebuilt after them (exporter changes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -28,10 +31,11 @@ cargo build --release --quiet -p brats-inference -p brats-preprocess
 # weights + export: the dev profile (optimised in this workspace) avoids a release build of libtorch crates
 cargo build --quiet -p brats-model --example write_reference_weights -p brats-trainer
 export BIN="$TARGET/release/brats-inference"
-if [ ! -f "$DATA/model.onnx" ] || [ ! -f "$DATA/model-in.onnx" ]; then
+TRAINER="$TARGET/debug/brats-trainer"
+if [ ! -f "$DATA/model.onnx" ] || [ ! -f "$DATA/model-in.onnx" ] || [ "$TRAINER" -nt "$DATA/model.onnx" ]; then
     "$TARGET/debug/examples/write_reference_weights" "$DATA/weights.safetensors" >&2
-    "$TARGET/debug/brats-trainer" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model.onnx" >&2
-    "$TARGET/debug/brats-trainer" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model-in.onnx" \
+    "$TRAINER" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model.onnx" >&2
+    "$TRAINER" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model-in.onnx" \
         --metadata "$DATA/metadata-in.json" --instance-norm >&2
 fi
 export MODEL="$DATA/model.onnx" MODEL_IN="$DATA/model-in.onnx"

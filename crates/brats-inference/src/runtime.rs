@@ -84,10 +84,19 @@ pub struct SessionOptions {
     pub optimization_level: u8,
     /// Reuse activation buffers between runs of the same shape (memory pattern).
     pub memory_pattern: bool,
-    /// ONNX Runtime's CPU memory arena (`EnableCpuMemArena`, ORT's default). Off, CPU tensors are
-    /// allocated and freed one by one: lower peak RSS on CPU (see `benchmarks/README.md`,
-    /// "Inference"), at some speed cost.
+    /// ONNX Runtime's CPU memory arena (`EnableCpuMemArena`, ORT's default) for sessions with
+    /// symbolic shapes. Off, CPU tensors are allocated and freed one by one: lower peak RSS, at
+    /// some speed cost. Shape-pinned CPU sessions ([`SessionOptions::pin_shapes`]) never use it:
+    /// their allocation plan is static, and the arena only added ≈ 1.3 GB of fragmentation on
+    /// the bundle window (see `benchmarks/README.md`, "Inference").
     pub cpu_arena: bool,
+    /// CPU: run each input shape on its own session whose symbolic input dimensions are fixed
+    /// to that shape (`AddFreeDimensionOverrideByName`), built on first use (a sliding window
+    /// always feeds one shape; the last [`PINNED_SESSIONS`] shapes are kept). With static shapes
+    /// ONNX Runtime plans every buffer ahead, folds the exporter's fast-path `If` and fuses the
+    /// convolution sums of the NCHWc kernels (`brats_model::onnx`, "CPU fast path"). Default on;
+    /// off, one session with symbolic shapes runs everything.
+    pub pin_shapes: bool,
     /// Extra session configuration entries (`AddSessionConfigEntry`), e.g.
     /// `("session.intra_op.allow_spinning", "0")`; empty by default.
     pub config_entries: Vec<(String, String)>,
@@ -105,6 +114,7 @@ impl Default for SessionOptions {
             optimization_level: 3,
             memory_pattern: true,
             cpu_arena: true,
+            pin_shapes: true,
             config_entries: Vec::new(),
         }
     }
@@ -135,10 +145,30 @@ pub fn environment(library: &Path) -> Result<&'static ort::environment::Environm
     env.as_ref().map_err(|e| InferenceError::Runtime(e.clone()))
 }
 
+/// How many shape-pinned CPU sessions a model keeps (the least recently used goes first).
+pub const PINNED_SESSIONS: usize = 2;
+
 /// A loaded segmentation model with a checked contract.
 pub struct SegmentationModel {
-    session: Mutex<Session>,
+    sessions: Sessions,
     provider: Provider,
+}
+
+enum Sessions {
+    /// One session with symbolic shapes (GPU providers, or `pin_shapes` off).
+    Shared(Mutex<Session>),
+    /// CPU sessions with the input shape fixed, built per shape on first use.
+    Pinned(PinnedSessions),
+}
+
+struct PinnedSessions {
+    env: &'static ort::environment::Environment,
+    onnx: Vec<u8>,
+    options: SessionOptions,
+    /// Input axes that carry a named symbolic dimension.
+    symbols: Vec<(usize, String)>,
+    /// Least recently used first.
+    cache: Mutex<Vec<([usize; 5], Session)>>,
 }
 
 fn check_outlet(kind: &str, name: &str, ty: &ValueType, channels: i64) -> Result<(), InferenceError> {
@@ -159,14 +189,18 @@ fn check_outlet(kind: &str, name: &str, ty: &ValueType, channels: i64) -> Result
     }
 }
 
+/// A session for `provider`; `pinned` fixes named symbolic input dimensions (CPU), and
+/// `level` overrides the optimisation level.
 fn build_session(
     env: &ort::environment::Environment,
     onnx: &[u8],
     options: &SessionOptions,
     provider: Provider,
+    pinned: Option<&[(String, i64)]>,
+    level: Option<u8>,
 ) -> Result<Session, InferenceError> {
     let builder_err = |e: ort::Error| InferenceError::Runtime(e.to_string());
-    let level = match options.optimization_level {
+    let level = match level.unwrap_or(options.optimization_level) {
         0 => GraphOptimizationLevel::Disable,
         1 => GraphOptimizationLevel::Level1,
         2 => GraphOptimizationLevel::Level2,
@@ -185,7 +219,10 @@ fn build_session(
     for (key, value) in &options.config_entries {
         builder = builder.with_config_entry(key, value).map_err(|e| InferenceError::Runtime(e.to_string()))?;
     }
-    if !options.cpu_arena {
+    for (name, size) in pinned.unwrap_or_default() {
+        builder = builder.with_dimension_override(name, *size).map_err(|e| InferenceError::Runtime(e.to_string()))?;
+    }
+    if !options.cpu_arena || pinned.is_some() {
         // Only calls DisableCpuMemArena on the session options; the providers below are unchanged.
         builder = builder
             .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
@@ -232,6 +269,19 @@ fn build_session(
     })
 }
 
+/// `(axis, name)` of every named symbolic dimension of the model input.
+fn input_symbols(session: &Session) -> Vec<(usize, String)> {
+    match session.inputs()[0].dtype() {
+        ValueType::Tensor { shape, dimension_symbols, .. } => dimension_symbols
+            .iter()
+            .enumerate()
+            .filter(|(axis, name)| !name.is_empty() && shape.get(*axis) == Some(&-1))
+            .map(|(axis, name)| (axis, name.clone()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 fn check_contract(session: &Session) -> Result<(), InferenceError> {
     let names = |o: &[ort::value::Outlet]| o.iter().map(|x| x.name().to_string()).collect::<Vec<_>>();
     if session.inputs().len() != 1 || session.inputs()[0].name() != INPUT {
@@ -263,7 +313,10 @@ impl SegmentationModel {
             providers.push(Provider::Cpu);
         }
         for (i, &provider) in providers.iter().enumerate() {
-            match build_session(env, onnx, options, provider) {
+            let pin = provider == Provider::Cpu && options.pin_shapes;
+            // A pinned model runs on per-shape sessions; this one only checks the model (no
+            // graph optimisation, which the per-shape sessions redo with their static shapes).
+            match build_session(env, onnx, options, provider, None, pin.then_some(0)) {
                 Ok(session) => {
                     if i > 0 {
                         tracing::warn!(
@@ -274,7 +327,22 @@ impl SegmentationModel {
                         );
                     }
                     check_contract(&session)?;
-                    return Ok(SegmentationModel { session: Mutex::new(session), provider });
+                    let symbols = input_symbols(&session);
+                    let sessions = if pin && !symbols.is_empty() {
+                        Sessions::Pinned(PinnedSessions {
+                            env,
+                            onnx: onnx.to_vec(),
+                            options: options.clone(),
+                            symbols,
+                            cache: Mutex::new(Vec::new()),
+                        })
+                    } else if pin {
+                        // Static input shape already: optimise once.
+                        Sessions::Shared(Mutex::new(build_session(env, onnx, options, provider, Some(&[]), None)?))
+                    } else {
+                        Sessions::Shared(Mutex::new(session))
+                    };
+                    return Ok(SegmentationModel { sessions, provider });
                 }
                 // A model that does not load will not load on any provider.
                 Err(e @ InferenceError::Model(_)) => return Err(e),
@@ -313,7 +381,34 @@ impl SegmentationModel {
         }
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let input = TensorRef::from_array_view((dims, image)).map_err(|e| InferenceError::Input(e.to_string()))?;
-        let mut session = self.session.lock().map_err(|_| InferenceError::Run("session lock poisoned".into()))?;
+        let (mut shared, mut cache);
+        let session: &mut Session = match &self.sessions {
+            Sessions::Shared(m) => {
+                shared = m.lock().map_err(|_| InferenceError::Run("session lock poisoned".into()))?;
+                &mut shared
+            }
+            Sessions::Pinned(p) => {
+                cache = p.cache.lock().map_err(|_| InferenceError::Run("session lock poisoned".into()))?;
+                let at = match cache.iter().position(|(s, _)| *s == shape) {
+                    Some(at) => at,
+                    None => {
+                        let t = std::time::Instant::now();
+                        let fixed: Vec<(String, i64)> =
+                            p.symbols.iter().map(|(axis, name)| (name.clone(), shape[*axis] as i64)).collect();
+                        let session = build_session(p.env, &p.onnx, &p.options, Provider::Cpu, Some(&fixed), None)?;
+                        tracing::debug!(?shape, seconds = t.elapsed().as_secs_f64(), "pinned CPU session built");
+                        if cache.len() >= PINNED_SESSIONS {
+                            cache.remove(0);
+                        }
+                        cache.push((shape, session));
+                        cache.len() - 1
+                    }
+                };
+                let entry = cache.remove(at);
+                cache.push(entry);
+                &mut cache.last_mut().expect("just pushed").1
+            }
+        };
         let outputs = session.run(ort::inputs![INPUT => input]).map_err(|e| InferenceError::Run(e.to_string()))?;
         let (out_shape, data) =
             outputs[OUTPUT].try_extract_tensor::<f32>().map_err(|e| InferenceError::Run(e.to_string()))?;
@@ -358,6 +453,32 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(base, knobs);
+    }
+
+    /// Shape-pinned CPU sessions (the default) give the same logits as one shared session with
+    /// symbolic shapes, over more shapes than the cache keeps (an evicted shape is rebuilt).
+    #[test]
+    fn pinned_sessions_match_the_shared_session() {
+        let onnx = fixture("pointwise_head.onnx");
+        let load = |pin_shapes| {
+            let o = SessionOptions { intra_threads: 1, pin_shapes, ..Default::default() };
+            SegmentationModel::load(&default_library(), &onnx, &o).expect("ONNX Runtime 1.31 loads (make bootstrap)")
+        };
+        let (shared, pinned) = (load(false), load(true));
+        assert!(matches!(shared.sessions, Sessions::Shared(_)));
+        let Sessions::Pinned(p) = &pinned.sessions else { panic!("the fixture has symbolic N, X, Y, Z") };
+        assert_eq!(
+            p.symbols.iter().map(|(a, n)| (*a, n.as_str())).collect::<Vec<_>>(),
+            [(0, "N"), (2, "X"), (3, "Y"), (4, "Z")]
+        );
+        for shape in [[1, 4, 2, 3, 4], [2, 4, 3, 2, 5], [1, 4, 4, 4, 4], [1, 4, 2, 3, 4]] {
+            let n: usize = shape.iter().product();
+            let image: Vec<f32> = (0..n).map(|i| (i as f32 * 0.29).sin()).collect();
+            assert_eq!(shared.run(&image, shape).unwrap(), pinned.run(&image, shape).unwrap(), "{shape:?}");
+        }
+        let cache = p.cache.lock().unwrap();
+        assert_eq!(cache.len(), PINNED_SESSIONS);
+        assert_eq!(cache.last().unwrap().0, [1, 4, 2, 3, 4], "most recently used last");
     }
 
     /// The committed 1×1×1 conv head (tests/monai/make_onnx_smoke_fixture.py) computed by hand.

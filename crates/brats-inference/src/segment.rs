@@ -76,7 +76,14 @@ pub fn segment_cancellable(
     let (tensors, stages, header) = pipeline::preprocess_with_header(images, None, &Options::default(), limits)?;
     let timings: Vec<(String, f64)> =
         stages.stages().into_iter().filter(|(s, _)| *s != "crop_augment").map(|(s, v)| (s.to_string(), v)).collect();
-    infer_preprocessed(model, &tensors, header, window, keep_logits, cancel, progress, timings)
+    infer_impl(model, Tensors::Owned(Box::new(tensors)), header, window, keep_logits, cancel, progress, timings)
+}
+
+/// The preprocessed case, borrowed (from the preprocessing service's tensors) or owned (the
+/// in-process pipeline: its image can be freed once the window holds it).
+enum Tensors<'a> {
+    Borrowed(&'a CaseTensors),
+    Owned(Box<CaseTensors>),
 }
 
 /// The part of [`segment_cancellable`] after preprocessing: sliding window, mirroring,
@@ -91,32 +98,57 @@ pub fn infer_preprocessed(
     keep_logits: bool,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(usize, usize),
+    timings: Vec<(String, f64)>,
+) -> Result<Segmentation, SegmentError> {
+    infer_impl(model, Tensors::Borrowed(tensors), header, window, keep_logits, cancel, progress, timings)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn infer_impl(
+    model: &SegmentationModel,
+    tensors: Tensors<'_>,
+    header: nifti::NiftiHeader,
+    window: &SlidingWindow,
+    keep_logits: bool,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(usize, usize),
     mut timings: Vec<(String, f64)>,
 ) -> Result<Segmentation, SegmentError> {
-    let shape = tensors.metadata.shape;
+    let (metadata, borrowed, owned) = match tensors {
+        Tensors::Borrowed(t) => (t.metadata.clone(), &t.image[..], None),
+        Tensors::Owned(t) => {
+            let t = *t;
+            (t.metadata, &[][..], Some(t.image))
+        }
+    };
+    let shape = metadata.shape;
     if cancel.load(Ordering::Relaxed) {
         return Err(SegmentError::Cancelled);
     }
     let t = Instant::now();
     let total = window::window_count(shape, window);
     let mut done = 0;
-    let mut run_windows = |image: &[f32]| {
-        window::infer(image, 4, shape, 3, window, |w, roi| {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(SegmentError::Cancelled);
-            }
-            let out = model.run(w, [1, 4, roi[0], roi[1], roi[2]])?;
-            done += 1;
-            progress(done, total);
-            Ok(out)
-        })
+    let mut run_model = |w: &[f32], roi: [usize; 3]| {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SegmentError::Cancelled);
+        }
+        let out = model.run(w, [1, 4, roi[0], roi[1], roi[2]])?;
+        done += 1;
+        progress(done, total);
+        Ok(out)
     };
-    let mut logits = run_windows(&tensors.image)?;
+    let (mut logits, kept) = match owned {
+        // Without mirroring nothing needs the image after the windows are gathered.
+        Some(img) if !window.mirror => (window::infer_owned(img, 4, shape, 3, window, &mut run_model)?, None),
+        Some(img) => (window::infer(&img, 4, shape, 3, window, &mut run_model)?, Some(img)),
+        None => (window::infer(borrowed, 4, shape, 3, window, &mut run_model)?, None),
+    };
     if window.mirror {
+        let image: &[f32] = kept.as_deref().unwrap_or(borrowed);
         for axis in 0..3 {
-            let mut flipped = tensors.image.clone();
+            let mut flipped = image.to_vec();
             transforms::flip(&mut flipped, 4, shape, axis);
-            let mut out = run_windows(&flipped)?;
+            let mut out = window::infer(&flipped, 4, shape, 3, window, &mut run_model)?;
             transforms::flip(&mut out, 3, shape, axis);
             logits.iter_mut().zip(&out).for_each(|(a, b)| *a += b);
         }
@@ -125,7 +157,7 @@ pub fn infer_preprocessed(
     timings.push(("inference".into(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let label = postprocess::label_map(&logits);
-    let m = &tensors.metadata;
+    let m = &metadata;
     let voxel_mm3 = determinant3(&m.affine).abs();
     let volumes_ml = postprocess::region_volumes_ml(&logits, voxel_mm3);
     timings.push(("postprocess".into(), t.elapsed().as_secs_f64()));

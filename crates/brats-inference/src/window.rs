@@ -99,11 +99,87 @@ fn gaussian_weights(roi: [usize; 3]) -> Vec<f32> {
     w
 }
 
+/// Copies the window starting at `start` (padded coordinates) out of `image` (`[channels, shape]`,
+/// C order) into `window` (`[channels, roi]`), zeros where it covers the padding.
+fn gather(
+    image: &[f32],
+    channels: usize,
+    shape: [usize; 3],
+    pad: &[(usize, usize); 3],
+    roi: [usize; 3],
+    start: [usize; 3],
+    window: &mut [f32],
+) {
+    window.iter_mut().for_each(|v| *v = 0.0);
+    for c in 0..channels {
+        for x in 0..roi[0] {
+            let gx = (start[0] + x) as isize - pad[0].0 as isize;
+            if gx < 0 || gx >= shape[0] as isize {
+                continue;
+            }
+            for y in 0..roi[1] {
+                let gy = (start[1] + y) as isize - pad[1].0 as isize;
+                if gy < 0 || gy >= shape[1] as isize {
+                    continue;
+                }
+                let z0 = pad[2].0.saturating_sub(start[2]);
+                let z1 = (shape[2] + pad[2].0).saturating_sub(start[2]).min(roi[2]);
+                if z0 >= z1 {
+                    continue;
+                }
+                let gz0 = start[2] + z0 - pad[2].0;
+                let src = ((c * shape[0] + gx as usize) * shape[1] + gy as usize) * shape[2] + gz0;
+                let dst = ((c * roi[0] + x) * roi[1] + y) * roi[2] + z0;
+                window[dst..dst + (z1 - z0)].copy_from_slice(&image[src..src + (z1 - z0)]);
+            }
+        }
+    }
+}
+
 /// Runs `model` over windows of `image` (`[channels, X, Y, Z]`, C order) and returns the
 /// blended output `[out_channels, X, Y, Z]`. `model` receives one window `[channels, roi]` and
 /// returns `[out_channels, roi]`.
 pub fn infer<E>(
     image: &[f32],
+    channels: usize,
+    shape: [usize; 3],
+    out_channels: usize,
+    cfg: &SlidingWindow,
+    model: impl FnMut(&[f32], [usize; 3]) -> Result<Vec<f32>, E>,
+) -> Result<Vec<f32>, E> {
+    infer_impl(ImageRef::Borrowed(image), channels, shape, out_channels, cfg, model)
+}
+
+/// [`infer`] on an image the caller hands over: when one window covers the padded volume (the
+/// bundle's case), the image is freed as soon as the window is gathered, before the model runs,
+/// so the two full-size copies never meet the model's peak memory.
+pub fn infer_owned<E>(
+    image: Vec<f32>,
+    channels: usize,
+    shape: [usize; 3],
+    out_channels: usize,
+    cfg: &SlidingWindow,
+    model: impl FnMut(&[f32], [usize; 3]) -> Result<Vec<f32>, E>,
+) -> Result<Vec<f32>, E> {
+    infer_impl(ImageRef::Owned(image), channels, shape, out_channels, cfg, model)
+}
+
+enum ImageRef<'a> {
+    Borrowed(&'a [f32]),
+    Owned(Vec<f32>),
+}
+
+impl ImageRef<'_> {
+    fn get(&self) -> &[f32] {
+        match self {
+            ImageRef::Borrowed(s) => s,
+            ImageRef::Owned(v) => v,
+        }
+    }
+}
+
+fn infer_impl<E>(
+    image: ImageRef<'_>,
     channels: usize,
     shape: [usize; 3],
     out_channels: usize,
@@ -115,6 +191,29 @@ pub fn infer<E>(
     let roi: [usize; 3] = std::array::from_fn(|a| cfg.roi[a].min(padded[a]));
     let n_roi: usize = roi.iter().product();
     let n_pad: usize = padded.iter().product();
+    let n: usize = shape.iter().product();
+    let starts = windows(padded, roi, cfg.overlap);
+    if starts.len() == 1 && cfg.blend == Blend::Constant {
+        // One window covering the whole padded volume (the bundle's 240×240×160 on a BraTS
+        // case): MONAI divides its output by a count of 1, so the cropped output is the result,
+        // without the accumulators.
+        let mut window = vec![0f32; channels * n_roi];
+        gather(image.get(), channels, shape, &pad, roi, starts[0], &mut window);
+        drop(image);
+        let out = model(&window, roi)?;
+        drop(window);
+        let mut result = vec![0f32; out_channels * n];
+        for o in 0..out_channels {
+            for x in 0..shape[0] {
+                for y in 0..shape[1] {
+                    let p = ((o * padded[0] + x + pad[0].0) * padded[1] + y + pad[1].0) * padded[2] + pad[2].0;
+                    let r = ((o * shape[0] + x) * shape[1] + y) * shape[2];
+                    result[r..r + shape[2]].copy_from_slice(&out[p..p + shape[2]]);
+                }
+            }
+        }
+        return Ok(result);
+    }
     let weights = match cfg.blend {
         Blend::Constant => None,
         Blend::Gaussian => Some(gaussian_weights(roi)),
@@ -122,32 +221,8 @@ pub fn infer<E>(
     let mut acc = vec![0f32; out_channels * n_pad];
     let mut norm = vec![0f32; n_pad];
     let mut window = vec![0f32; channels * n_roi];
-    for start in windows(padded, roi, cfg.overlap) {
-        // Gather the window from the (virtually) padded image.
-        window.iter_mut().for_each(|v| *v = 0.0);
-        for c in 0..channels {
-            for x in 0..roi[0] {
-                let gx = (start[0] + x) as isize - pad[0].0 as isize;
-                if gx < 0 || gx >= shape[0] as isize {
-                    continue;
-                }
-                for y in 0..roi[1] {
-                    let gy = (start[1] + y) as isize - pad[1].0 as isize;
-                    if gy < 0 || gy >= shape[1] as isize {
-                        continue;
-                    }
-                    let z0 = pad[2].0.saturating_sub(start[2]);
-                    let z1 = (shape[2] + pad[2].0).saturating_sub(start[2]).min(roi[2]);
-                    if z0 >= z1 {
-                        continue;
-                    }
-                    let gz0 = start[2] + z0 - pad[2].0;
-                    let src = ((c * shape[0] + gx as usize) * shape[1] + gy as usize) * shape[2] + gz0;
-                    let dst = ((c * roi[0] + x) * roi[1] + y) * roi[2] + z0;
-                    window[dst..dst + (z1 - z0)].copy_from_slice(&image[src..src + (z1 - z0)]);
-                }
-            }
-        }
+    for start in starts {
+        gather(image.get(), channels, shape, &pad, roi, start, &mut window);
         let out = model(&window, roi)?;
         for x in 0..roi[0] {
             for y in 0..roi[1] {
@@ -163,8 +238,8 @@ pub fn infer<E>(
             }
         }
     }
+    drop(window);
     // Average and crop the padding away.
-    let n: usize = shape.iter().product();
     let mut result = vec![0f32; out_channels * n];
     for o in 0..out_channels {
         for x in 0..shape[0] {
@@ -194,6 +269,29 @@ mod tests {
         assert_eq!(starts(500, 160, 0.5), vec![0, 80, 160, 240, 320, 340]);
         assert_eq!(starts(10, 4, 0.0), vec![0, 4, 6]);
         assert_eq!(windows([300, 240, 160], [240, 240, 160], 0.5).len(), 2);
+    }
+
+    /// One window covering the padded volume: the model sees the padded image once and the
+    /// result is its output cropped back.
+    #[test]
+    fn single_window_is_the_cropped_output() {
+        let shape = [6, 5, 3];
+        let image: Vec<f32> = (0..2 * 90).map(|v| (v as f32 * 0.37).sin()).collect();
+        let cfg = SlidingWindow { roi: [8, 8, 4], overlap: 0.5, blend: Blend::Constant, mirror: false };
+        let shift = |w: &[f32], _| Ok::<_, ()>(w.iter().map(|v| v * 2.0 + 1.0).collect::<Vec<f32>>());
+        let direct = infer(&image, 2, shape, 2, &cfg, shift).unwrap();
+        let want: Vec<f32> = image.iter().map(|v| v * 2.0 + 1.0).collect();
+        assert_eq!(direct, want);
+        let mut calls = 0;
+        infer(&image, 2, shape, 2, &cfg, |w, roi| {
+            calls += 1;
+            assert_eq!(roi, [8, 8, 4]);
+            // The window holds the padded image: 1 before and 2 after along X (6 → 8).
+            assert_eq!(w[0], 0.0);
+            Ok::<_, ()>(w.to_vec())
+        })
+        .unwrap();
+        assert_eq!(calls, 1);
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct OnnxInfo {
     pub precision: String,
     /// GroupNorm lowering: `staged_means` or `instance_norm`.
     pub group_norm: String,
+    /// Input Y sizes `[min, max]` (inclusive) that take the graph's CPU fast path (slab layout,
+    /// see `brats_model::onnx`), or null when the graph has none.
+    #[serde(default)]
+    pub cpu_fast_path_y: Option<[i64; 2]>,
     /// Input name.
     pub input: String,
     /// Output name.
@@ -140,6 +144,7 @@ impl ModelMetadata {
                     GroupNormLowering::InstanceNorm => "instance_norm",
                 }
                 .into(),
+                cpu_fast_path_y: onnx::fast_path_y_range(config, options).map(|(lo, hi)| [lo, hi]),
                 input: onnx::INPUT_NAME.into(),
                 output: onnx::OUTPUT_NAME.into(),
             },
