@@ -50,6 +50,26 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
   if (first) std::rethrow_exception(first);
 }
 
+// Launches `collective` on each tensor so all are in flight together, then waits for every one
+// (see wait_all) before reporting a launch or wait failure.
+template <typename Launch>
+void each_in_flight(std::vector<at::Tensor>& ts, Launch collective) {
+  std::vector<c10::intrusive_ptr<c10d::Work>> works;
+  works.reserve(ts.size());
+  std::exception_ptr launch_error;
+  for (auto& t : ts) {
+    try {
+      std::vector<at::Tensor> one{t};
+      works.push_back(collective(one));
+    } catch (...) {
+      launch_error = std::current_exception();
+      break;
+    }
+  }
+  wait_all(works);
+  if (launch_error) std::rethrow_exception(launch_error);
+}
+
 }  // namespace
 
 extern "C" {
@@ -108,22 +128,9 @@ int brats_dist_allreduce_sum(void* group, at::Tensor* const* tensors, size_t n, 
     TORCH_CHECK(group != nullptr, "process group is null");
     auto& backend = static_cast<Group*>(group)->backend;
     auto ts = gather(tensors, n);
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    works.reserve(n);
-    std::exception_ptr launch_error;
-    for (auto& t : ts) {
-      try {
-        std::vector<at::Tensor> one{t};
-        c10d::AllreduceOptions opts;
-        opts.reduceOp = c10d::ReduceOp::SUM;
-        works.push_back(backend->allreduce(one, opts));
-      } catch (...) {
-        launch_error = std::current_exception();
-        break;
-      }
-    }
-    wait_all(works);
-    if (launch_error) std::rethrow_exception(launch_error);
+    c10d::AllreduceOptions opts;
+    opts.reduceOp = c10d::ReduceOp::SUM;
+    each_in_flight(ts, [&](std::vector<at::Tensor>& one) { return backend->allreduce(one, opts); });
   });
 }
 
@@ -132,23 +139,10 @@ int brats_dist_broadcast(void* group, at::Tensor* const* tensors, size_t n, int 
     TORCH_CHECK(group != nullptr, "process group is null");
     auto& backend = static_cast<Group*>(group)->backend;
     auto ts = gather(tensors, n);
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    works.reserve(n);
-    std::exception_ptr launch_error;
-    for (auto& t : ts) {
-      try {
-        std::vector<at::Tensor> one{t};
-        c10d::BroadcastOptions opts;
-        opts.rootRank = root;
-        opts.rootTensor = 0;
-        works.push_back(backend->broadcast(one, opts));
-      } catch (...) {
-        launch_error = std::current_exception();
-        break;
-      }
-    }
-    wait_all(works);
-    if (launch_error) std::rethrow_exception(launch_error);
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    opts.rootTensor = 0;
+    each_in_flight(ts, [&](std::vector<at::Tensor>& one) { return backend->broadcast(one, opts); });
   });
 }
 
