@@ -5,22 +5,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{self, ExportOptions, FAST_PATH_MAX_Y, GroupNormLowering, Precision, fast_path_y_range};
 use common::*;
 use ort::session::Session;
 use ort::value::Tensor;
-
-fn ort_env() -> &'static ort::environment::Environment {
-    static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let path = std::env::var("ORT_DYLIB_PATH")
-            .expect("ORT_DYLIB_PATH (set by .cargo/config.toml; scripts/bootstrap.sh installs it)");
-        ort::init_from(&path).unwrap_or_else(|e| panic!("loading ONNX Runtime from {path}: {e}")).build().unwrap()
-    })
-}
 
 /// Runs `model` on `x`; with `pin`, the symbolic input dimensions are fixed to `shape` first.
 fn run_ort(model: &[u8], shape: [usize; 5], x: &[f32], pin: bool) -> Vec<f32> {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use brats_model::SegResNetConfig;
@@ -13,15 +12,6 @@ use brats_model::weights;
 use common::*;
 use ort::session::Session;
 use ort::value::Tensor;
-
-fn ort_env() -> &'static ort::environment::Environment {
-    static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let path = std::env::var("ORT_DYLIB_PATH")
-            .expect("ORT_DYLIB_PATH (set by .cargo/config.toml; scripts/bootstrap.sh installs it)");
-        ort::init_from(&path).unwrap_or_else(|e| panic!("loading ONNX Runtime from {path}: {e}")).build().unwrap()
-    })
-}
 
 fn run_ort(model: &[u8], shape: [usize; 5], x: &[f32]) -> (Vec<usize>, Vec<f32>) {
     let mut session =

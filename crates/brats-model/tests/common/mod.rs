@@ -66,3 +66,13 @@ pub fn tch_forward(config: &SegResNetConfig, sd: &StateDict, shape: [i64; 5], x:
     y.contiguous().copy_data(&mut out, n);
     out
 }
+
+/// ONNX Runtime, loaded once from `ORT_DYLIB_PATH` (the ONNX tests' shared environment).
+pub fn ort_env() -> &'static ort::environment::Environment {
+    static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = std::env::var("ORT_DYLIB_PATH")
+            .expect("ORT_DYLIB_PATH (set by .cargo/config.toml; scripts/bootstrap.sh installs it)");
+        ort::init_from(&path).unwrap_or_else(|e| panic!("loading ONNX Runtime from {path}: {e}")).build().unwrap()
+    })
+}
