@@ -22,9 +22,10 @@
 
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::fmt;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::ops::Range;
 use std::ptr::NonNull;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -314,6 +315,36 @@ impl fmt::Debug for ProcessGroup {
     }
 }
 
+/// Waits until rank 0's store accepts TCP connections, or `timeout` passes.
+///
+/// c10d's client retries a refused connection with a growing back-off and can overshoot its
+/// deadline by seconds on a loaded host; probing here keeps a missing rank 0 a failure at the
+/// timeout, and the store's own connect then succeeds at once.
+fn wait_for_master(env: &DistEnv, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no address tried");
+    loop {
+        let addrs = (env.master_addr.as_str(), env.master_port)
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve MASTER_ADDR={}: {e}", env.master_addr))?;
+        for addr in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left.min(Duration::from_millis(250))) {
+                Ok(_) => return Ok(()),
+                Err(e) => last_error = format!("{addr}: {e}"),
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("no store answered within {}ms (last attempt: {last_error})", timeout.as_millis()));
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
 impl ProcessGroup {
     /// Meets the other ranks at `env`'s store and builds the process group.
     ///
@@ -340,7 +371,11 @@ impl ProcessGroup {
             message,
         };
         let host = CString::new(env.master_addr.as_str()).expect("validate() rejects NUL bytes");
-        let ms = timeout_ms(timeout);
+        let started = Instant::now();
+        if !env.is_master() {
+            wait_for_master(env, timeout).map_err(rendezvous)?;
+        }
+        let ms = timeout_ms(timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1)));
         // SAFETY: `host` outlives the call; the shim copies it.
         let (store, err) = shim_call(|err| unsafe {
             ffi::brats_dist_store_new(host.as_ptr(), env.master_port, world, c_int::from(env.is_master()), ms, err)
