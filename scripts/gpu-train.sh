@@ -4,6 +4,7 @@
 #
 #   scripts/gpu-train.sh build        # here: binaries + MONAI into target/gpu-train/ (carry it)
 #   scripts/gpu-train.sh run [OUT]    # there
+#   scripts/gpu-train.sh stream [OUT] # there: case_cache memory vs stream on full-size cases
 #
 # `run` does, each part under its own timeout, never stopping at a failed part:
 #   1. nccl   — c10d ProcessGroupNCCL through our shim, world size 1 (all-reduce, broadcast);
@@ -33,7 +34,7 @@ build)
     find "$dir/py" -name __pycache__ -prune -exec rm -rf {} +
     du -sh "$dir"
     ;;
-run)
+run | stream)
     out="${2:-${OUT:-$dir/out}}"
     mkdir -p "$out"
     work=/tmp/brats-gpu-train && rm -rf "$work" && mkdir -p "$work"
@@ -46,6 +47,25 @@ run)
     log() { echo "== $*" | tee -a "$out/summary.txt"; }
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/summary.txt"
     "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())' | tee -a "$out/summary.txt"
+    nproc | sed 's/^/cpu cores /' | tee -a "$out/summary.txt"
+    if [ "$1" = stream ]; then
+        # The loader's share of step time when every sample is read and decoded from the store
+        # (case_cache stream) against cases held in memory, same job otherwise: 8 training
+        # cases of 240x240x155 (≈ 180 MB each in the store), crop 224x224x144, AMP, 4 loader
+        # threads, 3 epochs (the first reads a cold page cache).
+        log "case_cache memory vs stream: 8 + 2 synthetic 240x240x155 cases, crop 224x224x144, AMP, 3 epochs"
+        timeout 120 "$bin/brats-trainer" synth-dataset --shape 240,240,155 --seed 7 --training 8 --validation 2 --out "$work/data" >/dev/null
+        for cache in stream memory; do
+            sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
+            start=$SECONDS
+            timeout 240 "$bin/brats-trainer" train \
+                --datalist "$work/data/datalist.json" --epochs 3 --lr 1e-4 --crop 224,224,144 --val-roi 240,240,160 \
+                --devices 0 --loader-workers 4 --case-cache "$cache" --out "$work/run-$cache" >"$out/train-$cache.txt" 2>&1
+            echo "$cache exit $?, wall $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+            grep -E "^training on|^epoch [0-9]+ loss|^done|error" "$out/train-$cache.txt" | tee -a "$out/summary.txt"
+        done
+        exit 0
+    fi
 
     log "1. NCCL world size 1 (c10d ProcessGroupNCCL via the shim)"
     timeout 120 "$bin/dist-test" --exact nccl_single_rank_smoke_on_cuda --nocapture >"$out/nccl.txt" 2>&1
@@ -84,7 +104,7 @@ PY
     ls -la "$work/run" | tee -a "$out/summary.txt"
     ;;
 *)
-    echo "usage: $0 build | run [OUT]" >&2
+    echo "usage: $0 build | run [OUT] | stream [OUT]" >&2
     exit 64
     ;;
 esac

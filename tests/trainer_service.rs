@@ -863,10 +863,19 @@ async fn a_job_runs_against_s3_and_is_recovered_from_it() {
     let worker = real_worker();
     let t = Trainer::start_on(dir.path(), "s3://brats/trainer", "s3://brats/models", worker.as_deref(), &extra).await;
     let mut client = t.client().await;
-    let job =
-        client.start_job(start_req(training_spec("s3://brats/data/datalist.json", 2))).await.unwrap().into_inner();
+    // The worker reads every sample from the bucket instead of holding the cases.
+    let mut spec = training_spec("s3://brats/data/datalist.json", 2);
+    spec.data.as_mut().unwrap().case_cache = pb::CaseCache::Stream as i32;
+    let job = client.start_job(start_req(spec)).await.unwrap().into_inner();
     assert_eq!(job.job_uri, format!("s3://brats/trainer/jobs/{}/", job.id));
     let done = wait_state(&t, &job.id, pb::JobState::Succeeded, 300).await;
+    let events = watch_all(&mut client, &job.id, 0, 30).await;
+    assert!(
+        events.iter().any(
+            |e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message.contains("streamed from the store"))
+        ),
+        "no event says the cases are streamed: {events:?}"
+    );
     assert_eq!(done.registered_model.unwrap().version, "1");
     for key in ["models/tiny/1/model.onnx", "models/tiny/1/metadata.json"] {
         let uri = brats_core::StoreUri::parse(&format!("s3://brats/{key}")).unwrap();

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use brats_core::{StoreConfig, StoreUri, Stores};
 use brats_proto::v1 as pb;
+use brats_trainer::data::CaseCache;
 use brats_trainer::dataset::{self, Preprocessor};
 use brats_trainer::dist::{Backend, DistEnv, ProcessGroup};
 use brats_trainer::events::{EventKind, WorkerLine};
 use brats_trainer::spec::{self, Device, TrainConfig};
-use brats_trainer::train::{self, Dataset, RunEnv, TrainError};
+use brats_trainer::train::{self, RunEnv, TrainError};
 use clap::Args;
 
 /// Exit code of a worker that stopped because it was cancelled.
@@ -70,6 +71,10 @@ pub struct TrainArgs {
     /// Loader threads per device (default 2 on CPU, 4 on CUDA).
     #[arg(long, default_value_t = 0)]
     loader_workers: u32,
+    /// How workers hold the preprocessed cases: auto (in memory when they fit, else streamed),
+    /// memory, or stream (read from the store for every sample).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "memory", "stream"])]
+    case_cache: String,
     /// Continue from this training checkpoint (e.g. DIR/checkpoints/latest.safetensors of an
     /// earlier run); a run whose --out already holds a checkpoint resumes from it by itself.
     #[arg(long)]
@@ -140,6 +145,11 @@ fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
             },
             loader_workers: a.loader_workers,
             max_steps_per_epoch: a.max_steps_per_epoch,
+            case_cache: match a.case_cache.as_str() {
+                "memory" => pb::CaseCache::Memory,
+                "stream" => pb::CaseCache::Stream,
+                _ => pb::CaseCache::Auto,
+            } as i32,
             ..Default::default()
         }),
         validation: Some(pb::ValidationSpec {
@@ -277,19 +287,17 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
         prepare(true).context("preparing the dataset")?
     };
     let manifest = rt.block_on(dataset::read_manifest(&stores, &manifest_uri))?;
-    let sections = [config.data.train_section.as_str(), config.data.validation_section.as_str()];
-    rt.block_on(dataset::check_fits_in_memory(&stores, &manifest, &sections, local_world(dist_env.as_ref())))?;
-    let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
-    let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
+    let (data, cache) =
+        rt.block_on(dataset::open_dataset(&stores, &manifest, &config.data, local_world(dist_env.as_ref())))?;
     if lead {
         eprintln!(
-            "training on {} cases, validating on {}, {} epoch(s), device {device}, world size {world}",
-            train_cases.len(),
-            validation.len(),
-            config.epochs
+            "training on {} cases, validating on {}, {} epoch(s), device {device}, world size {world}, cases {}",
+            data.train.len(),
+            data.validation.len(),
+            config.epochs,
+            if cache == CaseCache::Memory { "in memory" } else { "streamed from the store" },
         );
     }
-    let data = Dataset { train: Arc::new(train_cases), validation: Arc::new(validation) };
     let env = RunEnv {
         stores: stores.clone(),
         runtime: rt.handle().clone(),
@@ -461,11 +469,9 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
     let group = process_group(dist_env.as_ref(), device)?;
     let lead = group.as_ref().map(|g| g.rank() == 0).unwrap_or(true);
     let manifest = rt.block_on(dataset::read_manifest(&stores, &StoreUri::parse(manifest_uri)?))?;
-    let sections = [config.data.train_section.as_str(), config.data.validation_section.as_str()];
-    rt.block_on(dataset::check_fits_in_memory(&stores, &manifest, &sections, local_world(dist_env.as_ref())))?;
-    let train_cases = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.train_section))?;
-    let validation = rt.block_on(dataset::load_section(&stores, &manifest, &config.data.validation_section))?;
-    let data = Dataset { train: Arc::new(train_cases), validation: Arc::new(validation) };
+    let (data, cache) =
+        rt.block_on(dataset::open_dataset(&stores, &manifest, &config.data, local_world(dist_env.as_ref())))?;
+    tracing::info!(%cache, train = data.train.len(), validation = data.validation.len(), "dataset opened");
     let env = RunEnv {
         stores,
         runtime: rt.handle().clone(),
@@ -484,6 +490,16 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
             let _ = out.flush();
         }
     };
+    emit(EventKind::info(format!(
+        "{} training and {} validation cases, {}",
+        data.train.len(),
+        data.validation.len(),
+        if cache == CaseCache::Memory {
+            "held in memory"
+        } else {
+            "streamed from the store for every sample (case_cache STREAM, or AUTO and they do not fit in memory)"
+        }
+    )));
     let outcome = train::run(&config, &data, &env, &mut emit, cancel)?;
     if lead {
         let mut out = stdout.lock();

@@ -1,4 +1,5 @@
-//! The training data path: preprocessed cases cached in memory, the bundle's augmentation drawn
+//! The training data path: preprocessed cases held in memory or streamed from the store, the
+//! bundle's augmentation drawn
 //! per sample from a seed, torch's `DistributedSampler`, and loader threads that build batches
 //! ahead of the training loop.
 //!
@@ -170,6 +171,140 @@ pub fn load_cases_blocking(stores: &Stores, uris: &[(String, StoreUri)]) -> Resu
         .build()
         .map_err(|e| DataError::Worker(format!("cannot start a runtime to load cases: {e}")))?;
     rt.block_on(load_cases(stores, uris))
+}
+
+/// How a job holds the preprocessed cases of one section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaseCache {
+    /// In memory when every local worker's copy fits (see `dataset::resolve_cache`), else
+    /// streamed: small datasets train without I/O, a full BraTS release still trains.
+    #[default]
+    Auto,
+    /// Decoded once and held in RAM for the whole job (MONAI's `CacheDataset`, cache_rate 1).
+    Memory,
+    /// Read and decoded from the store for every sample (MONAI's `Dataset`; nnU-Net's lazy
+    /// loading): memory per worker is bounded by the loader's prefetch, whatever the dataset size.
+    Stream,
+}
+
+impl CaseCache {
+    /// Parses the CLI / config spelling: `auto`, `memory` or `stream`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(CaseCache::Auto),
+            "memory" => Ok(CaseCache::Memory),
+            "stream" => Ok(CaseCache::Stream),
+            other => Err(DataError::InvalidConfig(format!("case cache '{other}': use auto, memory or stream"))),
+        }
+    }
+}
+
+impl std::fmt::Display for CaseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CaseCache::Auto => "auto",
+            CaseCache::Memory => "memory",
+            CaseCache::Stream => "stream",
+        })
+    }
+}
+
+/// The cases of one section, held in memory or read from the store on demand; the loader and
+/// the validation pass see both the same way through [`Cases::get`].
+pub struct Cases {
+    source: CaseSource,
+}
+
+impl std::fmt::Debug for Cases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cases").field("len", &self.len()).field("streamed", &self.is_streamed()).finish()
+    }
+}
+
+enum CaseSource {
+    Memory(Vec<CachedCase>),
+    Store { stores: Arc<Stores>, runtime: tokio::runtime::Handle, entries: Vec<(String, StoreUri)> },
+}
+
+impl From<Vec<CachedCase>> for Cases {
+    fn from(cases: Vec<CachedCase>) -> Self {
+        Cases { source: CaseSource::Memory(cases) }
+    }
+}
+
+impl Cases {
+    /// Cases read from `entries` (`(case id, tensors uri)`) each time they are asked for.
+    ///
+    /// `runtime` must be a multi-threaded runtime's handle and [`Cases::get`] must be called
+    /// from threads outside it (loader threads, the training loop), which block on the read.
+    pub fn streamed(stores: Arc<Stores>, runtime: tokio::runtime::Handle, entries: Vec<(String, StoreUri)>) -> Self {
+        Cases { source: CaseSource::Store { stores, runtime, entries } }
+    }
+
+    /// Number of cases.
+    pub fn len(&self) -> usize {
+        match &self.source {
+            CaseSource::Memory(c) => c.len(),
+            CaseSource::Store { entries, .. } => entries.len(),
+        }
+    }
+
+    /// True when the section has no case.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True when cases are read from the store on demand.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.source, CaseSource::Store { .. })
+    }
+
+    /// Case `i`'s id; panics when `i` is out of range, like indexing.
+    pub fn id(&self, i: usize) -> &str {
+        match &self.source {
+            CaseSource::Memory(c) => &c[i].id,
+            CaseSource::Store { entries, .. } => &entries[i].0,
+        }
+    }
+
+    /// Case `i`: shared buffers when held in memory, else read, decoded and checked now.
+    pub fn get(&self, i: usize) -> Result<CachedCase> {
+        if i >= self.len() {
+            return Err(DataError::InvalidConfig(format!("case index {i} is outside the {} cases", self.len())));
+        }
+        match &self.source {
+            CaseSource::Memory(c) => Ok(c[i].clone()),
+            CaseSource::Store { stores, runtime, entries } => {
+                let (id, uri) = &entries[i];
+                let load = |source| DataError::Load { case: id.clone(), source };
+                let bytes = runtime.block_on(stores.get(uri)).map_err(load)?;
+                let tensors = CaseTensors::from_bytes(&bytes, &uri.to_string()).map_err(load)?;
+                drop(bytes);
+                CachedCase::from_tensors(id.clone(), tensors)
+            }
+        }
+    }
+
+    /// Checks the cases `indices` name before an epoch: in range, and for cases in memory
+    /// consistent and labelled (streamed cases are checked as they are read).
+    pub fn check_for_training(&self, indices: &[usize]) -> Result<()> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(DataError::InvalidConfig(format!("loader: index {bad} is outside the {} cases", self.len())));
+        }
+        if let CaseSource::Memory(cases) = &self.source {
+            let mut used = vec![false; cases.len()];
+            for &i in indices {
+                if !std::mem::replace(&mut used[i], true) {
+                    cases[i].validate()?;
+                    if cases[i].label.is_none() {
+                        return Err(DataError::MissingLabel { case: cases[i].id.clone() });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The training augmentation, in MONAI's order: crop, flip X, Y, Z, scale, shift.
@@ -482,7 +617,7 @@ struct LoaderConfig {
 
 /// State shared by the consumer and the workers.
 struct Shared {
-    cases: Arc<Vec<CachedCase>>,
+    cases: Arc<Cases>,
     indices: Vec<usize>,
     config: LoaderConfig,
     epoch: u64,
@@ -549,7 +684,11 @@ impl Shared {
             let seed = sample_seed(self.config.job_seed, self.epoch, i);
             let image_k = &mut image_data[k * per_image..(k + 1) * per_image];
             let label_k = &mut label_data[k * per_label..(k + 1) * per_label];
-            if let Err(e) = augment_into(&self.cases[i], &self.config.augment, seed, image_k, label_k) {
+            let case = match self.cases.get(i) {
+                Ok(case) => case,
+                Err(e) => return Some(Err(e)),
+            };
+            if let Err(e) = augment_into(&case, &self.config.augment, seed, image_k, label_k) {
                 return Some(Err(e));
             }
         }
@@ -615,7 +754,7 @@ impl Loader {
     /// thread starts.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
-        cases: Arc<Vec<CachedCase>>,
+        cases: Arc<Cases>,
         indices: Vec<usize>,
         batch_size: usize,
         augment: Augment,
@@ -629,21 +768,7 @@ impl Loader {
             return Err(DataError::InvalidConfig("batch_size must be at least 1 (the bundle uses 1)".into()));
         }
         config.augment.validate()?;
-        if let Some(&bad) = indices.iter().find(|&&i| i >= cases.len()) {
-            return Err(DataError::InvalidConfig(format!(
-                "loader: index {bad} is outside the {} cached cases",
-                cases.len()
-            )));
-        }
-        let mut used = vec![false; cases.len()];
-        for &i in &indices {
-            if !std::mem::replace(&mut used[i], true) {
-                cases[i].validate()?;
-                if cases[i].label.is_none() {
-                    return Err(DataError::MissingLabel { case: cases[i].id.clone() });
-                }
-            }
-        }
+        cases.check_for_training(&indices)?;
         let shared = Arc::new(Shared {
             num_batches: indices.len().div_ceil(config.batch_size),
             cases,
@@ -770,8 +895,8 @@ mod tests {
         CachedCase::from_tensors(format!("c{seed}"), tensors(shape, seed, &Options::default())).unwrap()
     }
 
-    fn cases(n: usize, shape: [usize; 3]) -> Arc<Vec<CachedCase>> {
-        Arc::new((0..n as u64).map(|s| case(shape, s + 1)).collect())
+    fn cases(n: usize, shape: [usize; 3]) -> Arc<Cases> {
+        Arc::new(Cases::from((0..n as u64).map(|s| case(shape, s + 1)).collect::<Vec<_>>()))
     }
 
     /// `Loader::start`'s settings, so tests can vary one at a time.
@@ -785,7 +910,7 @@ mod tests {
     }
 
     impl Cfg {
-        fn start(&self, cases: &Arc<Vec<CachedCase>>, indices: &[usize], epoch: u64) -> Result<Loader> {
+        fn start(&self, cases: &Arc<Cases>, indices: &[usize], epoch: u64) -> Result<Loader> {
             let c = *self;
             Loader::start(
                 cases.clone(),
@@ -867,7 +992,7 @@ mod tests {
         let n = 4 * 512;
         for (b, want) in batches.iter().zip([[3usize, 1, 1], [0, 2, 3], [0, 0, 0]]) {
             for (k, &i) in b.2.iter().enumerate() {
-                assert_eq!(b.0[k * n..(k + 1) * n], sample(&cases[i], &cfg.augment, 0).unwrap().image[..]);
+                assert_eq!(b.0[k * n..(k + 1) * n], sample(&cases.get(i).unwrap(), &cfg.augment, 0).unwrap().image[..]);
                 assert_eq!(i, want[k]);
             }
         }
@@ -1078,7 +1203,7 @@ mod tests {
     fn refuses_what_cannot_train() {
         let mut c = case([8, 8, 8], 1);
         c.label = None;
-        let cases = Arc::new(vec![c.clone()]);
+        let cases = Arc::new(Cases::from(vec![c.clone()]));
         assert!(matches!(config(1).start(&cases, &[0], 0), Err(DataError::MissingLabel { .. })));
         assert!(matches!(config(1).start(&cases, &[1], 0), Err(DataError::InvalidConfig(_))));
         assert!(matches!(sample(&c, &Augment::center([4, 4, 4]), 0), Err(DataError::MissingLabel { .. })));
@@ -1094,8 +1219,60 @@ mod tests {
         t.label.as_mut().unwrap()[3] = 2;
         assert!(CachedCase::from_tensors("x", t).unwrap_err().to_string().contains("label holds 2"));
         // An empty epoch is simply empty.
-        let mut empty = config(2).start(&Arc::new(vec![case([8, 8, 8], 1)]), &[], 0).unwrap();
+        let mut empty = config(2).start(&Arc::new(Cases::from(vec![case([8, 8, 8], 1)])), &[], 0).unwrap();
         assert!(empty.next().is_none());
+    }
+
+    #[test]
+    fn streamed_cases_give_the_same_batches_as_cases_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let stores = Arc::new(Stores::new(Default::default()));
+        let mut entries = Vec::new();
+        for s in 1..=3u64 {
+            let path = dir.path().join(format!("c{s}.safetensors"));
+            std::fs::write(&path, tensors([20, 18, 17], s, &Options::default()).to_bytes().unwrap()).unwrap();
+            entries.push((format!("c{s}"), StoreUri::parse(path.to_str().unwrap()).unwrap()));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let streamed = Arc::new(Cases::streamed(stores.clone(), rt.handle().clone(), entries.clone()));
+        let in_memory = cases(3, [20, 18, 17]);
+        assert!(streamed.is_streamed() && !in_memory.is_streamed());
+        assert_eq!((streamed.len(), streamed.id(2)), (3, "c3"));
+        let indices = vec![2, 0, 1, 1, 0, 2];
+        for workers in [0, 2] {
+            let got = collect(config(workers).start(&streamed, &indices, 5).unwrap());
+            assert_eq!(got, collect(config(workers).start(&in_memory, &indices, 5).unwrap()), "{workers} workers");
+        }
+        // A case that disappears from the store fails its batch, naming the case; the loader
+        // goes on with the next batch.
+        std::fs::remove_file(dir.path().join("c1.safetensors")).unwrap();
+        let mut cfg = config(1);
+        cfg.batch_size = 1;
+        let results: Vec<_> = cfg.start(&streamed, &[1, 0, 2], 0).unwrap().collect();
+        assert!(results[0].is_ok() && results[2].is_ok());
+        let e = results[1].as_ref().unwrap_err();
+        assert!(matches!(e, DataError::Load { case, .. } if case == "c1"), "{e}");
+        assert!(e.to_string().contains("c1"), "{e}");
+        // A streamed case whose label is not 0/1 is refused when read, as in memory.
+        let mut bad = tensors([6, 6, 6], 1, &Options::default());
+        bad.label.as_mut().unwrap()[0] = 7;
+        let path = dir.path().join("bad.safetensors");
+        std::fs::write(&path, bad.to_bytes().unwrap()).unwrap();
+        let one = Cases::streamed(
+            stores,
+            rt.handle().clone(),
+            vec![("bad".into(), StoreUri::parse(path.to_str().unwrap()).unwrap())],
+        );
+        assert!(one.get(0).unwrap_err().to_string().contains("label holds 7"));
+        assert!(matches!(one.get(1), Err(DataError::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn case_cache_spellings() {
+        for c in [CaseCache::Auto, CaseCache::Memory, CaseCache::Stream] {
+            assert_eq!(CaseCache::parse(&c.to_string()).unwrap(), c);
+        }
+        assert!(CaseCache::parse("disk").unwrap_err().to_string().contains("auto, memory or stream"));
     }
 
     #[test]
@@ -1132,7 +1309,7 @@ mod tests {
         let augment = Augment::bundle([96, 96, 96]);
         let t = Instant::now();
         for i in 0..20 {
-            sample(&cases[i % 2], &augment, i as u64).unwrap();
+            sample(&cases.get(i % 2).unwrap(), &augment, i as u64).unwrap();
         }
         println!("sample(), caller's thread: {:.1} ms each", t.elapsed().as_secs_f64() * 1e3 / 20.0);
         let indices: Vec<usize> = (0..200).map(|i| i % 2).collect();

@@ -12,7 +12,9 @@ use brats_proto::v1::preprocessor_server::Preprocessor as _;
 use futures::StreamExt;
 use serde::Deserialize;
 
-use crate::data::CachedCase;
+use crate::data::{CaseCache, Cases};
+use crate::spec::DataConfig;
+use crate::train::Dataset;
 
 /// Why a dataset could not be prepared or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -47,9 +49,9 @@ pub enum DatasetError {
         /// What.
         message: String,
     },
-    /// The sections do not fit in this machine's memory (every worker holds them in RAM).
+    /// The sections do not fit in this machine's memory and the job asked to hold them there.
     #[error(
-        "the dataset needs {needed_gib:.1} GiB of memory per worker ({workers} worker(s) on this machine) but {available_gib:.1} GiB is available; cases are held in memory (streaming from the store is not implemented yet): train on fewer cases, fewer devices per machine, or a machine with more memory"
+        "the dataset needs {needed_gib:.1} GiB of memory per worker ({workers} worker(s) on this machine) but {available_gib:.1} GiB is available; case_cache is MEMORY: use AUTO or STREAM to read the cases from the store for every sample, or train on fewer cases, fewer devices per machine, or a machine with more memory"
     )]
     TooLarge {
         /// Bytes one worker needs, in GiB.
@@ -182,32 +184,64 @@ pub async fn read_manifest(stores: &Stores, uri: &StoreUri) -> Result<Manifest, 
     serde_json::from_slice(&bytes).map_err(|e| DatasetError::Manifest { uri: uri.to_string(), message: e.to_string() })
 }
 
-/// Loads one section's cases (an absent section is empty).
-pub async fn load_section(
-    stores: &Stores,
-    manifest: &Manifest,
-    section: &str,
-) -> Result<Vec<CachedCase>, DatasetError> {
+/// The `(case id, tensors uri)` entries of one section (an absent section is empty).
+fn section_entries(manifest: &Manifest, section: &str) -> Result<Vec<(String, StoreUri)>, DatasetError> {
     let Some(cases) = manifest.cases.get(section) else { return Ok(Vec::new()) };
-    let uris: Vec<(String, StoreUri)> = cases
+    Ok(cases
         .iter()
         .map(|c| Ok((c.case_id.clone(), StoreUri::parse(&c.tensors)?)))
-        .collect::<Result<_, brats_core::CoreError>>()?;
-    crate::data::load_cases(stores, &uris)
-        .await
-        .map_err(|e| DatasetError::Manifest { uri: format!("section {section}"), message: e.to_string() })
+        .collect::<Result<_, brats_core::CoreError>>()?)
 }
 
-/// Refuses, before loading anything, sections whose cached tensors (their stored size is what a
-/// worker holds in RAM) would not fit `local_workers` times into the memory available now, so a
-/// too-large dataset is a clear job failure instead of an out-of-memory kill mid-epoch.
-pub async fn check_fits_in_memory(
+/// Opens one section as `cache` says ([`CaseCache::Memory`]: loaded now; otherwise streamed
+/// through the current tokio runtime, which must be multi-threaded).
+pub async fn open_section(
+    stores: &Arc<Stores>,
+    manifest: &Manifest,
+    section: &str,
+    cache: CaseCache,
+) -> Result<Cases, DatasetError> {
+    let entries = section_entries(manifest, section)?;
+    if cache != CaseCache::Memory {
+        return Ok(Cases::streamed(stores.clone(), tokio::runtime::Handle::current(), entries));
+    }
+    let cases = crate::data::load_cases(stores, &entries)
+        .await
+        .map_err(|e| DatasetError::Manifest { uri: format!("section {section}"), message: e.to_string() })?;
+    Ok(Cases::from(cases))
+}
+
+/// Opens the training and validation sections of `data` for one of `local_workers` workers on
+/// this machine; returns them and the cache mode used ([`resolve_cache`]).
+pub async fn open_dataset(
+    stores: &Arc<Stores>,
+    manifest: &Manifest,
+    data: &DataConfig,
+    local_workers: usize,
+) -> Result<(Dataset, CaseCache), DatasetError> {
+    let sections = [data.train_section.as_str(), data.validation_section.as_str()];
+    let cache = resolve_cache(stores, manifest, &sections, local_workers, data.case_cache).await?;
+    let train = open_section(stores, manifest, &data.train_section, cache).await?;
+    let validation = open_section(stores, manifest, &data.validation_section, cache).await?;
+    Ok((Dataset { train: Arc::new(train), validation: Arc::new(validation) }, cache))
+}
+
+/// Decides, before loading anything, whether the sections are held in memory or streamed:
+/// [`CaseCache::Auto`] keeps them in memory when their cached tensors (their stored size is
+/// what a worker holds in RAM) fit `local_workers` times into three quarters of the memory
+/// available now, and streams them otherwise; [`CaseCache::Memory`] refuses a dataset that does
+/// not fit, so it is a clear job failure instead of an out-of-memory kill mid-epoch.
+pub async fn resolve_cache(
     stores: &Stores,
     manifest: &Manifest,
     sections: &[&str],
     local_workers: usize,
-) -> Result<(), DatasetError> {
-    let Some(available) = mem_available_bytes() else { return Ok(()) };
+    requested: CaseCache,
+) -> Result<CaseCache, DatasetError> {
+    if requested == CaseCache::Stream {
+        return Ok(CaseCache::Stream);
+    }
+    let Some(available) = mem_available_bytes() else { return Ok(CaseCache::Memory) };
     let mut needed = 0u64;
     for section in sections {
         for case in manifest.cases.get(*section).into_iter().flatten() {
@@ -216,11 +250,20 @@ pub async fn check_fits_in_memory(
     }
     // Decoded f32 images are the stored bytes; leave a quarter for the network and batches.
     let workers = local_workers.max(1);
-    if needed.saturating_mul(workers as u64) > available / 4 * 3 {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if needed.saturating_mul(workers as u64) <= available / 4 * 3 {
+        return Ok(CaseCache::Memory);
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if requested == CaseCache::Memory {
         return Err(DatasetError::TooLarge { needed_gib: gib(needed), workers, available_gib: gib(available) });
     }
-    Ok(())
+    tracing::info!(
+        needed_gib = gib(needed),
+        workers,
+        available_gib = gib(available),
+        "dataset does not fit in memory; streaming cases from the store"
+    );
+    Ok(CaseCache::Stream)
 }
 
 /// `MemAvailable` from /proc/meminfo (None where it cannot be read).
@@ -234,8 +277,8 @@ fn mem_available_bytes() -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn a_dataset_too_large_for_memory_is_refused_before_loading() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dataset_too_large_for_memory_is_streamed_or_refused() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("case.safetensors");
         std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
@@ -246,10 +289,23 @@ mod tests {
             )]),
         };
         let stores = Stores::new(Default::default());
-        check_fits_in_memory(&stores, &manifest, &["training", "validation"], 1).await.unwrap();
+        let sections = ["training", "validation"];
+        for requested in [CaseCache::Auto, CaseCache::Memory] {
+            assert_eq!(resolve_cache(&stores, &manifest, &sections, 1, requested).await.unwrap(), CaseCache::Memory);
+        }
+        assert_eq!(
+            resolve_cache(&stores, &manifest, &sections, 1, CaseCache::Stream).await.unwrap(),
+            CaseCache::Stream
+        );
         // A million workers of 1 MiB each: a terabyte, more than any test machine has.
-        let e = check_fits_in_memory(&stores, &manifest, &["training"], 1_000_000).await.unwrap_err();
+        let huge = 1_000_000;
+        assert_eq!(
+            resolve_cache(&stores, &manifest, &sections, huge, CaseCache::Auto).await.unwrap(),
+            CaseCache::Stream
+        );
+        let e = resolve_cache(&stores, &manifest, &sections, huge, CaseCache::Memory).await.unwrap_err();
         assert!(matches!(e, DatasetError::TooLarge { workers: 1_000_000, .. }), "{e}");
         assert!(e.to_string().contains("GiB of memory per worker"), "{e}");
+        assert!(e.to_string().contains("STREAM"), "{e}");
     }
 }

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 
 use brats_model::SegResNetConfig;
+
+use crate::data::CaseCache;
 use brats_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +121,9 @@ pub struct DataConfig {
     pub loader_workers: usize,
     /// Step limit per epoch (0 = none).
     pub max_steps_per_epoch: usize,
+    /// How workers hold the preprocessed cases (absent in configs written before it: auto).
+    #[serde(default)]
+    pub case_cache: CaseCache,
 }
 
 /// Validation settings.
@@ -361,6 +366,14 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
         Ok(pb::LabelConvention::Brats2015) => "brats2015",
         Err(_) => return bad("data.label_convention", format!("unknown label convention {}", d.label_convention)),
     };
+    let case_cache = match pb::CaseCache::try_from(d.case_cache) {
+        Ok(pb::CaseCache::Unspecified | pb::CaseCache::Auto) => CaseCache::Auto,
+        Ok(pb::CaseCache::Memory) => CaseCache::Memory,
+        Ok(pb::CaseCache::Stream) => CaseCache::Stream,
+        Err(_) => {
+            return bad("data.case_cache", format!("unknown case cache {}: use AUTO, MEMORY or STREAM", d.case_cache));
+        }
+    };
     if d.loader_workers > 64 {
         return bad("data.loader_workers", format!("{} loader threads is more than 64", d.loader_workers));
     }
@@ -379,6 +392,7 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
         label_convention: label_convention.into(),
         loader_workers: d.loader_workers as usize,
         max_steps_per_epoch: d.max_steps_per_epoch as usize,
+        case_cache,
     };
     if data.train_section == data.validation_section {
         return bad("data.validation_section", "must differ from data.train_section (validate on held-out cases)");

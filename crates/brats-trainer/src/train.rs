@@ -18,7 +18,7 @@ use tch::{Kind, Tensor, nn};
 use tracing::{info, info_span, warn};
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{self, Augment, CachedCase, DistributedSampler, Loader};
+use crate::data::{self, Augment, Cases, DistributedSampler, Loader};
 use crate::dist::{self, ProcessGroup};
 use crate::events::{EpochMetrics, EventKind, StepMetrics, TrainOutcome};
 use crate::loss::DiceLoss;
@@ -110,9 +110,9 @@ impl RunEnv {
 /// The training and validation cases.
 pub struct Dataset {
     /// Training cases (with labels).
-    pub train: Arc<Vec<CachedCase>>,
+    pub train: Arc<Cases>,
     /// Validation cases (with labels); empty = no validation.
-    pub validation: Arc<Vec<CachedCase>>,
+    pub validation: Arc<Cases>,
 }
 
 fn lr_at(config: &TrainConfig, epoch_index: u32) -> f64 {
@@ -134,7 +134,7 @@ fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
 /// Validation Dice of `cases` (this rank's shard), reduced over ranks.
 fn validate(
     net: &SegResNet,
-    cases: &[CachedCase],
+    cases: &Cases,
     shard: &[usize],
     config: &TrainConfig,
     env: &RunEnv,
@@ -152,22 +152,38 @@ fn validate(
         mirror: false,
     };
     let mut acc = DiceAccumulator::default();
-    for &i in shard {
-        let case = &cases[i];
-        let label =
-            case.label.as_ref().ok_or_else(|| TrainError::Data(format!("validation case {} has no label", case.id)))?;
-        let logits = brats_inference::window::infer(&case.image, 4, case.shape, 3, &window, |win, roi| {
-            let x =
-                Tensor::from_slice(win).reshape([1, 4, roi[0] as i64, roi[1] as i64, roi[2] as i64]).to_device(device);
-            let y = tch::no_grad(|| tch::autocast(amp, || net.forward(&x, false)));
-            let y = y.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
-            Vec::<f32>::try_from(y.flatten(0, -1)).map_err(TrainError::from)
-        })?;
-        let [x, y, z] = case.shape.map(|d| d as i64);
-        let logits = Tensor::from_slice(&logits).reshape([1, 3, x, y, z]);
-        let label = Tensor::from_slice(label.as_slice()).reshape([1, 3, x, y, z]).to_kind(Kind::Float);
-        acc.add(&logits, &label).map_err(|e| TrainError::Data(format!("validation case {}: {e}", case.id)))?;
-    }
+    // The next case is read (from the store, when streamed) while this one is inferred.
+    std::thread::scope(|scope| -> Result<(), TrainError> {
+        let (ready, next_case) = std::sync::mpsc::sync_channel(1);
+        scope.spawn(move || {
+            for &i in shard {
+                // A send fails once the consumer gave up on an error: stop reading.
+                if ready.send(cases.get(i)).is_err() {
+                    break;
+                }
+            }
+        });
+        for case in next_case {
+            let case = case.map_err(|e| TrainError::Data(format!("validation: {e}")))?;
+            let label = case
+                .label
+                .as_ref()
+                .ok_or_else(|| TrainError::Data(format!("validation case {} has no label", case.id)))?;
+            let logits = brats_inference::window::infer(&case.image, 4, case.shape, 3, &window, |win, roi| {
+                let x = Tensor::from_slice(win)
+                    .reshape([1, 4, roi[0] as i64, roi[1] as i64, roi[2] as i64])
+                    .to_device(device);
+                let y = tch::no_grad(|| tch::autocast(amp, || net.forward(&x, false)));
+                let y = y.to_kind(Kind::Float).to_device(tch::Device::Cpu).contiguous();
+                Vec::<f32>::try_from(y.flatten(0, -1)).map_err(TrainError::from)
+            })?;
+            let [x, y, z] = case.shape.map(|d| d as i64);
+            let logits = Tensor::from_slice(&logits).reshape([1, 3, x, y, z]);
+            let label = Tensor::from_slice(label.as_slice()).reshape([1, 3, x, y, z]).to_kind(Kind::Float);
+            acc.add(&logits, &label).map_err(|e| TrainError::Data(format!("validation case {}: {e}", case.id)))?;
+        }
+        Ok(())
+    })?;
     if let Some(g) = &env.group {
         let mut stats = acc.to_stats();
         g.all_reduce_sum_f64(&mut stats)?;
@@ -193,8 +209,10 @@ pub fn run(
     if dataset.train.is_empty() {
         return Err(TrainError::Data("the training section has no cases".into()));
     }
-    if let Some(c) = dataset.train.iter().chain(dataset.validation.iter()).find(|c| c.label.is_none()) {
-        return Err(TrainError::Data(format!("case {} has no label; training needs labels", c.id)));
+    let all_train: Vec<usize> = (0..dataset.train.len()).collect();
+    let all_validation: Vec<usize> = (0..dataset.validation.len()).collect();
+    for (cases, all) in [(&dataset.train, &all_train), (&dataset.validation, &all_validation)] {
+        cases.check_for_training(all).map_err(|e| TrainError::Data(e.to_string()))?;
     }
 
     // Network, identical on every rank: seeded init, then rank 0's weights broadcast.
@@ -309,15 +327,10 @@ pub fn run(
     let run_started = Instant::now();
     let first_epoch = state.epoch + 1;
     let mut epoch_seconds: Vec<f64> = Vec::new();
-
-    for epoch in first_epoch..=config.epochs {
-        let span = info_span!("epoch", epoch, rank);
-        let _enter = span.enter();
-        let lr = lr_at(config, epoch - 1);
-        tch::manual_seed(derive_seed(config.seed, &[2, epoch as u64, rank as u64]) as i64);
+    let start_loader = |epoch: u32| {
         let indices: Vec<usize> =
             sampler.indices(epoch as u64).into_iter().take(steps_per_epoch * config.batch_size).collect();
-        let mut loader = Loader::start(
+        Loader::start(
             dataset.train.clone(),
             indices,
             config.batch_size,
@@ -327,7 +340,22 @@ pub fn run(
             config.loader_workers(),
             2 * config.loader_workers(),
         )
-        .map_err(|e| TrainError::Data(e.to_string()))?;
+        .map_err(|e| TrainError::Data(e.to_string()))
+    };
+    // The next epoch's first batches are built while this epoch validates and checkpoints (its
+    // samples depend on the epoch and index only), so an epoch does not start with the loader
+    // reading its first case.
+    let mut next_loader: Option<Loader> = None;
+
+    for epoch in first_epoch..=config.epochs {
+        let span = info_span!("epoch", epoch, rank);
+        let _enter = span.enter();
+        let lr = lr_at(config, epoch - 1);
+        tch::manual_seed(derive_seed(config.seed, &[2, epoch as u64, rank as u64]) as i64);
+        let mut loader = match next_loader.take() {
+            Some(loader) => loader,
+            None => start_loader(epoch)?,
+        };
         let epoch_started = Instant::now();
         let mut loss_sum = 0.0;
         let mut samples = 0usize;
@@ -399,6 +427,9 @@ pub fn run(
         let train_seconds = epoch_started.elapsed().as_secs_f64();
         let loader_wait_fraction = (loader.wait_seconds() / train_seconds.max(1e-9)).clamp(0.0, 1.0);
         drop(loader);
+        if epoch < config.epochs {
+            next_loader = Some(start_loader(epoch + 1)?);
+        }
         let train_loss = loss_sum / step_in_epoch.max(1) as f64;
 
         // Validation.

@@ -141,6 +141,10 @@ enum TrainCmd {
         /// Validation sliding-window size X,Y,Z (default 240,240,160).
         #[arg(long)]
         val_roi: Option<String>,
+        /// How workers hold the preprocessed cases: auto (in memory when they fit, else read
+        /// from the store for every sample; the default), memory, or stream.
+        #[arg(long, value_parser = ["auto", "memory", "stream"])]
+        case_cache: Option<String>,
         /// Devices: cpu, or CUDA devices cuda:0,cuda:1,… (default: every GPU of the trainer, else cpu).
         #[arg(long)]
         devices: Option<String>,
@@ -355,6 +359,7 @@ async fn train(cmd: TrainCmd) -> anyhow::Result<()> {
             lr,
             crop,
             val_roi,
+            case_cache,
             devices,
             seed,
             model_name,
@@ -385,6 +390,11 @@ async fn train(cmd: TrainCmd) -> anyhow::Result<()> {
                     }),
                     ..Default::default()
                 });
+            }
+            if let Some(c) = case_cache {
+                spec.data.get_or_insert_with(Default::default).case_cache =
+                    pb::CaseCache::from_str_name(&format!("CASE_CACHE_{}", c.to_ascii_uppercase()))
+                        .expect("clap allows only auto, memory and stream") as i32;
             }
             if let Some(r) = val_roi {
                 spec.validation = Some(pb::ValidationSpec {
