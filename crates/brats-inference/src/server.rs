@@ -8,6 +8,7 @@ use crate::window::{Blend, SlidingWindow};
 use anyhow::Context;
 use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1::inference_server::InferenceServer;
+use brats_service::{Drain, GrpcServer, ServingStatus};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,21 +45,20 @@ pub async fn serve(
     let metrics = Metrics::new();
     let service = InferenceService::new(stores, settings, metrics.clone());
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
-    let reflection = brats_service::reflection().context("reflection service")?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("bind {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    brats_service::spawn_metrics_endpoint(&cfg.metrics_listen, metrics.registry.clone()).await?;
-    if let Some(tx) = bound {
-        let _ = tx.send(addr);
-    }
-    info!(%addr, registry = %cfg.registry, model = %cfg.model, alias = %cfg.alias, "inference service listening; loading the model");
+    let grpc = GrpcServer::<InferenceServer<InferenceService>>::bind(
+        &cfg.listen,
+        ServingStatus::NotServing,
+        &cfg.metrics_listen,
+        metrics.registry.clone(),
+    )
+    .await?;
+    grpc.announce(bound);
+    info!(addr = %grpc.addr(), registry = %cfg.registry, model = %cfg.model, alias = %cfg.alias, "inference service listening; loading the model");
 
     // Load, warm, then SERVING; then watch the alias. A failed load keeps NOT_SERVING and retries.
     let warmup = Some(cfg.warmup_shape.unwrap_or(cfg.roi));
     let loader = service.clone();
-    let reporter = health_reporter.clone();
+    let health = grpc.health();
     let interval = cfg.reload_interval_s;
     tokio::spawn(async move {
         loop {
@@ -68,12 +68,12 @@ pub async fn serve(
                         let c = loader.current().expect("loaded");
                         info!(version = %c.version, provider = c.model.provider().name(), "serving");
                     }
-                    reporter.set_serving::<InferenceServer<InferenceService>>().await;
+                    health.set_serving().await;
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot load the default model");
                     if loader.current().is_none() {
-                        reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
+                        health.set_not_serving().await;
                     }
                 }
             }
@@ -84,30 +84,12 @@ pub async fn serve(
         }
     });
 
-    let grace = Duration::from_secs(cfg.shutdown_grace_s);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        shutdown.await;
-        info!("shutting down: NOT_SERVING, draining running requests");
-        health_reporter.set_not_serving::<InferenceServer<InferenceService>>().await;
-        let _ = stop_tx.send(());
-        let _ = drain_tx.send(());
-    });
-    let server = tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(InferenceServer::new(service).max_decoding_message_size(16 << 20))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        });
-    tokio::select! {
-        r = server => r.context("gRPC server")?,
-        _ = async { if drain_rx.await.is_ok() { tokio::time::sleep(grace).await } else { std::future::pending::<()>().await } } => {
-            warn!(grace_s = grace.as_secs(), "grace period over; abandoning running requests");
-        }
-    }
-    info!("stopped");
+    grpc.serve(
+        InferenceServer::new(service).max_decoding_message_size(16 << 20),
+        shutdown,
+        "shutting down: NOT_SERVING, draining running requests",
+        Drain::within(Duration::from_secs(cfg.shutdown_grace_s), "grace period over; abandoning running requests"),
+    )
+    .await?;
     Ok(())
 }

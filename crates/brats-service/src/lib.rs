@@ -1,7 +1,12 @@
 //! The shell every gRPC service of the platform shares, so each service crate holds only its
 //! own logic: configuration layering (TOML file, then environment), mapping of core errors to
-//! gRPC statuses, the reflection service, the Prometheus `/metrics` endpoint, and shutdown
-//! signals.
+//! gRPC statuses, the reflection service, the Prometheus `/metrics` endpoint, shutdown
+//! signals, and the server shell itself ([`GrpcServer`]: health, reflection, metrics, drain).
+
+mod grpc;
+
+pub use grpc::{Drain, GrpcServer, ServerError, ServiceHealth};
+pub use tonic_health::ServingStatus;
 
 use brats_core::error::{CoreError, ErrorKind};
 use tonic::Status;
@@ -49,18 +54,19 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// Server reflection over the platform's contract and `grpc.health.v1`.
-pub fn reflection() -> anyhow::Result<
+pub fn reflection() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::Error,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
+    tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+        .build_v1()
 }
 
 /// Serves `registry` as Prometheus text on `http://<listen>/metrics` in the background; an
 /// empty `listen` disables it.
-pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry) -> anyhow::Result<()> {
+pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry) -> Result<(), ServerError> {
     if listen.is_empty() {
         return Ok(());
     }
@@ -77,9 +83,10 @@ pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry
             }
         }),
     );
-    let listener =
-        tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("bind metrics {listen}: {e}"))?;
-    info!(addr = %listener.local_addr()?, "metrics on /metrics");
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::MetricsBind { listen: listen.to_string(), source })?;
+    info!(addr = %listener.local_addr().map_err(ServerError::LocalAddr)?, "metrics on /metrics");
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(())
 }

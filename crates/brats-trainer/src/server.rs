@@ -8,6 +8,7 @@ use crate::service::{Metrics, ServiceSettings, TrainerService};
 use anyhow::Context;
 use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1::trainer_server::TrainerServer;
+use brats_service::{Drain, GrpcServer, ServingStatus};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -58,19 +59,18 @@ pub async fn serve(
     );
     let service = TrainerService::new(stores, settings, metrics.clone());
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_not_serving::<TrainerServer<TrainerService>>().await;
-    let reflection = brats_service::reflection().context("reflection service")?;
-    let listener = tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("bind {}", cfg.listen))?;
-    let addr = listener.local_addr()?;
-    brats_service::spawn_metrics_endpoint(&cfg.metrics_listen, metrics.registry.clone()).await?;
-    if let Some(tx) = bound {
-        let _ = tx.send(addr);
-    }
-    info!(%addr, "trainer service listening; recovering jobs");
+    let grpc = GrpcServer::<TrainerServer<TrainerService>>::bind(
+        &cfg.listen,
+        ServingStatus::NotServing,
+        &cfg.metrics_listen,
+        metrics.registry.clone(),
+    )
+    .await?;
+    grpc.announce(bound);
+    info!(addr = %grpc.addr(), "trainer service listening; recovering jobs");
 
     let recovering = service.clone();
-    let reporter = health_reporter.clone();
+    let health = grpc.health();
     tokio::spawn(async move {
         loop {
             match recovering.recover().await {
@@ -82,30 +82,17 @@ pub async fn serve(
             }
         }
         recovering.start();
-        reporter.set_serving::<TrainerServer<TrainerService>>().await;
+        health.set_serving().await;
         info!("serving");
     });
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stopping = service.clone();
-    let stopper = tokio::spawn(async move {
-        shutdown.await;
-        info!("shutting down: NOT_SERVING; workers stop at a step boundary and their jobs resume at the next start");
-        health_reporter.set_not_serving::<TrainerServer<TrainerService>>().await;
-        let _ = stop_tx.send(());
-        stopping.shutdown().await;
-    });
-    tonic::transport::Server::builder()
-        .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(TrainerServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .context("gRPC server")?;
-    stopper.await.context("shutdown task")?;
-    info!("stopped");
+    grpc.serve(
+        TrainerServer::new(service),
+        shutdown,
+        "shutting down: NOT_SERVING; workers stop at a step boundary and their jobs resume at the next start",
+        Drain::complete(async move { stopping.shutdown().await }),
+    )
+    .await?;
     Ok(())
 }
