@@ -268,6 +268,17 @@ fn state_changes(events: &[pb::JobEvent]) -> Vec<pb::JobState> {
         .collect()
 }
 
+/// The JSON lines of a job's stored event log, its segments read in name (= sequence) order.
+fn stored_event_lines(store: &Path, id: &str) -> Vec<String> {
+    let dir = store.join(format!("jobs/{id}/events"));
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segments.sort();
+    segments
+        .iter()
+        .flat_map(|p| std::fs::read_to_string(p).unwrap().lines().map(str::to_string).collect::<Vec<_>>())
+        .collect()
+}
+
 fn pid_alive(pid: i32) -> bool {
     // A zombie still answers kill(0); only /proc says whether it runs.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -517,8 +528,7 @@ async fn queue_cancel_resume_list_and_watch() {
     for pid in worker_pids(&store, &a.id) {
         assert!(!pid_alive(pid), "worker {pid} still runs");
     }
-    let stored = std::fs::read_to_string(store.join(format!("jobs/{}/events.jsonl", a.id))).unwrap();
-    assert_eq!(stored.lines().count(), all.len());
+    assert_eq!(stored_event_lines(&store, &a.id).len(), all.len());
 
     // B got the CPU once A stopped; cancel it while it runs.
     wait_state(&t, "second-job", pb::JobState::Running, 60).await;
@@ -808,11 +818,8 @@ async fn a_trainer_killed_mid_training_resumes_losing_at_most_one_epoch() {
         assert!(Instant::now() < deadline, "the worker outlived the trainer");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let stored: Vec<serde_json::Value> = std::fs::read_to_string(store.join(format!("jobs/{}/events.jsonl", job.id)))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let stored: Vec<serde_json::Value> =
+        stored_event_lines(&store, &job.id).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     let done_before = stored.iter().filter(|e| e["type"] == "epoch").map(|e| e["epoch"].as_u64().unwrap()).max();
     let done_before = done_before.expect("epochs are stored as they end") as u32;
     assert!(done_before >= 2, "stored epochs: {done_before}");

@@ -2,7 +2,7 @@
 //! registered model and log lines.
 //!
 //! Workers print [`EventKind`]s as JSON lines on stdout ([`WorkerLine`]); the service numbers
-//! them into [`JobEvent`]s, appends them to `jobs/{id}/events.jsonl` and streams them to
+//! them into [`JobEvent`]s, appends them to `jobs/{id}/events/` (segments) and streams them to
 //! watchers as `brats.v1.JobEvent`. The offline CLI consumes the same events in-process.
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -176,7 +176,7 @@ impl EventKind {
     }
 }
 
-/// One numbered event of a job, as stored in `events.jsonl`.
+/// One numbered event of a job, one JSON line in its stored event log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobEvent {
     /// 0, 1, 2, … per job.

@@ -3,17 +3,22 @@
 //!
 //! ```text
 //! <root>/jobs/<id>/job.json            the JobRecord (state, progress, checkpoints, …)
-//! <root>/jobs/<id>/events.jsonl        every numbered event, one JSON object per line
+//! <root>/jobs/<id>/events/<seq>.jsonl  the numbered events, one JSON object per line, in
+//!                                      segments named by their first sequence (12 digits)
 //! <root>/jobs/<id>/config.json         the resolved TrainConfig (immutable for the job's life)
 //! <root>/jobs/<id>/checkpoints/        latest.safetensors, best.safetensors (written by workers)
 //! <root>/jobs/<id>/artifacts/          model.onnx, metadata.json, metrics.csv, curves.png
 //! <root>/jobs/_requests/<sha256>.json  request_id → job id (StartJob idempotency)
 //! ```
 //!
-//! Object stores have no append: `events.jsonl` is rewritten whole. The service keeps a running
-//! job's events in memory ([`EventLog`]), writes at once after every event that matters (state,
-//! epoch, checkpoint, registration, log) and batches step events, which are also thinned to a
-//! few per second. Every put is atomic, so a reader sees the old file or the new one.
+//! Object stores have no append, so the log is kept in segments: only the last one is rewritten
+//! as events arrive, and it is sealed (never written again) once it passes
+//! [`EVENT_SEGMENT_BYTES`], so a job that runs for days rewrites a few kilobytes per flush, not
+//! its whole history. The service keeps a running job's events in memory ([`EventLog`]), writes
+//! at once after every event that matters (state, epoch, checkpoint, registration, log) and
+//! batches step events, which are also thinned to a few per second. Every put is atomic, so a
+//! reader sees the old segment or the new one. Jobs stored before segments keep their
+//! `events.jsonl`, read as the first, sealed segment.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,8 +40,13 @@ use crate::spec::{Device, TrainConfig};
 
 /// File name of a job's record.
 pub const JOB_FILE: &str = "job.json";
-/// File name of a job's event log.
-pub const EVENTS_FILE: &str = "events.jsonl";
+/// File name of a job's whole event log before segments (read, never written).
+pub const LEGACY_EVENTS_FILE: &str = "events.jsonl";
+/// Folder of a job's event log segments.
+pub const EVENTS_DIR: &str = "events";
+/// A segment is sealed once it holds this many bytes: small enough that rewriting it at every
+/// flush is cheap, large enough that a long job has few objects to list on restart.
+pub const EVENT_SEGMENT_BYTES: usize = 64 * 1024;
 /// File name of a job's resolved configuration.
 pub const CONFIG_FILE: &str = "config.json";
 /// Folder (below `jobs/`) of the request-id index.
@@ -338,9 +348,30 @@ fn civil_date(days: i64) -> (i64, u32, u32) {
 pub struct EventLog {
     events: Vec<JobEvent>,
     persisted: usize,
-    encoded_bytes: usize,
+    /// Events in sealed segments (a prefix of `events`), never written again.
+    sealed: usize,
+    /// Encoded size of the live segment (`events[sealed..]`).
+    live_bytes: usize,
     last_flush: Instant,
     last_step_kept: Option<Instant>,
+}
+
+/// One stored segment of a job's event log: the first sequence it holds and its JSON lines.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventSegment {
+    /// Sequence number of its first event (its object name).
+    pub first_sequence: u64,
+    /// The events as JSON lines.
+    pub body: Bytes,
+}
+
+/// A job's stored event log: its events, and how many of them are in sealed segments.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoredEvents {
+    /// Every stored event, in sequence order.
+    pub events: Vec<JobEvent>,
+    /// The events before the last (live) segment.
+    pub sealed: usize,
 }
 
 /// Step events kept (numbered, streamed, stored) at most this often; a watcher sees a few per
@@ -351,10 +382,25 @@ const STEP_EVENT_INTERVAL: Duration = Duration::from_millis(500);
 const MIN_STEP_FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
 impl EventLog {
-    /// A log holding a job's stored events (all of them persisted).
-    pub fn new(events: Vec<JobEvent>) -> Self {
-        let encoded_bytes = events.iter().map(|e| serde_json::to_string(e).map(|s| s.len() + 1).unwrap_or(0)).sum();
-        EventLog { persisted: events.len(), events, encoded_bytes, last_flush: Instant::now(), last_step_kept: None }
+    /// A log holding a job's stored events (all of them persisted), the first `sealed` of them
+    /// in sealed segments.
+    pub fn new(stored: StoredEvents) -> Self {
+        let StoredEvents { events, sealed } = stored;
+        let sealed = sealed.min(events.len());
+        let live_bytes = events[sealed..].iter().map(encoded_len).sum();
+        EventLog {
+            persisted: events.len(),
+            events,
+            sealed,
+            live_bytes,
+            last_flush: Instant::now(),
+            last_step_kept: None,
+        }
+    }
+
+    /// An empty log, for a new job.
+    pub fn empty() -> Self {
+        EventLog::new(StoredEvents::default())
     }
 
     /// The sequence number the next event gets.
@@ -365,7 +411,7 @@ impl EventLog {
     /// Numbers and appends an event (not yet persisted).
     pub fn push(&mut self, job_id: &str, kind: EventKind, time_ms: i64) -> JobEvent {
         let event = JobEvent { sequence: self.next_sequence(), job_id: job_id.to_string(), time_ms, kind };
-        self.encoded_bytes += serde_json::to_string(&event).map(|s| s.len() + 1).unwrap_or(0);
+        self.live_bytes += encoded_len(&event);
         self.events.push(event.clone());
         event
     }
@@ -389,10 +435,9 @@ impl EventLog {
 
     /// Drops the events from position `len` on (an event whose write failed is undone).
     pub fn truncate(&mut self, len: usize) {
-        for e in self.events.iter().skip(len) {
-            self.encoded_bytes =
-                self.encoded_bytes.saturating_sub(serde_json::to_string(e).map(|s| s.len() + 1).unwrap_or(0));
-        }
+        let len = len.max(self.sealed);
+        let removed: usize = self.events.iter().skip(len).map(encoded_len).sum();
+        self.live_bytes = self.live_bytes.saturating_sub(removed);
         self.events.truncate(len);
         self.persisted = self.persisted.min(len);
     }
@@ -404,20 +449,32 @@ impl EventLog {
 
     /// Whether pending (step) events are due to be written.
     pub fn flush_due(&self, now: Instant) -> bool {
-        // Writes at about 2 MB/s at most: a 20 MB log is rewritten every 10 s.
-        let interval = MIN_STEP_FLUSH_INTERVAL.max(Duration::from_secs_f64(self.encoded_bytes as f64 / 2e6));
+        // At most about 2 MB/s of rewriting, whatever the segment size.
+        let interval = MIN_STEP_FLUSH_INTERVAL.max(Duration::from_secs_f64(self.live_bytes as f64 / 2e6));
         self.pending() && now.duration_since(self.last_flush) >= interval
     }
 
-    /// The whole log as `events.jsonl`.
-    pub fn encode(&self) -> Bytes {
-        encode_events(&self.events)
+    /// The live segment as it should be stored now (None when the log is empty or every event
+    /// is in a sealed segment).
+    pub fn live_segment(&self) -> Option<EventSegment> {
+        let live = &self.events[self.sealed..];
+        Some(EventSegment { first_sequence: live.first()?.sequence, body: encode_events(live) })
     }
 
-    /// Records that the first `count` events are stored.
+    /// Records that the live segment, as [`EventLog::live_segment`] returned it when the log held
+    /// `count` events, is stored; seals it when it is full.
     pub fn mark_persisted(&mut self, count: usize, now: Instant) {
         self.persisted = self.persisted.max(count.min(self.events.len()));
         self.last_flush = now;
+        if self.persisted == self.events.len() && self.live_bytes >= EVENT_SEGMENT_BYTES {
+            self.sealed = self.events.len();
+            self.live_bytes = 0;
+        }
+    }
+
+    /// Events in sealed segments.
+    pub fn sealed(&self) -> usize {
+        self.sealed
     }
 
     /// Number of events held.
@@ -431,6 +488,10 @@ impl EventLog {
     }
 }
 
+fn encoded_len(event: &JobEvent) -> usize {
+    serde_json::to_string(event).map(|s| s.len() + 1).unwrap_or(0)
+}
+
 /// Events as JSON lines.
 pub fn encode_events(events: &[JobEvent]) -> Bytes {
     let mut out = Vec::with_capacity(events.len() * 200);
@@ -439,6 +500,20 @@ pub fn encode_events(events: &[JobEvent]) -> Bytes {
         out.push(b'\n');
     }
     Bytes::from(out)
+}
+
+/// Parses JSON lines of events; a bad line is [`JobStoreError::Corrupt`] naming `uri` and the line.
+fn parse_events(bytes: &[u8], uri: &StoreUri) -> Result<Vec<JobEvent>> {
+    let mut events = Vec::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let event: JobEvent = serde_json::from_slice(line)
+            .map_err(|e| JobStoreError::Corrupt { uri: uri.to_string(), message: format!("line {}: {e}", i + 1) })?;
+        events.push(event);
+    }
+    Ok(events)
 }
 
 /// Durable jobs under `<root>/jobs/`.
@@ -508,7 +583,10 @@ impl JobStore {
             return Err(JobStoreError::Conflict(record.id.clone()));
         }
         // Events first: a record without its log would claim events that do not exist.
-        self.write_events(&record.id, encode_events(events)).await?;
+        if let Some(first) = events.first() {
+            let segment = EventSegment { first_sequence: first.sequence, body: encode_events(events) };
+            self.write_segment(&record.id, &segment).await?;
+        }
         self.put(record).await?;
         Ok(Ok(()))
     }
@@ -546,33 +624,44 @@ impl JobStore {
         Ok(records)
     }
 
-    /// Rewrites a job's `events.jsonl`.
-    pub async fn write_events(&self, id: &str, body: Bytes) -> Result<()> {
-        self.stores.put(&self.job_dir(id).join(EVENTS_FILE), body).await?;
+    /// Writes one segment of a job's event log (the live one, replacing its previous version).
+    pub async fn write_segment(&self, id: &str, segment: &EventSegment) -> Result<()> {
+        let uri = self.job_dir(id).join(&format!("{EVENTS_DIR}/{:012}.jsonl", segment.first_sequence));
+        self.stores.put(&uri, segment.body.clone()).await?;
         Ok(())
     }
 
     /// A job's stored events, in order (empty when it has none).
     pub async fn read_events(&self, id: &str) -> Result<Vec<JobEvent>> {
-        let uri = self.job_dir(id).join(EVENTS_FILE);
-        let bytes = match self.stores.get(&uri).await {
-            Ok(b) => b,
-            Err(CoreError::NotFound(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
-        };
+        Ok(self.read_log(id).await?.events)
+    }
+
+    /// A job's stored event log: the legacy `events.jsonl` (sealed) and then every segment in
+    /// sequence order, the last one live.
+    pub async fn read_log(&self, id: &str) -> Result<StoredEvents> {
+        let dir = self.job_dir(id);
         let mut events = Vec::new();
-        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        let legacy = dir.join(LEGACY_EVENTS_FILE);
+        match self.stores.get(&legacy).await {
+            Ok(bytes) => events.extend(parse_events(&bytes, &legacy)?),
+            Err(CoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let segments_dir = dir.join(EVENTS_DIR);
+        // Zero-padded names: the store's sorted listing is sequence order.
+        let segments: Vec<StoreUri> =
+            self.stores.list(&segments_dir).await?.into_iter().filter(|u| u.to_string().ends_with(".jsonl")).collect();
+        let mut sealed = events.len();
+        for (i, uri) in segments.iter().enumerate() {
+            if i + 1 == segments.len() {
+                sealed = events.len();
             }
-            let event: JobEvent = serde_json::from_slice(line).map_err(|e| JobStoreError::Corrupt {
-                uri: uri.to_string(),
-                message: format!("line {}: {e}", i + 1),
-            })?;
-            events.push(event);
+            let bytes = self.stores.get(uri).await?;
+            events.extend(parse_events(&bytes, uri)?);
         }
         events.sort_by_key(|e| e.sequence);
-        Ok(events)
+        events.dedup_by_key(|e| e.sequence);
+        Ok(StoredEvents { sealed: sealed.min(events.len()), events })
     }
 
     /// Writes `config.json` unless the job already has one (it never changes for the job's
@@ -649,7 +738,7 @@ mod tests {
             ..Default::default()
         };
         let mut r = JobRecord::new("j1", spec, &config(), "file:///s/jobs/j1/".into(), "", 1000);
-        let mut log = EventLog::new(Vec::new());
+        let mut log = EventLog::empty();
         let mut emit = |r: &mut JobRecord, kind| {
             let e = log.push("j1", kind, 2000);
             r.apply(&e);
@@ -696,7 +785,7 @@ mod tests {
 
     #[test]
     fn step_events_are_thinned_and_the_log_pages() {
-        let mut log = EventLog::new(Vec::new());
+        let mut log = EventLog::empty();
         let t0 = Instant::now();
         let step = |s: u32| StepMetrics {
             epoch: 1,
@@ -724,6 +813,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_event_log_is_stored_in_segments_and_only_the_last_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = StoreUri::parse(&dir.path().display().to_string()).unwrap();
+        let store = JobStore::new(Arc::new(Stores::new(Default::default())), &root);
+        let segments_dir = dir.path().join("jobs/j/events");
+        let mut log = EventLog::empty();
+        let mut writes = 0;
+        // ~200 bytes per event: 64 KiB seals a segment every ~300 events.
+        for i in 0..1000 {
+            log.push("j", EventKind::info(format!("{i:0>150}")), i);
+            if i % 7 == 0 || i == 999 {
+                let count = log.len();
+                store.write_segment("j", &log.live_segment().unwrap()).await.unwrap();
+                log.mark_persisted(count, Instant::now());
+                writes += 1;
+            }
+        }
+        assert!(!log.pending());
+        let mut names: Vec<String> =
+            std::fs::read_dir(&segments_dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert!(names.len() >= 3, "{names:?}");
+        assert_eq!(names[0], "000000000000.jsonl");
+        for name in &names[..names.len() - 1] {
+            let size = std::fs::metadata(segments_dir.join(name)).unwrap().len() as usize;
+            assert!((EVENT_SEGMENT_BYTES..EVENT_SEGMENT_BYTES + 8 * 1024).contains(&size), "{name}: {size} bytes");
+        }
+        // Bytes written: each flush rewrote one segment, never the whole history.
+        let history = encode_events(&log.events_from(0)).len();
+        assert!(writes * EVENT_SEGMENT_BYTES > 4 * history, "the test must flush often enough to mean something");
+        let stored = store.read_log("j").await.unwrap();
+        assert_eq!(stored.events, log.events_from(0));
+        assert_eq!(stored.sealed, log.sealed());
+        assert!(stored.sealed > 0 && stored.sealed < 1000);
+
+        // A reloaded log goes on writing its live segment under the same name.
+        let mut again = EventLog::new(stored);
+        let count_before = names.len();
+        again.push("j", EventKind::info("after restart"), 0);
+        let count = again.len();
+        let live = again.live_segment().unwrap();
+        assert_eq!(format!("{:012}.jsonl", live.first_sequence), names[names.len() - 1]);
+        store.write_segment("j", &live).await.unwrap();
+        again.mark_persisted(count, Instant::now());
+        assert_eq!(std::fs::read_dir(&segments_dir).unwrap().count(), count_before);
+        assert_eq!(store.read_events("j").await.unwrap().len(), 1001);
+
+        // A job stored before segments: its events.jsonl comes first and stays as it is.
+        let legacy_dir = dir.path().join("jobs/old");
+        std::fs::create_dir_all(&legacy_dir).unwrap();
+        let old: Vec<JobEvent> = (0..3)
+            .map(|i| JobEvent { sequence: i, job_id: "old".into(), time_ms: 0, kind: EventKind::info("x") })
+            .collect();
+        std::fs::write(legacy_dir.join(LEGACY_EVENTS_FILE), encode_events(&old)).unwrap();
+        let stored = store.read_log("old").await.unwrap();
+        assert_eq!((stored.events.len(), stored.sealed), (3, 3));
+        let mut resumed = EventLog::new(stored);
+        let next = resumed.push("old", EventKind::info("resumed"), 0);
+        assert_eq!(next.sequence, 3);
+        store.write_segment("old", &resumed.live_segment().unwrap()).await.unwrap();
+        assert!(legacy_dir.join("events/000000000003.jsonl").exists());
+        assert_eq!(
+            store.read_events("old").await.unwrap().iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        // A damaged segment is named in the error.
+        std::fs::write(legacy_dir.join("events/000000000003.jsonl"), "{not json\n").unwrap();
+        let e = store.read_log("old").await.unwrap_err().to_string();
+        assert!(e.contains("000000000003.jsonl") && e.contains("line 1"), "{e}");
+    }
+
+    #[tokio::test]
     async fn store_creates_lists_and_indexes_requests() {
         let dir = tempfile::tempdir().unwrap();
         let root = StoreUri::parse(&dir.path().display().to_string()).unwrap();
@@ -731,7 +892,7 @@ mod tests {
         let spec = pb::JobSpec { datalist_uri: "file:/d/datalist.json".into(), ..Default::default() };
         let a = JobRecord::new("a", spec.clone(), &config(), store.job_uri("a"), "", 1000);
         let mut b = JobRecord::new("b", spec.clone(), &config(), store.job_uri("b"), "r1", 2000);
-        let created = EventLog::new(Vec::new()).push(
+        let created = EventLog::empty().push(
             "a",
             EventKind::StateChanged { from: JobState::Unspecified, to: JobState::Queued, reason: String::new() },
             1000,

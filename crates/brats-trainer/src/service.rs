@@ -303,12 +303,12 @@ impl TrainerService {
     /// Loads the job's events from the store when they are not in memory.
     async fn ensure_log(&self, inner: &mut JobInner) -> Result<(), JobStoreError> {
         if inner.log.is_none() {
-            let events = self.store.read_events(&inner.record.id).await?;
-            if let Some(last) = events.last() {
+            let stored = self.store.read_log(&inner.record.id).await?;
+            if let Some(last) = stored.events.last() {
                 // The log is written before the record, so it may be one write ahead.
                 inner.record.last_sequence = inner.record.last_sequence.max(last.sequence);
             }
-            inner.log = Some(EventLog::new(events));
+            inner.log = Some(EventLog::new(stored));
         }
         Ok(())
     }
@@ -320,7 +320,9 @@ impl TrainerService {
             && log.pending()
         {
             let count = log.len();
-            self.store.write_events(&inner.record.id, log.encode()).await?;
+            if let Some(segment) = log.live_segment() {
+                self.store.write_segment(&inner.record.id, &segment).await?;
+            }
             log.mark_persisted(count, Instant::now());
         }
         self.store.put(&inner.record).await?;
@@ -1074,7 +1076,7 @@ impl TrainerService {
             req.job_id.clone()
         };
         let mut record = JobRecord::new(&id, spec, &config, self.store.job_uri(&id), &req.request_id, now);
-        let mut log = EventLog::new(Vec::new());
+        let mut log = EventLog::empty();
         let created = log.push(
             &id,
             EventKind::StateChanged { from: JobState::Unspecified, to: JobState::Queued, reason: String::new() },

@@ -116,6 +116,8 @@ enum Cmd {
 const TRAINER: &str = "http://127.0.0.1:50053";
 
 #[derive(Subcommand)]
+// Parsed once per process: boxing `Start`'s many options would only add noise.
+#[allow(clippy::large_enum_variant)]
 enum TrainCmd {
     /// Start a training job (SegResNet, the MONAI bundle's recipe; unset options take the
     /// bundle's values) and print it; --watch follows it to the end.
