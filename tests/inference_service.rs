@@ -438,3 +438,45 @@ async fn preprocessing_through_the_preprocessing_service_gives_the_same_result()
     svc.stop().await;
     prep.stop().await.unwrap();
 }
+
+/// Versions are claimed with a create-if-absent put: registrations racing for the next number
+/// each get their own version, on a local directory and on an S3-compatible server, and an
+/// existing version is refused without being touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_versions_are_claimed_atomically_on_disk_and_on_s3() {
+    let moto = Moto::start("models").await;
+    let dir = tempfile::tempdir().unwrap();
+    for (stores, root) in [
+        (brats_core::Stores::new(Default::default()), dir.path().join("models").display().to_string()),
+        (brats_core::Stores::new(moto.store_config()), "s3://models/registry".to_string()),
+    ] {
+        let registry = Arc::new(Registry::new(Arc::new(stores), brats_core::StoreUri::parse(&root).unwrap()));
+        let racers: Vec<_> = (0..6u8)
+            .map(|i| {
+                let registry = registry.clone();
+                tokio::spawn(async move { registry.register_next("race", vec![i; 16].into(), None, None).await })
+            })
+            .collect();
+        let mut versions: Vec<(String, u8)> = Vec::new();
+        for (i, racer) in racers.into_iter().enumerate() {
+            let (version, _) = racer.await.unwrap().unwrap();
+            // Each version holds the graph of the writer that claimed it.
+            assert_eq!(
+                registry.fetch("race", &version).await.unwrap().onnx.as_ref(),
+                &[i as u8; 16],
+                "{root} v{version}"
+            );
+            versions.push((version, i as u8));
+        }
+        let mut numbers: Vec<u64> = versions.iter().map(|(v, _)| v.parse().unwrap()).collect();
+        numbers.sort();
+        assert_eq!(numbers, (1..=6).collect::<Vec<_>>(), "{root}");
+
+        let e = registry.register("race", "3", vec![9u8; 16].into(), None, Some("production")).await.unwrap_err();
+        assert!(matches!(e, brats_core::CoreError::AlreadyExists(_)), "{root}: {e}");
+        assert!(e.to_string().contains("versions are immutable"), "{e}");
+        let kept = versions.iter().find(|(v, _)| v == "3").unwrap().1;
+        assert_eq!(registry.fetch("race", "3").await.unwrap().onnx.as_ref(), &[kept; 16]);
+        assert!(registry.aliases("race").await.unwrap().is_empty(), "a refused registration moved an alias");
+    }
+}

@@ -7,6 +7,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// An object, file or key does not exist (NOT_FOUND).
     NotFound,
+    /// What the caller wants to create exists already (ALREADY_EXISTS); retrying will not help.
+    AlreadyExists,
     /// A store or upstream could not be reached (UNAVAILABLE); retrying may help.
     Unavailable,
     /// A failure inside this process (INTERNAL).
@@ -25,6 +27,9 @@ pub enum CoreError {
     /// A store could not be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// An object that must be new exists already (see `Stores::put_new`).
+    #[error("{0}")]
+    AlreadyExists(String),
     /// Anything else: I/O on local scratch space, serialization bugs.
     #[error("{0}")]
     Internal(String),
@@ -37,6 +42,7 @@ impl CoreError {
             CoreError::Invalid(_) => ErrorKind::InvalidInput,
             CoreError::NotFound(_) => ErrorKind::NotFound,
             CoreError::Unavailable(_) => ErrorKind::Unavailable,
+            CoreError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             CoreError::Internal(_) => ErrorKind::Internal,
         }
     }

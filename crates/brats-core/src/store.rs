@@ -238,6 +238,16 @@ impl Stores {
         Ok(())
     }
 
+    /// Writes an object only if none exists under `uri` (one atomic create-if-absent: S3's
+    /// `If-None-Match: *`, an exclusive create on local disks), so two writers racing for one
+    /// name cannot both win; the loser gets [`CoreError::AlreadyExists`].
+    pub async fn put_new(&self, uri: &StoreUri, data: Bytes) -> Result<()> {
+        let (store, path) = self.store(uri)?;
+        let opts = object_store::PutOptions { mode: object_store::PutMode::Create, ..Default::default() };
+        store.put_opts(&path, data.into(), opts).await.map_err(|e| map_err(uri, e))?;
+        Ok(())
+    }
+
     /// Whether an object exists (errors other than "not found" are reported).
     pub async fn exists(&self, uri: &StoreUri) -> Result<bool> {
         let (store, path) = self.store(uri)?;
@@ -288,6 +298,7 @@ fn map_err(uri: &StoreUri, e: object_store::Error) -> CoreError {
         object_store::Error::NotFound { .. } => {
             CoreError::NotFound(format!("{uri}: no such object; check the URI and that the upload finished"))
         }
+        object_store::Error::AlreadyExists { .. } => CoreError::AlreadyExists(format!("{uri} exists already")),
         object_store::Error::InvalidPath { source } => CoreError::invalid(format!("{uri}: invalid path ({source})")),
         object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
             CoreError::Unavailable(format!("{uri}: access denied by the store; check the credentials ({e})"))

@@ -57,9 +57,10 @@ enum Command {
         /// Model name.
         #[arg(long, default_value = "segresnet")]
         name: String,
-        /// Version label.
+        /// Version label; default: the next number (highest numeric version + 1). An existing
+        /// version is refused: versions are immutable.
         #[arg(long)]
-        version: String,
+        version: Option<String>,
         /// The ONNX file (from `brats-trainer export-onnx`).
         #[arg(long)]
         model: String,
@@ -221,7 +222,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     Err(brats_core::CoreError::NotFound(_)) => None,
                     Err(e) => return Err(e.into()),
                 };
-                let dir = reg.register(&name, &version, onnx, meta, alias.as_deref()).await?;
+                let (version, dir) = match version {
+                    Some(v) => (v.clone(), reg.register(&name, &v, onnx, meta, alias.as_deref()).await?),
+                    None => reg.register_next(&name, onnx, meta, alias.as_deref()).await?,
+                };
                 let moved = alias.map(|a| format!("; alias {a} -> {version}")).unwrap_or_default();
                 println!("registered {name} version {version} at {dir}{moved}");
                 return Ok(());

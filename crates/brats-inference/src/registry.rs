@@ -122,7 +122,11 @@ impl Registry {
         Ok(FetchedModel { onnx, metadata, uri })
     }
 
-    /// Adds a version (graph, then metadata) and optionally points an alias at it.
+    /// Adds version `version` (graph, then metadata) and optionally points an alias at it.
+    ///
+    /// Versions are immutable, as in MLflow's registry: the graph is written with a
+    /// create-if-absent put, so an existing version (or another writer registering the same one
+    /// at the same moment) gives [`CoreError::AlreadyExists`] and changes nothing.
     pub async fn register(
         &self,
         name: &str,
@@ -133,8 +137,17 @@ impl Registry {
     ) -> Result<StoreUri> {
         validate_name("model name", name)?;
         validate_name("model version", version)?;
+        if let Some(a) = alias {
+            validate_name("alias", a)?;
+        }
         let dir = self.version_uri(name, version);
-        self.stores.put(&dir.join(MODEL_FILE), onnx).await?;
+        self.stores.put_new(&dir.join(MODEL_FILE), onnx).await.map_err(|e| match e {
+            CoreError::AlreadyExists(_) => CoreError::AlreadyExists(format!(
+                "model '{name}' version '{version}' exists already in {}; versions are immutable: register under a new version",
+                self.root
+            )),
+            other => other,
+        })?;
         if let Some(m) = metadata {
             self.stores.put(&dir.join(METADATA_FILE), m).await?;
         }
@@ -142,6 +155,33 @@ impl Registry {
             self.set_alias(name, a, version).await?;
         }
         Ok(dir)
+    }
+
+    /// Registers the graph as the next numbered version (highest numeric version + 1, from 1):
+    /// writers that race for a number each end up with their own, the loser of a race taking
+    /// the next one. Returns the version and its folder.
+    pub async fn register_next(
+        &self,
+        name: &str,
+        onnx: Bytes,
+        metadata: Option<Bytes>,
+        alias: Option<&str>,
+    ) -> Result<(String, StoreUri)> {
+        validate_name("model name", name)?;
+        const ATTEMPTS: usize = 64;
+        for _ in 0..ATTEMPTS {
+            let versions = self.list().await?.remove(name).map(|(v, _)| v).unwrap_or_default();
+            let version = (versions.iter().filter_map(|v| v.parse::<u64>().ok()).max().unwrap_or(0) + 1).to_string();
+            match self.register(name, &version, onnx.clone(), metadata.clone(), alias).await {
+                Ok(dir) => return Ok((version, dir)),
+                // Taken between the listing and the put: list again.
+                Err(CoreError::AlreadyExists(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(CoreError::Unavailable(format!(
+            "model '{name}': {ATTEMPTS} version numbers were taken by other writers while registering; retry"
+        )))
     }
 
     /// Points `alias` at `version` (which must exist).

@@ -12,15 +12,20 @@ use brats_core::error::{CoreError, ErrorKind};
 use tonic::Status;
 use tracing::info;
 
+/// The status code a client should act on for a kind of core error.
+pub fn code(kind: ErrorKind) -> tonic::Code {
+    match kind {
+        ErrorKind::InvalidInput => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Internal => tonic::Code::Internal,
+    }
+}
+
 /// Maps a core error to the status a client should act on.
 pub fn status(e: CoreError) -> Status {
-    let msg = e.to_string();
-    match e.kind() {
-        ErrorKind::InvalidInput => Status::invalid_argument(msg),
-        ErrorKind::NotFound => Status::not_found(msg),
-        ErrorKind::Unavailable => Status::unavailable(msg),
-        ErrorKind::Internal => Status::internal(msg),
-    }
+    Status::new(code(e.kind()), e.to_string())
 }
 
 /// [`status`] with the request field that caused it named first.

@@ -190,8 +190,6 @@ pub struct Shared {
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     /// Serialises job creation (request-id and job-id checks, then the writes).
     create_lock: tokio::sync::Mutex<()>,
-    /// Serialises registrations (next version = highest + 1).
-    register_lock: tokio::sync::Mutex<()>,
     devices: Mutex<DeviceUse>,
     wake: Notify,
     ready: AtomicBool,
@@ -254,7 +252,6 @@ impl TrainerService {
             metrics,
             jobs: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
-            register_lock: tokio::sync::Mutex::new(()),
             devices: Mutex::new(DeviceUse::default()),
             wake: Notify::new(),
             ready: AtomicBool::new(false),
@@ -850,13 +847,9 @@ impl TrainerService {
                                     "epochs": outcome.epochs, "best_epoch": outcome.best_epoch })
             });
         }
-        let _serial = self.register_lock.lock().await;
-        let versions = self.registry.list().await?.remove(&reg.model_name).map(|(v, _)| v).unwrap_or_default();
-        let next = versions.iter().filter_map(|v| v.parse::<u64>().ok()).max().unwrap_or(0) + 1;
-        let version = next.to_string();
         let alias = reg.promote_to_production.then_some("production");
         let body = Bytes::from(serde_json::to_vec_pretty(&metadata).expect("metadata serialises"));
-        let dir = self.registry.register(&reg.model_name, &version, onnx, Some(body), alias).await?;
+        let (version, dir) = self.registry.register_next(&reg.model_name, onnx, Some(body), alias).await?;
         info!(model = %reg.model_name, version = %version, promoted = alias.is_some(), "model registered");
         let mut inner = job.inner.lock().await;
         let event = EventKind::ModelRegistered {
@@ -1338,14 +1331,9 @@ fn case_id_of(first_image: &str) -> String {
     .unwrap_or_else(|| first_image.to_string())
 }
 
-/// The status code name `brats_service::status` would give the error.
+/// The status code name `brats_service::status` gives the error.
 fn core_code(e: &CoreError) -> &'static str {
-    match e {
-        CoreError::NotFound(_) => "NOT_FOUND",
-        CoreError::Unavailable(_) => "UNAVAILABLE",
-        CoreError::Invalid(_) => "INVALID_ARGUMENT",
-        CoreError::Internal(_) => "INTERNAL",
-    }
+    brats_service::code_name(brats_service::code(e.kind()))
 }
 
 fn store_status_code(e: &JobStoreError) -> &'static str {
