@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod nifti_io;
 pub mod store;
 pub mod tensors;
+pub mod time;
 
 pub use error::{CoreError, ErrorKind};
 pub use labels::LabelConvention;

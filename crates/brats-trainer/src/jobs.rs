@@ -326,21 +326,8 @@ pub fn validate_job_id(id: &str) -> std::result::Result<(), String> {
 
 /// A fresh job id, `job-YYYYMMDD-xxxxxx` (UTC date, 6 random hex digits).
 pub fn generate_job_id(now_ms: i64) -> String {
-    let (y, m, d) = civil_date(now_ms.div_euclid(86_400_000));
+    let (y, m, d) = brats_core::time::civil_from_days(now_ms.div_euclid(86_400_000));
     format!("job-{y:04}{m:02}{d:02}-{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
-
-/// Year, month, day of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_date(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 /// A job's events in memory while it is active, with what has reached the store.
@@ -726,8 +713,6 @@ mod tests {
         let id = generate_job_id(1_704_153_600_000); // 2024-01-02T00:00:00Z
         assert!(id.starts_with("job-20240102-") && id.len() == 19, "{id}");
         assert!(validate_job_id(&id).is_ok());
-        assert_eq!(civil_date(0), (1970, 1, 1));
-        assert_eq!(civil_date(11_016), (2000, 2, 29));
     }
 
     #[test]
