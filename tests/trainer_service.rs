@@ -100,40 +100,51 @@ impl Trainer {
 
     /// [`Trainer::start`] on any store and registry root.
     async fn start_on(dir: &Path, store_root: &str, registry: &str, worker: Option<&Path>, extra: &str) -> Trainer {
-        let port = free_port();
-        let metrics_port = free_port();
-        let config = dir.join(format!("trainer-{port}.toml"));
-        let worker_exe = worker.map(|w| w.display().to_string()).unwrap_or_default();
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                 store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
-                 shutdown_grace_s = 20\n{extra}\n",
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("trainer-{port}.log"));
-        let child = Command::new(trainer_exe())
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info,brats_trainer=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start brats-trainer serve");
-        let mut t = Trainer { child, url: format!("http://127.0.0.1:{port}"), metrics_port, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = t.child.try_wait() {
-                panic!("brats-trainer serve exited with {status} during start-up:\n{}", t.log_text());
+        // A port that was free when picked can be taken by a trainer of a test running beside
+        // this one before ours binds it; ours then exits, and a health check would reach the
+        // other trainer. So SERVING counts only after our own process logged that it listens,
+        // and a lost port race is retried with fresh ports.
+        for _attempt in 0..3 {
+            let port = free_port();
+            let metrics_port = free_port();
+            let config = dir.join(format!("trainer-{port}.toml"));
+            let worker_exe = worker.map(|w| w.display().to_string()).unwrap_or_default();
+            std::fs::write(
+                &config,
+                format!(
+                    "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                     store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
+                     shutdown_grace_s = 20\n{extra}\n",
+                ),
+            )
+            .unwrap();
+            let log = dir.join(format!("trainer-{port}.log"));
+            let child = Command::new(trainer_exe())
+                .args(["serve", "--config"])
+                .arg(&config)
+                .env("RUST_LOG", "info,brats_trainer=debug")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .expect("start brats-trainer serve");
+            let mut t = Trainer { child, url: format!("http://127.0.0.1:{port}"), metrics_port, log };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(status)) = t.child.try_wait() {
+                    let log = t.log_text();
+                    if log.contains("bind ") && log.contains("in use") {
+                        break;
+                    }
+                    panic!("brats-trainer serve exited with {status} during start-up:\n{log}");
+                }
+                if t.log_text().contains("trainer service listening") && t.serving().await {
+                    return t;
+                }
+                assert!(Instant::now() < deadline, "the trainer did not report SERVING in 60 s:\n{}", t.log_text());
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            if t.serving().await {
-                return t;
-            }
-            assert!(Instant::now() < deadline, "the trainer did not report SERVING in 60 s:\n{}", t.log_text());
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        panic!("brats-trainer serve lost the race for a free port three times");
     }
 
     async fn serving(&self) -> bool {

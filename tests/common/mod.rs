@@ -35,24 +35,35 @@ impl Moto {
             Path::new(&bin).exists(),
             "moto_server not found at {bin}: run `make bootstrap` (scripts/bootstrap.sh) to install the S3 test server"
         );
-        let port = free_port();
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok((code, _)) = http("PUT", port, &format!("/{bucket}")).await {
-                assert!(code == 200, "creating bucket {bucket} answered HTTP {code}");
-                break;
+        // A port picked free can be taken by a server of a concurrently running test before
+        // moto binds it: moto then exits, and whatever holds the port would answer. The bucket
+        // counts as created only while our moto still runs; a lost race is retried.
+        for _attempt in 0..3 {
+            let port = free_port();
+            let mut child = Command::new(&bin)
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start moto_server");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if let Ok((200, _)) = http("PUT", port, &format!("/{bucket}")).await {
+                    // Still ours a moment later: it holds the port.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if child.try_wait().ok().flatten().is_none() {
+                        return Moto { child, endpoint: format!("http://127.0.0.1:{port}") };
+                    }
+                    break;
+                }
+                assert!(Instant::now() < deadline, "moto did not answer within 60 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(Instant::now() < deadline, "moto did not answer within 60 s");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        moto
+        panic!("moto_server exited at start three times (lost the race for a free port?)")
     }
 
     /// Store settings that reach this server.
