@@ -67,9 +67,6 @@ pub enum DataError {
     /// Building a batch tensor failed.
     #[error("batch tensor: {0}")]
     Tensor(#[from] tch::TchError),
-    /// [`load_cases_blocking`] was called on a thread that runs a tokio runtime.
-    #[error("load_cases_blocking was called inside a tokio runtime; await load_cases instead")]
-    InsideRuntime,
 }
 
 /// Result alias of this module.
@@ -158,19 +155,6 @@ pub async fn load_cases(stores: &Stores, uris: &[(String, StoreUri)]) -> Result<
     .buffered(LOAD_CONCURRENCY)
     .try_collect()
     .await
-}
-
-/// [`load_cases`] for plain threads (the training workers): runs it on a private
-/// current-thread runtime. Refuses to run inside a tokio runtime, where blocking would stall it.
-pub fn load_cases_blocking(stores: &Stores, uris: &[(String, StoreUri)]) -> Result<Vec<CachedCase>> {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(DataError::InsideRuntime);
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| DataError::Worker(format!("cannot start a runtime to load cases: {e}")))?;
-    rt.block_on(load_cases(stores, uris))
 }
 
 /// How a job holds the preprocessed cases of one section.
@@ -1286,18 +1270,14 @@ mod tests {
             std::fs::write(&path, t.to_bytes().unwrap()).unwrap();
             uris.push((format!("c{s}"), StoreUri::parse(path.to_str().unwrap()).unwrap()));
         }
-        let loaded = load_cases_blocking(&stores, &uris).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let loaded = rt.block_on(load_cases(&stores, &uris)).unwrap();
         assert_eq!(loaded.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["c1", "c2", "c3"]);
         assert_eq!(*loaded[1].image, tensors([8, 7, 6], 2, &Options::default()).image);
         assert_eq!(loaded[0].shape, [8, 7, 6]);
         uris.push(("gone".into(), StoreUri::parse(dir.path().join("gone").to_str().unwrap()).unwrap()));
-        let e = load_cases_blocking(&stores, &uris).unwrap_err();
+        let e = rt.block_on(load_cases(&stores, &uris)).unwrap_err();
         assert!(matches!(&e, DataError::Load { case, .. } if case == "gone"), "{e}");
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        assert!(matches!(
-            rt.block_on(async { load_cases_blocking(&stores, &uris[..1]) }),
-            Err(DataError::InsideRuntime)
-        ));
     }
 
     /// Sampling throughput at the size the brief asks about: run with
