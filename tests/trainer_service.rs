@@ -1,8 +1,8 @@
 //! The trainer service end to end: the real `brats-trainer serve` binary on loopback, a local
 //! directory store, synthetic NIfTI datasets preprocessed in-process, and every StartJob
-//! refusal. The service-side tests use a stand-in worker (a shell script that speaks the worker
-//! protocol) so they run in seconds and need no training; the training tests run the real
-//! `brats-trainer worker`.
+//! refusal. Every job runs the real `brats-trainer worker` on a tiny SegResNet (8 filters, one
+//! block per level, 32³ crops): jobs that must stay busy while a test queues, lists, cancels or
+//! restarts around them are simply given many epochs.
 
 mod common;
 
@@ -38,41 +38,6 @@ fn trainer_exe() -> PathBuf {
     .clone()
 }
 
-/// A stand-in worker. It checks what the service hands it (arguments, environment, config.json,
-/// manifest), then behaves as the job's `fake` label says: `finish` writes artefacts and reports
-/// a result, `fail` exits 1 with a message on stderr, anything else blocks until its stdin closes
-/// and exits 3, as a cancelled worker does. Every run appends "<rank> <pid>" to `pids` in the job
-/// folder.
-const FAKE_WORKER: &str = r#"#!/bin/sh
-set -u
-[ "$1" = worker ] && [ "$2" = --job-uri ] && [ "$4" = --manifest-uri ] || { echo "bad arguments: $*" >&2; exit 64; }
-job_uri="$3"; job="${3#file://}"; manifest="${5#file://}"
-[ -f "${job}config.json" ] || { echo "no config.json in $job" >&2; exit 65; }
-[ -f "$manifest" ] || { echo "no manifest at $manifest" >&2; exit 66; }
-case "$BRATS_TRAINER_STORE" in "{"*) ;; *) echo "BRATS_TRAINER_STORE is not JSON" >&2; exit 67;; esac
-[ -n "$MASTER_PORT" ] && [ "$MASTER_ADDR" = 127.0.0.1 ] && [ "$WORLD_SIZE" = 1 ] || { echo "bad rendezvous" >&2; exit 68; }
-echo "$RANK $$" >> "${job}pids"
-echo "not a protocol line"
-echo "@brats-worker {\"event\":{\"type\":\"log\",\"level\":\"info\",\"message\":\"fake worker rank $RANK on $BRATS_TRAINER_DEVICE\"}}"
-if grep -q '"fake": "finish"' "${job}config.json"; then
-  mkdir -p "${job}artifacts" "${job}checkpoints"
-  echo onnx > "${job}artifacts/model.onnx"; echo '{"format": "fake"}' > "${job}artifacts/metadata.json"
-  echo ck > "${job}checkpoints/latest.safetensors"
-  echo '@brats-worker {"event":{"type":"step","epoch":1,"step":1,"steps_per_epoch":2,"global_step":1,"loss":0.9,"learning_rate":0.0001,"samples_per_second":2.0,"eta_seconds":1.0}}'
-  echo '@brats-worker {"event":{"type":"step","epoch":1,"step":2,"steps_per_epoch":2,"global_step":2,"loss":0.8,"learning_rate":0.0001,"samples_per_second":2.0,"eta_seconds":0.5}}'
-  echo '@brats-worker {"event":{"type":"epoch","epoch":1,"train_loss":0.85,"learning_rate":0.0001,"validation":{"tc":0.5,"wt":0.6,"et":0.4,"mean":0.5},"is_best":true,"train_seconds":1.0,"validation_seconds":0.5,"samples_per_second":2.0,"eta_seconds":0.0,"loader_wait_fraction":0.1}}'
-  echo "@brats-worker {\"event\":{\"type\":\"checkpoint\",\"epoch\":1,\"uri\":\"${job_uri}checkpoints/latest.safetensors\",\"best\":false,\"sha256\":\"00\"}}"
-  echo "@brats-worker {\"finished\":{\"epochs\":1,\"global_step\":2,\"best_metrics\":{\"tc\":0.5,\"wt\":0.6,\"et\":0.4,\"mean\":0.5},\"best_epoch\":1,\"onnx_uri\":\"${job_uri}artifacts/model.onnx\",\"metadata_uri\":\"${job_uri}artifacts/metadata.json\"}}"
-  exit 0
-fi
-if grep -q '"fake": "fail"' "${job}config.json"; then
-  echo "fake worker: the loss diverged at step 1" >&2
-  exit 1
-fi
-cat > /dev/null
-exit 3
-"#;
-
 /// A `brats-trainer serve` process on loopback; SIGKILLed when dropped.
 struct Trainer {
     child: Child,
@@ -92,8 +57,8 @@ impl Drop for Trainer {
 }
 
 impl Trainer {
-    /// Starts the service on `store` (a folder) with the stand-in worker (or the real one when
-    /// `worker` is None), and waits until it reports SERVING.
+    /// Starts the service on `store` (a folder) with `worker` as its worker executable (None:
+    /// the trainer's own binary, the production default), and waits until it reports SERVING.
     async fn start(dir: &Path, store: &Path, worker: Option<&Path>, extra: &str) -> Trainer {
         Trainer::start_on(dir, &file_uri(store), &file_uri(&store.join("models")), worker, extra).await
     }
@@ -184,26 +149,19 @@ impl Trainer {
     }
 }
 
-fn fake_worker(dir: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join("fake-worker.sh");
-    std::fs::write(&p, FAKE_WORKER).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
 /// A small synthetic dataset (32³ cases) and its datalist URI.
 fn dataset(dir: &Path, training: usize, validation: usize) -> String {
     let datalist = brats_preprocess::synthetic::write_dataset(dir, [32, 32, 32], 100, training, validation).unwrap();
     file_uri(&datalist)
 }
 
-/// A spec that the stand-in worker treats as `fake`.
-fn spec(datalist: &str, fake: &str) -> pb::JobSpec {
+/// A tiny real training spec of `epochs` epochs: 32³ crops and validation window, a SegResNet
+/// with 8 filters and one block per level. [`LONG`] epochs keep a worker busy until cancelled.
+fn spec(datalist: &str, epochs: u32) -> pb::JobSpec {
     pb::JobSpec {
         datalist_uri: datalist.to_string(),
         devices: vec!["cpu".into()],
-        hyperparameters: Some(pb::Hyperparameters { epochs: 1, ..Default::default() }),
+        hyperparameters: Some(pb::Hyperparameters { epochs, ..Default::default() }),
         data: Some(pb::TrainingData {
             crop: Some(pb::CropSpec {
                 mode: pb::CropMode::Random as i32,
@@ -222,10 +180,12 @@ fn spec(datalist: &str, fake: &str) -> pb::JobSpec {
             blocks_up: vec![1, 1],
             ..Default::default()
         }),
-        labels: [("fake".to_string(), fake.to_string())].into(),
         ..Default::default()
     }
 }
+
+/// Epochs that outlast any test: the job trains until the test cancels it or stops its trainer.
+const LONG: u32 = 5000;
 
 fn start_req(spec: pb::JobSpec) -> pb::StartJobRequest {
     pb::StartJobRequest { spec: Some(spec), ..Default::default() }
@@ -296,12 +256,64 @@ fn pid_alive(pid: i32) -> bool {
         .is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
 }
 
-fn worker_pids(store: &Path, id: &str) -> Vec<i32> {
-    std::fs::read_to_string(store.join(format!("jobs/{id}/pids")))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+/// The worker pids that the service announced in a job's events ("started 1 worker on cpu
+/// (pids [1234])"), one per launch.
+fn worker_pids(events: &[pb::JobEvent]) -> Vec<i32> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::job_event::Event::Log(l)) => launched_pid(&l.message),
+            _ => None,
+        })
         .collect()
+}
+
+/// [`worker_pids`] read from the job's stored event log, for when no trainer runs.
+fn stored_worker_pids(store: &Path, id: &str) -> Vec<i32> {
+    stored_event_lines(store, id)
+        .iter()
+        .filter_map(|l| launched_pid(serde_json::from_str::<serde_json::Value>(l).unwrap()["message"].as_str()?))
+        .collect()
+}
+
+fn launched_pid(message: &str) -> Option<i32> {
+    let pids = message.strip_prefix("started 1 worker on ")?.split("(pids [").nth(1)?;
+    pids.trim_end_matches(')').trim_end_matches(']').parse().ok()
+}
+
+/// Every event of a job that exists now (the stream of a running job does not end by itself).
+async fn events_so_far(client: &mut TrainerClient<Channel>, id: &str) -> Vec<pb::JobEvent> {
+    let last = get(client, id).await.last_sequence;
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: 0 }).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    let collect = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            let seq = e.sequence;
+            events.push(e);
+            if seq >= last {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), collect).await.expect("the stored events did not arrive");
+    events
+}
+
+/// Waits for the first training step reported at or after event `from`: the worker is past
+/// start-up and really training.
+async fn wait_step_after(client: &mut TrainerClient<Channel>, id: &str, from: u64) {
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from }).await.unwrap().into_inner();
+    let first_step = async {
+        while let Some(e) = stream.message().await.unwrap() {
+            if matches!(e.event, Some(pb::job_event::Event::Step(_))) {
+                return;
+            }
+        }
+        panic!("job {id} ended before its first step");
+    };
+    tokio::time::timeout(Duration::from_secs(180), first_step).await.expect("no training step within 180 s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,7 +322,7 @@ async fn start_job_refuses_bad_specs_naming_the_field() {
     let data = dir.path().join("data");
     let datalist = dataset(&data, 2, 1);
     let store = dir.path().join("store");
-    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
     let mut client = t.client().await;
 
     let refuse = |req: pb::StartJobRequest| {
@@ -329,7 +341,7 @@ async fn start_job_refuses_bad_specs_naming_the_field() {
     let mut missing = case0.clone();
     missing["image"][2] = "synth-00100-gone.nii.gz".into();
     let uri = write_datalist("missing.json", serde_json::json!({"training": [case0, missing]}));
-    let e = refuse(start_req(spec(&uri, "block"))).await;
+    let e = refuse(start_req(spec(&uri, 1))).await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().contains("synth-00100-gone.nii.gz") && e.message().contains("case 'synth-00100"), "{e:?}");
 
@@ -337,41 +349,41 @@ async fn start_job_refuses_bad_specs_naming_the_field() {
     let mut three = list["training"][1].clone();
     three["image"].as_array_mut().unwrap().pop();
     let uri = write_datalist("three.json", serde_json::json!({"training": [three]}));
-    let e = refuse(start_req(spec(&uri, "block"))).await;
+    let e = refuse(start_req(spec(&uri, 1))).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("case 'synth-00101'") && e.message().contains("has 3 images"), "{e:?}");
 
     // An empty training section: INVALID_ARGUMENT naming datalist_uri and the section.
     let uri = write_datalist("empty.json", serde_json::json!({"training": [], "validation": [list["validation"][0]]}));
-    let e = refuse(start_req(spec(&uri, "block"))).await;
+    let e = refuse(start_req(spec(&uri, 1))).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().starts_with("datalist_uri:") && e.message().contains("section 'training'"), "{e:?}");
 
     // The datalist itself missing.
-    let e = refuse(start_req(spec(&file_uri(&data.join("nope.json")), "block"))).await;
+    let e = refuse(start_req(spec(&file_uri(&data.join("nope.json")), 1))).await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     assert!(e.message().starts_with("datalist_uri:") && e.message().contains("nope.json"), "{e:?}");
 
     // An absurd learning rate.
-    let mut s = spec(&datalist, "block");
+    let mut s = spec(&datalist, 1);
     s.hyperparameters = Some(pb::Hyperparameters { learning_rate: Some(50.0), ..Default::default() });
     let e = refuse(start_req(s)).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("hyperparameters.learning_rate"), "{e:?}");
 
     // An unknown device, then devices this host does not have.
-    let mut s = spec(&datalist, "block");
+    let mut s = spec(&datalist, 1);
     s.devices = vec!["tpu:0".into()];
     let e = refuse(start_req(s)).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("devices") && e.message().contains("tpu:0"), "{e:?}");
-    let mut s = spec(&datalist, "block");
+    let mut s = spec(&datalist, 1);
     s.devices = vec!["cuda:63".into()];
     let e = refuse(start_req(s)).await;
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("this trainer has"), "{e:?}");
     if e.message().contains("has 0 CUDA devices") {
-        let mut s = spec(&datalist, "block");
+        let mut s = spec(&datalist, 1);
         s.devices = vec!["cuda:0".into()];
         let e = refuse(start_req(s)).await;
         assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
@@ -379,7 +391,7 @@ async fn start_job_refuses_bad_specs_naming_the_field() {
     }
 
     // A checkpoint to resume from that does not exist.
-    let mut s = spec(&datalist, "block");
+    let mut s = spec(&datalist, 1);
     s.resume_from = file_uri(&dir.path().join("other-job/latest.safetensors"));
     let e = refuse(start_req(s)).await;
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -387,7 +399,7 @@ async fn start_job_refuses_bad_specs_naming_the_field() {
 
     // No spec, a malformed job id.
     assert_eq!(refuse(pb::StartJobRequest::default()).await.code(), Code::InvalidArgument);
-    let e = refuse(pb::StartJobRequest { job_id: "Bad_Id".into(), ..start_req(spec(&datalist, "block")) }).await;
+    let e = refuse(pb::StartJobRequest { job_id: "Bad_Id".into(), ..start_req(spec(&datalist, 1)) }).await;
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("job_id:"), "{e:?}");
 
@@ -402,22 +414,23 @@ async fn queue_cancel_resume_list_and_watch() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), 2, 1);
     let store = dir.path().join("store");
-    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
     let mut client = t.client().await;
 
     // request_id makes StartJob idempotent; a client-chosen id is too, for the same spec.
-    let req = pb::StartJobRequest { request_id: "req-1".into(), ..start_req(spec(&datalist, "block")) };
+    let req = pb::StartJobRequest { request_id: "req-1".into(), ..start_req(spec(&datalist, LONG)) };
     let a = client.start_job(req.clone()).await.unwrap().into_inner();
     assert_eq!(a.state(), pb::JobState::Queued);
     assert!(a.id.starts_with("job-") && a.id.len() == 19, "{}", a.id);
     assert!(a.job_uri.ends_with(&format!("/jobs/{}/", a.id)), "{}", a.job_uri);
-    assert_eq!(a.total_epochs, 1);
+    assert_eq!(a.total_epochs, LONG);
     assert_eq!(client.start_job(req).await.unwrap().into_inner().id, a.id, "a retried request_id");
 
-    // The CPU holds one job: A runs, B waits.
+    // The CPU holds one job: A trains, B waits.
     let a = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
     assert!(a.started_at.is_some());
-    let b_req = pb::StartJobRequest { job_id: "second-job".into(), ..start_req(spec(&datalist, "block")) };
+    wait_step_after(&mut client, &a.id, 0).await;
+    let b_req = pb::StartJobRequest { job_id: "second-job".into(), ..start_req(spec(&datalist, LONG)) };
     let b = client.start_job(b_req.clone()).await.unwrap().into_inner();
     assert_eq!(b.id, "second-job");
     assert_eq!(client.start_job(b_req.clone()).await.unwrap().into_inner().id, "second-job");
@@ -530,13 +543,14 @@ async fn queue_cancel_resume_list_and_watch() {
         ]
     );
     assert!(
-        all.iter().any(
-            |e| matches!(&e.event, Some(pb::job_event::Event::Log(l)) if l.message == "fake worker rank 0 on cpu")
-        ),
-        "{all:?}"
+        all.iter().any(|e| matches!(&e.event,
+            Some(pb::job_event::Event::Log(l)) if l.message.starts_with("2 training and 1 validation cases"))),
+        "the worker's own note is missing: {all:?}"
     );
     // The worker is gone; the stored log is what was streamed.
-    for pid in worker_pids(&store, &a.id) {
+    let pids = worker_pids(&all);
+    assert_eq!(pids.len(), 1, "{all:?}");
+    for pid in pids {
         assert!(!pid_alive(pid), "worker {pid} still runs");
     }
     assert_eq!(stored_event_lines(&store, &a.id).len(), all.len());
@@ -554,10 +568,10 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), 1, 1);
     let store = dir.path().join("store");
-    let t = Trainer::start(dir.path(), &store, Some(&fake_worker(dir.path())), "").await;
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
     let mut client = t.client().await;
 
-    let mut s = spec(&datalist, "finish");
+    let mut s = spec(&datalist, 1);
     s.registration = Some(pb::ModelRegistration {
         model_name: "tiny".into(),
         promote_to_production: true,
@@ -565,12 +579,15 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
         ..Default::default()
     });
     let first = client.start_job(start_req(s.clone())).await.unwrap().into_inner();
-    let events = watch_all(&mut client, &first.id, 0, 60).await;
+    let events = watch_all(&mut client, &first.id, 0, 300).await;
     let done = get(&mut client, &first.id).await;
     assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
     assert_eq!(done.registered_model, Some(pb::ModelVersionRef { name: "tiny".into(), version: "1".into() }));
-    assert_eq!((done.epoch, done.global_step, done.best_epoch), (1, 2, 1));
-    assert_eq!(done.best_metrics.unwrap().wt, 0.6f64);
+    assert_eq!((done.epoch, done.global_step, done.best_epoch), (1, 1, 1), "one case, batch 1: one step");
+    let best = done.best_metrics.unwrap();
+    let epoch_dice = epochs_of(&events)[0].validation.unwrap();
+    assert_eq!(best, epoch_dice, "the best metrics are the only epoch's");
+    assert!([best.tc, best.wt, best.et, best.mean].iter().all(|d| (0.0..=1.0).contains(d)), "{best:?}");
     assert!(done.latest_checkpoint_uri.ends_with("checkpoints/latest.safetensors"), "{}", done.latest_checkpoint_uri);
     let kinds: Vec<&str> = events
         .iter()
@@ -594,10 +611,13 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
     });
     assert_eq!(registered.unwrap().aliases, vec!["production"]);
     let models = store.join("models/tiny");
-    assert_eq!(std::fs::read_to_string(models.join("1/model.onnx")).unwrap(), "onnx\n");
+    let exported = std::fs::read(store.join(format!("jobs/{}/artifacts/model.onnx", first.id))).unwrap();
+    assert!(exported.len() > 100_000, "a SegResNet in ONNX, not {} bytes", exported.len());
+    assert_eq!(std::fs::read(models.join("1/model.onnx")).unwrap(), exported, "the registry holds the job's export");
     let meta: serde_json::Value =
         serde_json::from_slice(&std::fs::read(models.join("1/metadata.json")).unwrap()).unwrap();
-    assert_eq!(meta["format"], "fake");
+    assert_eq!(meta["network_def"]["config"]["init_filters"], 8, "{meta}");
+    assert_eq!(meta["training"]["best_epoch"], 1, "{meta}");
     assert_eq!(meta["description"], "test run");
     assert_eq!(meta["trainer_job"]["job_id"], first.id.as_str());
     let aliases: serde_json::Value =
@@ -618,19 +638,39 @@ async fn finished_jobs_register_versions_and_failures_carry_the_workers_reason()
         serde_json::from_slice(&std::fs::read(models.join("aliases.json")).unwrap()).unwrap();
     assert_eq!(aliases["production"], "1");
 
-    // A worker that fails: FAILED with its stderr as the reason; resumable.
-    let failing = client.start_job(start_req(spec(&datalist, "fail"))).await.unwrap().into_inner();
+    // A worker killed mid-training: FAILED, saying which rank died of which signal; resumable.
+    let mut streamed = spec(&datalist, LONG);
+    streamed.data.as_mut().unwrap().case_cache = pb::CaseCache::Stream as i32;
+    let failing = client.start_job(start_req(streamed)).await.unwrap().into_inner();
+    wait_step_after(&mut client, &failing.id, 0).await;
+    let pid = worker_pids(&events_so_far(&mut client, &failing.id).await)[0];
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
     let failed = wait_state(&t, &failing.id, pb::JobState::Failed, 60).await;
-    assert!(failed.failure_reason.starts_with("worker rank 0 (pid "), "{}", failed.failure_reason);
-    assert!(
-        failed.failure_reason.ends_with("exited with code 1: fake worker: the loss diverged at step 1"),
+    assert_eq!(
+        failed.failure_reason,
+        format!("worker rank 0 (pid {pid}) was killed by signal 9 (SIGKILL)"),
         "{}",
+        t.log_text()
+    );
+    assert_eq!(failed.failure_code, "ABORTED");
+    let resumed = client.resume_job(pb::ResumeJobRequest { job_id: failing.id.clone() }).await.unwrap().into_inner();
+    assert_eq!((resumed.state(), resumed.resume_count, resumed.failure_reason.as_str()), (pb::JobState::Queued, 1, ""));
+
+    // The resumed job streams its cases from the store; the store loses them mid-training. The
+    // worker exits with an error and the job is FAILED with the worker's own words as the reason.
+    wait_step_after(&mut client, &failing.id, resumed.last_sequence + 1).await;
+    let cases = store.join("cases");
+    assert!(cases.is_dir(), "preprocessed cases are cached under {}", cases.display());
+    std::fs::remove_dir_all(&cases).unwrap();
+    let failed = wait_state(&t, &failing.id, pb::JobState::Failed, 120).await;
+    assert!(failed.failure_reason.starts_with("worker rank 0 (pid "), "{}", failed.failure_reason);
+    assert!(failed.failure_reason.contains("exited with code 1: error: data: "), "{}", failed.failure_reason);
+    assert!(
+        failed.failure_reason.contains("/store/cases/synth-0010") && failed.failure_reason.contains("no such object"),
+        "the reason names the lost object: {}",
         failed.failure_reason
     );
     assert_eq!(failed.failure_code, "INTERNAL");
-    let resumed = client.resume_job(pb::ResumeJobRequest { job_id: failing.id.clone() }).await.unwrap().into_inner();
-    assert_eq!((resumed.state(), resumed.resume_count, resumed.failure_reason.as_str()), (pb::JobState::Queued, 1, ""));
-    wait_state(&t, &failing.id, pb::JobState::Failed, 60).await;
     t.stop();
 }
 
@@ -639,13 +679,13 @@ async fn a_restarted_trainer_resumes_its_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), 1, 1);
     let store = dir.path().join("store");
-    let worker = fake_worker(dir.path());
-    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let worker = real_worker();
+    let t = Trainer::start(dir.path(), &store, worker.as_deref(), "").await;
     let mut client = t.client().await;
-    let a = client.start_job(start_req(spec(&datalist, "block"))).await.unwrap().into_inner();
-    let b = client.start_job(start_req(spec(&datalist, "block"))).await.unwrap().into_inner();
-    wait_state(&t, &a.id, pb::JobState::Running, 60).await;
-    let first_worker = worker_pids(&store, &a.id);
+    let a = client.start_job(start_req(spec(&datalist, LONG))).await.unwrap().into_inner();
+    let b = client.start_job(start_req(spec(&datalist, LONG))).await.unwrap().into_inner();
+    wait_step_after(&mut client, &a.id, 0).await;
+    let first_worker = worker_pids(&events_so_far(&mut client, &a.id).await);
     assert_eq!(first_worker.len(), 1);
 
     // SIGKILL: the service cannot stop anything, its worker dies with it (PR_SET_PDEATHSIG).
@@ -656,7 +696,7 @@ async fn a_restarted_trainer_resumes_its_jobs() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let t = Trainer::start(dir.path(), &store, worker.as_deref(), "").await;
     let mut client = t.client().await;
     let a2 = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
     assert_eq!(a2.resume_count, 1, "a job that was running counts a resume");
@@ -668,7 +708,7 @@ async fn a_restarted_trainer_resumes_its_jobs() {
         "{events:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while worker_pids(&store, &a.id).len() < 2 {
+    while worker_pids(&events_so_far(&mut client, &a.id).await).len() < 2 {
         assert!(Instant::now() < deadline, "the job was not relaunched");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -678,10 +718,12 @@ async fn a_restarted_trainer_resumes_its_jobs() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(store.join(format!("jobs/{}/job.json", a.id))).unwrap()).unwrap();
     assert_eq!(record["state"], "RUNNING");
-    for pid in worker_pids(&store, &a.id) {
+    let launched = stored_worker_pids(&store, &a.id);
+    assert_eq!(launched.len(), 2, "one launch before the SIGKILL, one after");
+    for pid in launched {
         assert!(!pid_alive(pid), "worker {pid} still runs after the trainer stopped");
     }
-    let t = Trainer::start(dir.path(), &store, Some(&worker), "").await;
+    let t = Trainer::start(dir.path(), &store, worker.as_deref(), "").await;
     let a3 = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
     assert_eq!(a3.resume_count, 2);
     let mut client = t.client().await;
@@ -720,9 +762,9 @@ fn real_worker() -> Option<PathBuf> {
     std::env::var("BRATS_TEST_TRAINER_WORKER").ok().map(PathBuf::from)
 }
 
-/// A tiny real training spec: 32³ crops, a SegResNet with 8 filters and one block per level.
+/// [`spec`] with the recipe that learns within a few epochs, registered as `tiny`.
 fn training_spec(datalist: &str, epochs: u32) -> pb::JobSpec {
-    let mut s = spec(datalist, "real");
+    let mut s = spec(datalist, epochs);
     s.seed = Some(3);
     s.hyperparameters = Some(pb::Hyperparameters {
         epochs,
@@ -814,15 +856,7 @@ async fn a_trainer_killed_mid_training_resumes_losing_at_most_one_epoch() {
         }
     };
     tokio::time::timeout(Duration::from_secs(300), follow).await.expect("two epochs did not finish");
-    let pid: i32 = before
-        .iter()
-        .find_map(|e| match &e.event {
-            Some(pb::job_event::Event::Log(l)) if l.message.starts_with("started 1 worker") => {
-                l.message.split("pids [").nth(1)?.trim_end_matches(')').trim_end_matches(']').parse().ok()
-            }
-            _ => None,
-        })
-        .expect("the worker's pid in the log");
+    let pid = *worker_pids(&before).first().expect("the worker's pid in the log");
     t.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
     while pid_alive(pid) {

@@ -118,8 +118,14 @@ impl RankStatus {
             RankExit::Code(c) => format!("exited with code {c}"),
             RankExit::Signal(s) => format!("was killed by signal {s}{}", signal_name(s)),
         };
-        let tail: Vec<&str> =
-            self.stderr_tail.iter().rev().filter(|l| !l.trim().is_empty()).take(3).map(|s| s.trim()).collect();
+        let tail: Vec<&str> = self
+            .stderr_tail
+            .iter()
+            .rev()
+            .filter(|l| !l.trim().is_empty() && !is_routine_log(l))
+            .take(3)
+            .map(|s| s.trim())
+            .collect();
         let mut s = format!("worker rank {} (pid {}) {how}", self.rank, self.pid);
         if !tail.is_empty() {
             let lines: Vec<&str> = tail.into_iter().rev().collect();
@@ -142,6 +148,14 @@ impl RankStatus {
             _ => "INTERNAL",
         }
     }
+}
+
+/// True for a worker's own tracing record below WARN ("2026-…Z  INFO target: …"): routine
+/// progress that would crowd the error out of a failure reason.
+fn is_routine_log(line: &str) -> bool {
+    let mut words = line.split_whitespace();
+    let stamped = words.next().is_some_and(|w| w.starts_with(|c: char| c.is_ascii_digit()) && w.ends_with('Z'));
+    stamped && words.next().is_some_and(|level| matches!(level, "TRACE" | "DEBUG" | "INFO"))
 }
 
 fn signal_name(s: i32) -> &'static str {
@@ -509,6 +523,27 @@ mod tests {
         assert_eq!(f.failure_code(), "RESOURCE_EXHAUSTED");
         assert_eq!(outcome.ranks[0].exit, RankExit::Signal(libc::SIGKILL));
         assert!(outcome.ranks[0].describe().contains("was killed by signal 9 (SIGKILL)"));
+    }
+
+    #[test]
+    fn a_failure_reason_keeps_errors_and_drops_routine_log_lines() {
+        let rank = |tail: &[&str], exit| RankStatus {
+            rank: 0,
+            pid: 42,
+            exit,
+            stderr_tail: tail.iter().map(|s| s.to_string()).collect(),
+        };
+        let info = "2026-11-27T13:16:50.208484Z  INFO brats_trainer::cli: dataset opened cache=stream";
+        let warn = "2026-11-27T13:16:50.300000Z  WARN brats_trainer::train: slow step";
+        let killed = rank(&[info, info], RankExit::Signal(libc::SIGKILL));
+        assert_eq!(killed.describe(), "worker rank 0 (pid 42) was killed by signal 9 (SIGKILL)");
+        let failed = rank(&[info, warn, "Error: reading cases/x.safetensors: not found", info], RankExit::Code(1));
+        assert_eq!(
+            failed.describe(),
+            format!(
+                "worker rank 0 (pid 42) exited with code 1: {warn} | Error: reading cases/x.safetensors: not found"
+            )
+        );
     }
 
     #[tokio::test]

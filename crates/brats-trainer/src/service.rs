@@ -839,8 +839,10 @@ impl TrainerService {
             Err(e) => return Err(e),
         };
         if let Some(m) = metadata.as_object_mut() {
+            // The version's description is the operator's words; the exported metadata only
+            // carries the bundle's generic one.
             if !reg.description.is_empty() {
-                m.entry("description").or_insert_with(|| reg.description.clone().into());
+                m.insert("description".into(), reg.description.clone().into());
             }
             m.entry("trainer_job").or_insert_with(|| {
                 serde_json::json!({ "job_id": job.id, "labels": config.labels, "seed": config.seed,
