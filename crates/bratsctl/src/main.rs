@@ -90,9 +90,11 @@ enum Cmd {
         #[command(subcommand)]
         command: TrainCmd,
     },
-    /// The first-run demo: generate a synthetic case, start the preprocessing service on
-    /// loopback and preprocess the case through it; then initialise and export a model,
-    /// register it, start the inference service and segment the case through it.
+    /// The first-run demo: generate a synthetic dataset and a held-out case, start the
+    /// preprocessing and trainer services on loopback, train a small SegResNet through the
+    /// trainer (its dataset prepared by the preprocessing service), register it as
+    /// `segresnet@production`, start the inference service, segment the held-out case through
+    /// it and print the Dice against its label.
     Demo {
         /// Working directory for the demo's data and store.
         #[arg(long, default_value = "demo-out")]
