@@ -16,26 +16,36 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
 
-/// The `brats-trainer` binary: `BRATS_TEST_TRAINER_EXE`, else built next to this test's target folder
-/// (`cargo test` builds no binary of another package, so this asks cargo once per test run).
+/// The `brats-trainer` binary: `BRATS_TEST_TRAINER_EXE`, else built by [`workspace_exe`].
 fn trainer_exe() -> PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        if let Ok(p) = std::env::var("BRATS_TEST_TRAINER_EXE") {
-            return PathBuf::from(p);
-        }
-        // target/<profile>/deps/trainer_service-<hash> → target/<profile>/brats-trainer
-        let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "--quiet", "-p", "brats-trainer", "--bin", "brats-trainer"]);
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build for the brats-trainer binary");
-        assert!(status.success(), "cargo build -p brats-trainer failed");
-        profile_dir.join("brats-trainer")
+    EXE.get_or_init(|| match std::env::var("BRATS_TEST_TRAINER_EXE") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => workspace_exe("brats-trainer"),
     })
     .clone()
+}
+
+/// The `bratsctl` binary, built by [`workspace_exe`].
+fn bratsctl_exe() -> PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| workspace_exe("bratsctl")).clone()
+}
+
+/// The binary of the workspace package `name` (its binary has the same name), built next to
+/// this test's target folder: `cargo test` builds no binary of another package, so this asks
+/// cargo once per binary and test run.
+fn workspace_exe(name: &str) -> PathBuf {
+    // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
+    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("run cargo build for the {name} binary: {e}"));
+    assert!(status.success(), "cargo build -p {name} failed");
+    profile_dir.join(name)
 }
 
 /// A `brats-trainer serve` process on loopback; SIGKILLed when dropped.
@@ -495,13 +505,14 @@ async fn queue_cancel_resume_list_and_watch() {
     let e = client.list_jobs(pb::ListJobsRequest { page_size: 1001, ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    // Watch A from a sequence in the middle, then cancel it: the stream ends after CANCELLED.
+    // A sequence far past the end is refused (A trains on, so "just past" would race it).
     let a_now = get(&mut client, &a.id).await;
     let e = client
-        .watch_job(pb::WatchJobRequest { job_id: a.id.clone(), from_sequence: a_now.last_sequence + 2 })
+        .watch_job(pb::WatchJobRequest { job_id: a.id.clone(), from_sequence: a_now.last_sequence + 1_000_000 })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    // Watch A from a sequence in the middle, then cancel it: the stream ends after CANCELLED.
     let watcher = {
         let mut c = client.clone();
         let id = a.id.clone();
@@ -942,5 +953,67 @@ async fn a_job_runs_against_s3_and_is_recovered_from_it() {
     let t = Trainer::start_on(dir.path(), "s3://brats/trainer", "s3://brats/models", worker.as_deref(), &extra).await;
     let again = get(&mut t.client().await, &job.id).await;
     assert_eq!((again.state(), again.epoch), (pb::JobState::Succeeded, 2));
+    t.stop();
+}
+
+/// `bratsctl train` against a real trainer: start with --watch follows a job to SUCCEEDED with
+/// its per-epoch lines (warm-up schedule included), list and get show jobs, cancel stops a
+/// running one, and a refusal or an unknown job exits non-zero with the trainer's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bratsctl_starts_watches_lists_gets_and_cancels_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data, 2, 1);
+    let datalist = data.join("datalist.json").display().to_string();
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
+    let url = t.url.clone();
+    let ctl = move |args: &[&str]| {
+        let out = Command::new(bratsctl_exe()).args(args).args(["--server", &url]).output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status, text(&out.stdout), text(&out.stderr))
+    };
+    let small = ["--crop", "32,32,32", "--val-roi", "32,32,32", "--devices", "cpu"];
+
+    let mut start = vec!["train", "start", "--datalist", &datalist, "--epochs", "2", "--lr", "3e-3"];
+    start.extend(["--lr-schedule", "warmup-cosine", "--warmup-steps", "2", "--seed", "3", "--model-name", "tiny"]);
+    start.extend(small);
+    start.push("--watch");
+    let (status, out, err) = ctl(&start);
+    assert!(status.success(), "{out}\n{err}");
+    let epoch_lines: Vec<&str> = out.lines().filter(|l| l.starts_with("epoch ")).collect();
+    assert_eq!(epoch_lines.len(), 2, "{out}");
+    // Steps 0 and 2 of a 2-step warm-up: 0, then the full rate.
+    assert!(epoch_lines[0].starts_with("epoch 1/2: loss ") && epoch_lines[0].contains("lr 0.00e0"), "{out}");
+    assert!(epoch_lines[1].contains("lr 3.00e-3") && epoch_lines[1].contains("Dice TC "), "{out}");
+    assert!(out.contains("registered tiny version 1"), "{out}");
+    assert!(out.contains("RUNNING → SUCCEEDED"), "{out}");
+
+    let mut long = vec!["train", "start", "--datalist", &datalist, "--epochs", "5000", "--job-id", "long-one"];
+    long.extend(small);
+    let (status, out, err) = ctl(&long);
+    assert!(status.success() && out.starts_with("job long-one QUEUED"), "{out}\n{err}");
+    wait_state(&t, "long-one", pb::JobState::Running, 120).await;
+    let (status, out, _) = ctl(&["train", "list"]);
+    assert!(status.success());
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(rows[0].starts_with("long-one ") && rows[0].contains("RUNNING"), "newest first: {out}");
+    assert!(rows[1].contains("SUCCEEDED") && rows[1].ends_with("tiny/1"), "{out}");
+
+    let (status, out, err) = ctl(&["train", "cancel", "long-one"]);
+    assert!(status.success(), "{out}\n{err}");
+    wait_state(&t, "long-one", pb::JobState::Cancelled, 60).await;
+    let (status, out, _) = ctl(&["train", "get", "long-one"]);
+    assert!(status.success() && out.starts_with("job long-one  CANCELLED"), "{out}");
+
+    let (status, _, err) = ctl(&["train", "get", "no-such-job"]);
+    assert!(!status.success());
+    assert!(err.contains("NotFound") && err.contains("no job 'no-such-job'"), "{err}");
+    let mut absurd = vec!["train", "start", "--datalist", &datalist, "--lr", "50"];
+    absurd.extend(small);
+    let (status, _, err) = ctl(&absurd);
+    assert!(!status.success());
+    assert!(err.contains("InvalidArgument") && err.contains("hyperparameters.learning_rate"), "{err}");
     t.stop();
 }

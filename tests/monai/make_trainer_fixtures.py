@@ -32,6 +32,10 @@ What runs (MONAI 1.6.1, torch 2.11.0, CPU, float32 unless stated), and what is w
 - manifest["cosine"]: CosineAnnealingLR(T_max, eta_min=0) lrs after 0..N scheduler steps (the lr of
   epoch index e), for T_max 5 (12 epochs, past T_max) and T_max 300 (311 epochs), as float64 bit
   patterns and decimals.
+- manifest["warmup_cosine"]: monai.optimizers.WarmupCosineSchedule(warmup_steps, t_total) with its
+  defaults (end_lr 0, cycles 0.5, warmup_multiplier 0), stepped once per optimiser step: the lr of
+  every step 0..t_total+2 (past the end), for (warmup 15, total 300), (0, 40) and (50, 30: the
+  warm-up clamped to t_total), as float64 bit patterns and decimals.
 - manifest["grad_scaler"]: torch.amp.GradScaler("cpu") sequences with inf/NaN injected at known
   steps: scale before/after update, growth tracker, found_inf, and the Adam parameter after each
   iteration; plus a growth-overflow sequence (new scale not finite -> kept).
@@ -328,6 +332,29 @@ def cosine_fixtures():
     return out
 
 
+def warmup_cosine_fixtures():
+    from monai.optimizers import WarmupCosineSchedule
+
+    out = {}
+    for warmup, total in [(15, 300), (0, 40), (50, 30)]:
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.Adam([p], lr=5e-3)
+        sched = WarmupCosineSchedule(opt, warmup_steps=warmup, t_total=total)
+        lrs = []
+        for _ in range(total + 3):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        out[f"warmup_{warmup}_total_{total}"] = dict(
+            base_lr=5e-3,
+            warmup_steps=warmup,
+            t_total=total,
+            lrs=lrs,
+            lrs_f64_bits=[f64_bits(v) for v in lrs],
+        )
+    return out
+
+
 # --------------------------------------------------------------------------------- grad scaler
 def scaler_sequence(init_scale, growth_interval, steps, bad, grad_scale):
     """Adam(lr 1e-2) on one [5] parameter; the loss is sum(p * g_s), g_s from stream 6100 + s."""
@@ -397,6 +424,7 @@ def main():
         metric=metric_fixtures(metric_t),
         adam=adam_fixtures(adam_t),
         cosine=cosine_fixtures(),
+        warmup_cosine=warmup_cosine_fixtures(),
         grad_scaler=scaler_fixtures(),
     )
     save_file(loss_t, str(OUT / "loss.safetensors"))

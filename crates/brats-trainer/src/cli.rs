@@ -38,6 +38,13 @@ pub struct TrainArgs {
     /// Initial learning rate (default 1e-4).
     #[arg(long)]
     lr: Option<f64>,
+    /// Learning-rate schedule: cosine (per epoch, the bundle's), constant, or warmup-cosine
+    /// (linear warm-up over --warmup-steps, then cosine, per step: MONAI's WarmupCosineSchedule).
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant", "warmup-cosine"])]
+    lr_schedule: String,
+    /// Warm-up steps of --lr-schedule warmup-cosine (default 5% of all steps).
+    #[arg(long)]
+    warmup_steps: Option<u32>,
     /// Training crop X,Y,Z (default 224,224,144).
     #[arg(long)]
     crop: Option<String>,
@@ -132,6 +139,12 @@ fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
             epochs: a.epochs.unwrap_or(0),
             batch_size: a.batch_size.unwrap_or(0),
             learning_rate: a.lr,
+            lr_schedule: match a.lr_schedule.as_str() {
+                "constant" => pb::LrSchedule::Constant,
+                "warmup-cosine" => pb::LrSchedule::WarmupCosine,
+                _ => pb::LrSchedule::Cosine,
+            } as i32,
+            warmup_steps: a.warmup_steps,
             ..Default::default()
         }),
         data: Some(pb::TrainingData {

@@ -372,6 +372,37 @@ impl CosineSchedule {
     }
 }
 
+/// MONAI's `WarmupCosineSchedule(optimizer, warmup_steps, t_total)` with its defaults (`end_lr`
+/// 0, `cycles` 0.5, `warmup_multiplier` 0), stepped once per optimiser step: a linear ramp from 0
+/// to `base_lr` over `warmup_steps`, then half a cosine down to 0 at `t_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WarmupCosineSchedule {
+    /// The optimiser's initial learning rate (`base_lrs`).
+    pub base_lr: f64,
+    /// Steps of the linear ramp (clamped to `t_total`, as MONAI does).
+    pub warmup_steps: u64,
+    /// All steps of the run.
+    pub t_total: u64,
+}
+
+impl WarmupCosineSchedule {
+    /// The schedule over `t_total` steps, warming up for `warmup_steps` of them.
+    pub fn new(base_lr: f64, warmup_steps: u64, t_total: u64) -> Self {
+        Self { base_lr, warmup_steps: warmup_steps.min(t_total), t_total }
+    }
+
+    /// The learning rate of step `step` (0-based: after `step` scheduler steps), MONAI's
+    /// `lr_lambda` times the base rate.
+    pub fn lr_at(&self, step: u64) -> f64 {
+        if step < self.warmup_steps {
+            return self.base_lr * step as f64 / self.warmup_steps.max(1) as f64;
+        }
+        let progress =
+            (step - self.warmup_steps) as f64 / (self.t_total.saturating_sub(self.warmup_steps)).max(1) as f64;
+        self.base_lr * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+    }
+}
+
 /// The learning-rate policy of a training job.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -383,14 +414,18 @@ pub enum LrSchedule {
     },
     /// Cosine annealing, the bundle's schedule.
     Cosine(CosineSchedule),
+    /// Linear warm-up then cosine decay, per step.
+    WarmupCosine(WarmupCosineSchedule),
 }
 
 impl LrSchedule {
-    /// The learning rate of epoch `epoch` (0-based).
-    pub fn lr_at(&self, epoch: u64) -> f64 {
+    /// The learning rate of the step after `global_step` steps, in epoch `epoch` (both 0-based):
+    /// epoch schedules read the epoch, step schedules the step.
+    pub fn lr_at(&self, epoch: u64, global_step: u64) -> f64 {
         match self {
             LrSchedule::Constant { lr } => *lr,
             LrSchedule::Cosine(c) => c.lr_at(epoch),
+            LrSchedule::WarmupCosine(w) => w.lr_at(global_step),
         }
     }
 }
@@ -672,7 +707,12 @@ mod tests {
         assert_eq!(c.lr_at(0), 1e-4);
         assert_eq!(c.lr_at(10), 0.0);
         assert!((c.lr_at(5) - 5e-5).abs() < 1e-18);
-        assert_eq!(LrSchedule::Constant { lr: 3e-4 }.lr_at(123), 3e-4);
+        assert_eq!(LrSchedule::Constant { lr: 3e-4 }.lr_at(123, 7), 3e-4);
+        assert_eq!(LrSchedule::Cosine(c).lr_at(5, 999), c.lr_at(5), "an epoch schedule ignores the step");
+        let w = WarmupCosineSchedule::new(1e-2, 10, 110);
+        assert_eq!((w.lr_at(0), w.lr_at(5), w.lr_at(10), w.lr_at(110)), (0.0, 5e-3, 1e-2, 0.0));
+        assert!((w.lr_at(60) - 5e-3).abs() < 1e-15);
+        assert_eq!(LrSchedule::WarmupCosine(w).lr_at(0, 60), w.lr_at(60), "a step schedule ignores the epoch");
         let json = serde_json::to_string(&LrSchedule::Cosine(c)).unwrap();
         assert_eq!(serde_json::from_str::<LrSchedule>(&json).unwrap(), LrSchedule::Cosine(c));
     }

@@ -83,6 +83,12 @@ pub enum Schedule {
     Cosine,
     /// Constant.
     Constant,
+    /// Linear warm-up, then cosine decay, stepped per optimiser step (MONAI's
+    /// `WarmupCosineSchedule`).
+    WarmupCosine {
+        /// Warm-up steps; None = 5% of all steps (known once the dataset is open).
+        warmup_steps: Option<u32>,
+    },
 }
 
 /// MONAI DiceLoss settings.
@@ -297,8 +303,15 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
     let schedule = match pb::LrSchedule::try_from(hp.lr_schedule) {
         Ok(pb::LrSchedule::Unspecified | pb::LrSchedule::Cosine) => Schedule::Cosine,
         Ok(pb::LrSchedule::Constant) => Schedule::Constant,
+        Ok(pb::LrSchedule::WarmupCosine) => Schedule::WarmupCosine { warmup_steps: hp.warmup_steps },
         Err(_) => return bad("hyperparameters.lr_schedule", format!("unknown schedule {}", hp.lr_schedule)),
     };
+    if hp.warmup_steps.is_some() && !matches!(schedule, Schedule::WarmupCosine { .. }) {
+        return bad(
+            "hyperparameters.warmup_steps",
+            "only LR_SCHEDULE_WARMUP_COSINE warms up; set lr_schedule to it or leave warmup_steps unset",
+        );
+    }
     let l = hp.loss.unwrap_or_default();
     let loss = LossConfig {
         smooth_nr: finite("hyperparameters.loss.smooth_nr", l.smooth_nr.map_or(0.0, decimal), 0.0, 1e3, "use >= 0")?,
@@ -560,6 +573,12 @@ mod tests {
                     s.hyperparameters = Some(pb::Hyperparameters { epochs: 10_000_000, ..Default::default() })
                 }),
                 "hyperparameters.epochs",
+            ),
+            (
+                Box::new(|s| {
+                    s.hyperparameters = Some(pb::Hyperparameters { warmup_steps: Some(10), ..Default::default() })
+                }),
+                "hyperparameters.warmup_steps",
             ),
             (
                 Box::new(|s| {

@@ -23,7 +23,9 @@ use crate::dist::{self, ProcessGroup};
 use crate::events::{EpochMetrics, EventKind, StepMetrics, TrainOutcome};
 use crate::loss::DiceLoss;
 use crate::metric::{DiceAccumulator, DiceScores};
-use crate::optim::{self, Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig};
+use crate::optim::{
+    self, Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig, LrSchedule, WarmupCosineSchedule,
+};
 use crate::plot::{self, EpochRow};
 use crate::spec::{Device, OptimizerKind, Schedule, TrainConfig};
 
@@ -115,10 +117,16 @@ pub struct Dataset {
     pub validation: Arc<Cases>,
 }
 
-fn lr_at(config: &TrainConfig, epoch_index: u32) -> f64 {
+/// The job's learning-rate policy; step schedules span `steps_per_epoch` × epochs steps.
+fn lr_schedule(config: &TrainConfig, steps_per_epoch: usize) -> LrSchedule {
+    let total_steps = steps_per_epoch as u64 * config.epochs as u64;
     match config.schedule {
-        Schedule::Cosine => CosineSchedule::new(config.learning_rate, config.epochs as u64).lr_at(epoch_index as u64),
-        Schedule::Constant => config.learning_rate,
+        Schedule::Cosine => LrSchedule::Cosine(CosineSchedule::new(config.learning_rate, config.epochs as u64)),
+        Schedule::Constant => LrSchedule::Constant { lr: config.learning_rate },
+        Schedule::WarmupCosine { warmup_steps } => {
+            let warmup = warmup_steps.map_or((total_steps / 20).max(1), u64::from);
+            LrSchedule::WarmupCosine(WarmupCosineSchedule::new(config.learning_rate, warmup, total_steps))
+        }
     }
 }
 
@@ -310,6 +318,7 @@ pub fn run(
     if config.data.max_steps_per_epoch > 0 {
         steps_per_epoch = steps_per_epoch.min(config.data.max_steps_per_epoch);
     }
+    let schedule = lr_schedule(config, steps_per_epoch);
     let augment = Augment {
         crop: config.data.crop,
         random_crop: config.data.random_crop,
@@ -350,7 +359,8 @@ pub fn run(
     for epoch in first_epoch..=config.epochs {
         let span = info_span!("epoch", epoch, rank);
         let _enter = span.enter();
-        let lr = lr_at(config, epoch - 1);
+        // The epoch's rate as reported (per epoch); a step schedule moves within the epoch.
+        let epoch_lr = schedule.lr_at(epoch as u64 - 1, state.global_step);
         tch::manual_seed(derive_seed(config.seed, &[2, epoch as u64, rank as u64]) as i64);
         let mut loader = match next_loader.take() {
             Some(loader) => loader,
@@ -365,6 +375,7 @@ pub fn run(
         for batch in loader.by_ref() {
             let batch = batch.map_err(|e| TrainError::Data(e.to_string()))?;
             step_in_epoch += 1;
+            let lr = schedule.lr_at(epoch as u64 - 1, state.global_step);
             let image = batch.image.to_device(device);
             let label = batch.label.to_device(device);
             let logits = tch::autocast(amp, || net.forward(&image, true));
@@ -448,14 +459,14 @@ pub fn run(
         state.history.push(EpochRow {
             epoch,
             train_loss,
-            learning_rate: lr,
+            learning_rate: epoch_lr,
             dice: scores.map(|d| [d.tc, d.wt, d.et, d.mean]),
             seconds: train_seconds + validation_seconds,
         });
         epoch_seconds.push(train_seconds + validation_seconds);
         let mean_epoch = epoch_seconds.iter().sum::<f64>() / epoch_seconds.len() as f64;
         let eta_seconds = mean_epoch * (config.epochs - epoch) as f64;
-        info!(epoch, train_loss, lr, dice = ?scores, train_seconds, validation_seconds, "epoch done");
+        info!(epoch, train_loss, lr = epoch_lr, dice = ?scores, train_seconds, validation_seconds, "epoch done");
 
         // Checkpoints (rank 0). Best first, so a crash between the two never loses the best.
         if lead {
@@ -485,7 +496,7 @@ pub fn run(
             emit(EventKind::Epoch(EpochMetrics {
                 epoch,
                 train_loss,
-                learning_rate: lr,
+                learning_rate: epoch_lr,
                 validation: scores,
                 is_best,
                 train_seconds,

@@ -8,6 +8,7 @@
 //! - Adam / AdamW parameters after every step: 1e-7 absolute; moments after the last: 1e-6 relative;
 //! - CosineAnnealingLR: bit-identical f64 (torch's recursion differs from the closed form by ~1e-20,
 //!   so anything but the recursion fails);
+//! - WarmupCosineSchedule: every step's lr within 1e-18 (the same closed form in f64);
 //! - GradScaler: scale, growth tracker and found_inf exactly; unscaled gradients and parameters 1e-7.
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use brats_model::reference::uniform;
 use brats_trainer::loss::DiceLoss;
 use brats_trainer::metric::{DiceAccumulator, DiceScores};
-use brats_trainer::optim::{Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig};
+use brats_trainer::optim::{Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig, WarmupCosineSchedule};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use tch::{Kind, Tensor};
@@ -355,6 +356,24 @@ fn cosine_schedule_is_bit_identical_to_torch() {
             c["max_abs_diff_to_closed_form"].as_f64().unwrap()
         );
         assert!(mismatches.is_empty(), "{name}: epochs where ours != torch: {mismatches:?}");
+    }
+}
+
+#[test]
+fn warmup_cosine_schedule_matches_monai_per_step() {
+    let m = manifest();
+    for (name, c) in m["warmup_cosine"].as_object().unwrap() {
+        let sched = WarmupCosineSchedule::new(
+            c["base_lr"].as_f64().unwrap(),
+            c["warmup_steps"].as_u64().unwrap(),
+            c["t_total"].as_u64().unwrap(),
+        );
+        let lrs: Vec<f64> =
+            c["lrs_f64_bits"].as_array().unwrap().iter().map(|v| f64::from_bits(v.as_u64().unwrap())).collect();
+        let worst =
+            lrs.iter().enumerate().map(|(s, &theirs)| (sched.lr_at(s as u64) - theirs).abs()).fold(0.0, f64::max);
+        eprintln!("warmup cosine {name}: {} steps, largest difference {worst:.1e}", lrs.len());
+        assert!(worst <= 1e-18, "{name}: ours differs from MONAI by {worst:e}");
     }
 }
 

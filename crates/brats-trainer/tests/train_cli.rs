@@ -180,6 +180,28 @@ fn rerun_resumes_from_the_latest_checkpoint() {
     assert_eq!(rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
 }
 
+/// `--lr-schedule warmup-cosine` moves the rate every step: over 4 epochs of 2 steps with 4
+/// warm-up steps, the epochs start at steps 0, 2, 4, 6, i.e. at 0, half, all and half the rate.
+#[test]
+fn warmup_cosine_moves_the_rate_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
+    let out = dir.path().join("run");
+    let o = trainer()
+        .args(["train", "--datalist"])
+        .arg(&datalist)
+        .args(["--epochs", "4", "--lr", "1e-2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "4"])
+        .args(["--crop", "16,16,16", "--val-roi", "16,16,16", "--val-interval", "4", "--devices", "cpu"])
+        .args(["--model", SMALL, "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let text = ok(&o);
+    let lrs: Vec<f64> = metrics(&out).iter().map(|r| r[2].parse().unwrap()).collect();
+    let expected = [0.0, 5e-3, 1e-2, 5e-3];
+    assert!(lrs.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12), "{lrs:?}\n{text}");
+}
+
 /// Streaming the cases from the store trains exactly as holding them in memory does: same
 /// seed, same samples, bit-identical weights after two epochs.
 #[test]

@@ -139,6 +139,13 @@ enum TrainCmd {
         /// Initial learning rate (default 1e-4).
         #[arg(long)]
         lr: Option<f64>,
+        /// Learning-rate schedule: cosine (per epoch, the bundle's; the default), constant, or
+        /// warmup-cosine (linear warm-up over --warmup-steps, then cosine, per step).
+        #[arg(long, value_parser = ["cosine", "constant", "warmup-cosine"])]
+        lr_schedule: Option<String>,
+        /// Warm-up steps of --lr-schedule warmup-cosine (default 5% of all steps).
+        #[arg(long)]
+        warmup_steps: Option<u32>,
         /// Random training crop X,Y,Z (default 224,224,144).
         #[arg(long)]
         crop: Option<String>,
@@ -361,6 +368,8 @@ async fn train(cmd: TrainCmd) -> anyhow::Result<()> {
             base_uri,
             epochs,
             lr,
+            lr_schedule,
+            warmup_steps,
             crop,
             val_roi,
             case_cache,
@@ -381,9 +390,18 @@ async fn train(cmd: TrainCmd) -> anyhow::Result<()> {
                 seed,
                 ..Default::default()
             };
-            if epochs.is_some() || lr.is_some() {
-                spec.hyperparameters =
-                    Some(pb::Hyperparameters { epochs: epochs.unwrap_or(0), learning_rate: lr, ..Default::default() });
+            if epochs.is_some() || lr.is_some() || lr_schedule.is_some() || warmup_steps.is_some() {
+                let schedule = lr_schedule.map(|s| {
+                    pb::LrSchedule::from_str_name(&format!("LR_SCHEDULE_{}", s.replace('-', "_").to_ascii_uppercase()))
+                        .expect("clap allows only cosine, constant and warmup-cosine")
+                });
+                spec.hyperparameters = Some(pb::Hyperparameters {
+                    epochs: epochs.unwrap_or(0),
+                    learning_rate: lr,
+                    lr_schedule: schedule.unwrap_or(pb::LrSchedule::Unspecified) as i32,
+                    warmup_steps,
+                    ..Default::default()
+                });
             }
             if let Some(c) = crop {
                 spec.data = Some(pb::TrainingData {
