@@ -291,39 +291,43 @@ fn launched_pid(message: &str) -> Option<i32> {
     pids.trim_end_matches(')').trim_end_matches(']').parse().ok()
 }
 
-/// Every event of a job that exists now (the stream of a running job does not end by itself).
-async fn events_so_far(client: &mut TrainerClient<Channel>, id: &str) -> Vec<pb::JobEvent> {
-    let last = get(client, id).await.last_sequence;
+/// Watches a job from event `from` until `done` holds for the events received so far, and
+/// returns them; panics if the stream ends first or `secs` pass (a running job's stream does not
+/// end by itself).
+async fn watch_until(
+    client: &mut TrainerClient<Channel>,
+    id: &str,
+    from: u64,
+    secs: u64,
+    mut done: impl FnMut(&[pb::JobEvent]) -> bool,
+) -> Vec<pb::JobEvent> {
     let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: 0 }).await.unwrap().into_inner();
+        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from }).await.unwrap().into_inner();
     let mut events = Vec::new();
     let collect = async {
         while let Some(e) = stream.message().await.unwrap() {
-            let seq = e.sequence;
             events.push(e);
-            if seq >= last {
+            if done(&events) {
                 return;
             }
         }
+        panic!("the events of job {id} ended before the awaited one");
     };
-    tokio::time::timeout(Duration::from_secs(30), collect).await.expect("the stored events did not arrive");
+    tokio::time::timeout(Duration::from_secs(secs), collect).await.expect("the awaited event did not come in time");
     events
+}
+
+/// Every event of a job that exists now.
+async fn events_so_far(client: &mut TrainerClient<Channel>, id: &str) -> Vec<pb::JobEvent> {
+    let last = get(client, id).await.last_sequence;
+    watch_until(client, id, 0, 30, |events| events.last().is_some_and(|e| e.sequence >= last)).await
 }
 
 /// Waits for the first training step reported at or after event `from`: the worker is past
 /// start-up and really training.
 async fn wait_step_after(client: &mut TrainerClient<Channel>, id: &str, from: u64) {
-    let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: from }).await.unwrap().into_inner();
-    let first_step = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            if matches!(e.event, Some(pb::job_event::Event::Step(_))) {
-                return;
-            }
-        }
-        panic!("job {id} ended before its first step");
-    };
-    tokio::time::timeout(Duration::from_secs(180), first_step).await.expect("no training step within 180 s");
+    let is_step = |events: &[pb::JobEvent]| matches!(events.last().unwrap().event, Some(pb::job_event::Event::Step(_)));
+    watch_until(client, id, from, 120, is_step).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,7 +716,9 @@ async fn a_restarted_trainer_resumes_its_jobs() {
     let a2 = wait_state(&t, &a.id, pb::JobState::Running, 60).await;
     assert_eq!(a2.resume_count, 1, "a job that was running counts a resume");
     assert_eq!(get(&mut client, &b.id).await.state(), pb::JobState::Queued, "B keeps waiting behind A");
-    let events = watch_all_until(&mut client, &a.id, pb::JobState::Running, 2).await;
+    let running_twice =
+        |events: &[pb::JobEvent]| state_changes(events).iter().filter(|s| **s == pb::JobState::Running).count() >= 2;
+    let events = watch_until(&mut client, &a.id, 0, 30, running_twice).await;
     assert!(
         events.iter().any(|e| matches!(&e.event,
             Some(pb::job_event::Event::Log(l)) if l.message == "trainer restarted; resuming from the last checkpoint")),
@@ -742,29 +748,6 @@ async fn a_restarted_trainer_resumes_its_jobs() {
     wait_state(&t, &a.id, pb::JobState::Cancelled, 30).await;
     wait_state(&t, &b.id, pb::JobState::Running, 60).await;
     t.stop();
-}
-
-/// Watches from 0 until the job has entered `state` `times` times (the stream of a running job
-/// does not end by itself).
-async fn watch_all_until(
-    client: &mut TrainerClient<Channel>,
-    id: &str,
-    state: pb::JobState,
-    times: usize,
-) -> Vec<pb::JobEvent> {
-    let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: id.into(), from_sequence: 0 }).await.unwrap().into_inner();
-    let mut events = Vec::new();
-    let collect = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            events.push(e);
-            if state_changes(&events).iter().filter(|s| **s == state).count() >= times {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), collect).await.expect("the job did not get there");
-    events
 }
 
 /// The real worker for the training tests: `BRATS_TEST_TRAINER_WORKER` when set, else the
@@ -826,16 +809,7 @@ async fn a_job_trains_on_the_cpu_and_registers_a_model_that_learned() {
     // Cancelling a training job: the worker stops at the next step boundary (exit 3), well
     // within the grace period, and the job is CANCELLED.
     let long = client.start_job(start_req(training_spec(&datalist, 50))).await.unwrap().into_inner();
-    let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: long.id.clone(), from_sequence: 0 }).await.unwrap().into_inner();
-    let first_step = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            if matches!(e.event, Some(pb::job_event::Event::Step(_))) {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), first_step).await.expect("no step");
+    wait_step_after(&mut client, &long.id, 0).await;
     client.cancel_job(pb::CancelJobRequest { job_id: long.id.clone(), reason: "enough".into() }).await.unwrap();
     let cancelled = wait_state(&t, &long.id, pb::JobState::Cancelled, 60).await;
     assert_eq!(cancelled.failure_reason, "enough");
@@ -855,18 +829,7 @@ async fn a_trainer_killed_mid_training_resumes_losing_at_most_one_epoch() {
     let job = client.start_job(start_req(training_spec(&datalist, 6))).await.unwrap().into_inner();
 
     // Watch until two epochs are done, noting the worker's pid, then SIGKILL the trainer.
-    let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: job.id.clone(), from_sequence: 0 }).await.unwrap().into_inner();
-    let mut before = Vec::new();
-    let follow = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            before.push(e);
-            if epochs_of(&before).len() >= 2 {
-                return;
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(300), follow).await.expect("two epochs did not finish");
+    let before = watch_until(&mut client, &job.id, 0, 300, |events| epochs_of(events).len() >= 2).await;
     let pid = *worker_pids(&before).first().expect("the worker's pid in the log");
     t.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
