@@ -2,7 +2,7 @@
 # Both bootstrap the native dependencies (.deps/, see scripts/bootstrap.sh) when missing.
 CARGO ?= cargo
 
-.PHONY: all bootstrap build demo test lint fmt bench clean-deps
+.PHONY: all bootstrap build demo test lint fmt bench bench-preprocess bench-inference bench-trainer clean-deps
 
 all: build
 
@@ -26,8 +26,17 @@ lint: bootstrap
 fmt:
 	$(CARGO) fmt --all
 
-bench: bootstrap
+# Each benchmark runs ours and MONAI side by side (benchmarks/README.md); `bench` runs all three.
+bench: bench-preprocess bench-inference bench-trainer
+
+bench-preprocess: bootstrap
 	bash benchmarks/run.sh
+
+bench-inference: bootstrap
+	bash benchmarks/inference/run.sh compare
+
+bench-trainer: bootstrap
+	bash benchmarks/trainer/run.sh
 
 clean-deps:
 	rm -rf .deps

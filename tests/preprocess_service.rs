@@ -80,6 +80,35 @@ async fn case_through_local_store_is_exact_and_reused() {
     svc.stop().await.unwrap();
 }
 
+/// `seed` is optional: 0 is honoured as a seed, and an unset seed is the case's own
+/// (`pipeline::case_seed`, as PreprocessDataset seeds it), not silently 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unset_seed_is_the_case_seed_and_zero_is_a_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (images, label) = synth_case(&dir.path().join("in"), "sd", SHAPE, 13);
+    let svc = Service::start(config(&file_uri(&dir.path().join("store")))).await;
+    let mut client = svc.client().await;
+    let random_crop = pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![16, 16, 16], foreground_multiple: 0 };
+    let stores = Stores::new(Default::default());
+    let mut image_for = async |seed: Option<u64>| {
+        let req = pb::PreprocessCaseRequest { crop: Some(random_crop.clone()), seed, ..request(&images, &label, "sd") };
+        let resp = client.preprocess_case(req).await.unwrap().into_inner();
+        CaseTensors::from_bytes(&stores.get(&StoreUri::parse(&resp.tensors_uri).unwrap()).await.unwrap(), "t")
+            .unwrap()
+            .image
+    };
+    let unset = image_for(None).await;
+    let zero = image_for(Some(0)).await;
+    assert_eq!(unset, image_for(Some(pipeline::case_seed("sd"))).await, "unset seed is the case seed");
+    assert_ne!(unset, zero, "seed 0 is a seed of its own, not 'unset'");
+
+    let read = |p: &Path| InputFile { name: p.display().to_string(), bytes: std::fs::read(p).unwrap().into() };
+    let imgs: Vec<_> = images.iter().map(|p| read(p)).collect();
+    let options = Options { crop: pipeline::CropMode::Random, crop_size: [16, 16, 16], seed: 0, ..Options::default() };
+    let offline = pipeline::preprocess(&imgs, Some(&read(&label)), &options, &ReadLimits::default()).unwrap().0;
+    assert_eq!(zero, offline.image, "seed 0 draws as the offline pipeline with seed 0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn case_through_s3_store() {
     let moto = Moto::start("brats").await;
@@ -346,22 +375,18 @@ async fn health_reflection_metrics_backpressure_and_graceful_shutdown() {
         .status();
     assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving);
 
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::{
-        ServerReflectionRequest, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let mut refl = ServerReflectionClient::new(channel.clone());
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
-    let msg = resp.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
-        panic!("unexpected reflection answer")
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.clone()).collect();
-    assert!(names.contains(&"brats.v1.Preprocessor".to_string()), "{names:?}");
+    // Reflection in both protocol versions lists exactly what this server serves, and resolves
+    // the service's symbols (older grpcurl, Postman and several SDKs speak only v1alpha).
+    let served = [
+        "brats.v1.Preprocessor",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ];
+    let (v1, v1alpha) = reflection_services(channel.clone()).await;
+    assert_eq!(v1, served, "grpc.reflection.v1 ListServices");
+    assert_eq!(v1alpha, served, "grpc.reflection.v1alpha ListServices");
+    assert!(reflection_v1alpha_resolves(channel.clone(), "brats.v1.Preprocessor").await);
 
     // One slot, no queue: while a case runs, a second request is refused, not queued unbounded.
     let client = svc.client().await;
@@ -397,4 +422,55 @@ async fn health_reflection_metrics_backpressure_and_graceful_shutdown() {
     let url = svc.url();
     svc.stop().await.unwrap();
     assert!(brats_proto::v1::preprocessor_client::PreprocessorClient::connect(url).await.is_err());
+}
+
+/// The sorted service names a server lists through `grpc.reflection.v1` and `v1alpha`.
+async fn reflection_services(channel: tonic::transport::Channel) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let mut resp = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected v1 reflection answer")
+    };
+    let mut v1_names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    v1_names.sort();
+
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut resp = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("unexpected v1alpha reflection answer")
+    };
+    let mut v1alpha_names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    v1alpha_names.sort();
+    (v1_names, v1alpha_names)
+}
+
+/// Whether `grpc.reflection.v1alpha` answers `FileContainingSymbol(symbol)` with descriptors.
+async fn reflection_v1alpha_resolves(channel: tonic::transport::Channel, symbol: &str) -> bool {
+    use tonic_reflection::pb::v1alpha;
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            symbol.to_string(),
+        )),
+    };
+    let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut resp = client.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    matches!(
+        resp.message().await.unwrap().unwrap().message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(f))
+            if !f.file_descriptor_proto.is_empty()
+    )
 }

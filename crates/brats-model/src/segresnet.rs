@@ -9,7 +9,14 @@ use crate::error::{ConfigError, InputShapeError};
 
 fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, bias: bool) -> nn::Conv3D {
     // MONAI's get_conv_layer → Convolution(conv_only=True): the conv sits under `.conv`.
-    nn::conv3d(p / "conv", c_in, c_out, k, nn::ConvConfig { stride, padding: (k - 1) / 2, bias, ..Default::default() })
+    // Drawn as torch's `Conv3d.reset_parameters` draws them, which MONAI keeps: weights by
+    // `kaiming_uniform_(a=√5)` = U(±1/√fan_in), biases U(±1/√fan_in). tch's own default
+    // (Kaiming-uniform with the ReLU gain, zero bias) starts ~2.4× larger and saturates the final
+    // 1×1×1 convolution's logits.
+    let bound = 1.0 / ((c_in * k * k * k) as f64).sqrt();
+    let init = nn::Init::Uniform { lo: -bound, up: bound };
+    let config = nn::ConvConfig { stride, padding: (k - 1) / 2, bias, ws_init: init, bs_init: init, ..Default::default() };
+    nn::conv3d(p / "conv", c_in, c_out, k, config)
 }
 
 fn group_norm(p: nn::Path, cfg: &SegResNetConfig, c: i64) -> nn::GroupNorm {
@@ -71,7 +78,8 @@ pub struct SegResNet {
 
 impl SegResNet {
     /// Creates the network's variables under `root` (normally `vs.root()`), initialised as
-    /// PyTorch initialises them (Kaiming-uniform convolutions, GroupNorm weight 1 and bias 0).
+    /// PyTorch (and so MONAI) initialises them: convolution weights and biases U(±1/√fan_in),
+    /// GroupNorm weight 1 and bias 0 (checked against MONAI by `tests/init.rs`).
     pub fn new(root: &nn::Path, config: &SegResNetConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let cfg = config;

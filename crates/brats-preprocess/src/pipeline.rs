@@ -71,6 +71,15 @@ pub struct Options {
     pub affine_tolerance: f64,
 }
 
+/// The seed a case draws from when its request gives none: the first 8 bytes (little-endian) of
+/// SHA-256 of its id. Every case of a dataset then draws differently but reproducibly, and a case
+/// preprocessed alone draws as it does in its dataset.
+pub fn case_seed(case_id: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(case_id.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"))
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {

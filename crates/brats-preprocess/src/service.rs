@@ -284,7 +284,8 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                 .collect::<Result<Vec<_>, _>>()?;
             let label = if req.label_uri.is_empty() { None } else { Some(parse_uri("label_uri", &req.label_uri)?) };
             let output = if req.output_uri.is_empty() { None } else { Some(parse_uri("output_uri", &req.output_uri)?) };
-            let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), req.seed)?;
+            let seed = req.seed.unwrap_or_else(|| crate::pipeline::case_seed(&case_id));
+            let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), seed)?;
             let job = CaseJob { case_id: case_id.clone(), images, label, options, output, force: req.force };
             let out = self.run_in_slot(job, &self.root).await?;
             info!(reused = out.reused, seconds = started.elapsed().as_secs_f64(), "case done");

@@ -121,7 +121,7 @@ impl<S: NamedService> GrpcServer<S> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let health = ServiceHealth { reporter, service: S::NAME };
         health.reporter.set_service_status(S::NAME, initial).await;
-        let reflection = crate::reflection().map_err(ServerError::Reflection)?;
+        let (reflection_v1, reflection_v1alpha) = crate::reflection(S::NAME).map_err(ServerError::Reflection)?;
 
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -132,7 +132,8 @@ impl<S: NamedService> GrpcServer<S> {
         let router = tonic::transport::Server::builder()
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health_service)
-            .add_service(reflection);
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
         Ok(Self { listener, addr, health, router, service: PhantomData })
     }
 

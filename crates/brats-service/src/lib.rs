@@ -58,15 +58,40 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Server reflection over the platform's contract and `grpc.health.v1`.
-pub fn reflection() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+/// The services a reflection client is told a server serves besides its own: health and the
+/// two reflection protocol versions.
+const SHELL_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Server reflection for a server that serves `service` (a fully qualified name such as
+/// `brats.v1.Inference`), in both protocol versions: `grpc.reflection.v1` and the older
+/// `v1alpha` that older grpcurl, Postman and several language SDKs still speak. Both describe
+/// the whole contract (so any message type resolves) but list only the services this server
+/// answers: `service`, health and reflection. Returns the v1 and the v1alpha service.
+pub fn reflection(
+    service: &str,
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let builder = || {
+        SHELL_SERVICES.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(brats_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name(service),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
 /// Serves `registry` as Prometheus text on `http://<listen>/metrics` in the background; an
