@@ -57,3 +57,31 @@ async fn main() -> std::process::ExitCode {
     };
     brats_cli::exit_with(result, 2)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command's flags are well-formed and unique, the flattened training flags included.
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// `train start` takes the shared training flags, `--devices` in either spelling.
+    #[test]
+    fn train_start_takes_the_shared_flags() {
+        let cli = Cli::try_parse_from([
+            "bratsctl", "train", "start", "--datalist", "/d.json", "--devices", "0,1", "--batch-size", "2", "--no-amp",
+            "--promote",
+        ])
+        .unwrap();
+        let Cmd::Train { command: train::TrainCmd::Start { job, promote, .. } } = cli.command else {
+            panic!("not train start")
+        };
+        let spec = job.to_spec().unwrap();
+        assert_eq!(spec.devices, ["cuda:0", "cuda:1"]);
+        assert_eq!((spec.hyperparameters.unwrap().batch_size, spec.amp, promote), (2, Some(false), true));
+    }
+}
