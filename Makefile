@@ -21,6 +21,7 @@ test: bootstrap
 
 lint: bootstrap
 	$(CARGO) fmt --all -- --check
+	bash scripts/check-deps.sh
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:

@@ -26,28 +26,6 @@ fn trainer_exe() -> PathBuf {
     .clone()
 }
 
-/// The `bratsctl` binary, built by [`workspace_exe`].
-fn bratsctl_exe() -> PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| workspace_exe("bratsctl")).clone()
-}
-
-/// The binary of the workspace package `name` (its binary has the same name), built next to
-/// this test's target folder: `cargo test` builds no binary of another package, so this asks
-/// cargo once per binary and test run.
-fn workspace_exe(name: &str) -> PathBuf {
-    // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
-    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().unwrap_or_else(|e| panic!("run cargo build for the {name} binary: {e}"));
-    assert!(status.success(), "cargo build -p {name} failed");
-    profile_dir.join(name)
-}
-
 /// A `brats-trainer serve` process on loopback; SIGKILLed when dropped.
 struct Trainer {
     child: Child,

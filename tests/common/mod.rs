@@ -23,8 +23,9 @@ impl Drop for Moto {
     }
 }
 
+/// A free loopback port (brats-cli's), or a panic: a test cannot run without one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    brats_cli::free_port().expect("a free loopback port")
 }
 
 impl Moto {
@@ -162,4 +163,26 @@ pub fn list_files(dir: &Path) -> Vec<String> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// The `bratsctl` binary, built by [`workspace_exe`].
+pub fn bratsctl_exe() -> PathBuf {
+    static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| workspace_exe("bratsctl")).clone()
+}
+
+/// The binary of the workspace package `name` (its binary has the same name), built next to
+/// this test's target folder: `cargo test` builds no binary of another package, so this asks
+/// cargo once per binary and test run.
+pub fn workspace_exe(name: &str) -> PathBuf {
+    // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
+    let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("run cargo build for the {name} binary: {e}"));
+    assert!(status.success(), "cargo build -p {name} failed");
+    profile_dir.join(name)
 }

@@ -3,7 +3,8 @@
 //! - [`pipeline`]: the one code path (decode, validate, normalise, label channels, crop,
 //!   augment) shared by the CLI, the service and the benchmarks.
 //! - [`transforms`]: MONAI's transforms as small units with one documented behaviour each.
-//! - [`synthetic`]: the deterministic generator of BraTS-like cases.
+//! - [`synthetic`]: the deterministic generator of BraTS-like cases (the `brats-synthetic`
+//!   crate, re-exported under its old path).
 //! - [`jobs`]: one case between object stores, with reuse of earlier results.
 //! - [`service`] and [`server`]: the gRPC `Preprocessor` service with health, reflection,
 //!   metrics and graceful shutdown; [`config`] its configuration.
@@ -13,5 +14,5 @@ pub mod jobs;
 pub mod pipeline;
 pub mod server;
 pub mod service;
-pub mod synthetic;
+pub use brats_synthetic as synthetic;
 pub mod transforms;

@@ -36,7 +36,7 @@ enum Command {
         #[arg(long, default_value = "none")]
         crop: String,
         /// Crop size X,Y,Z for center and random crops.
-        #[arg(long, default_value = "224,224,144", value_parser = parse_triple)]
+        #[arg(long, default_value = "224,224,144", value_parser = brats_cli::parse_xyz::<usize>)]
         crop_size: [usize; 3],
         /// Seed of the random crop, flips and intensity draws.
         #[arg(long, default_value_t = 0)]
@@ -75,7 +75,7 @@ enum Command {
     /// Write deterministic synthetic BraTS-like cases as .nii.gz files.
     Synth {
         /// Volume shape X,Y,Z.
-        #[arg(long, default_value = "240,240,155", value_parser = parse_triple)]
+        #[arg(long, default_value = "240,240,155", value_parser = brats_cli::parse_xyz::<usize>)]
         shape: [usize; 3],
         /// Seed of the first case (case i uses seed + i).
         #[arg(long, default_value_t = 0)]
@@ -91,14 +91,6 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-fn parse_triple(s: &str) -> Result<[usize; 3], String> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|p| p.trim().parse::<usize>().map_err(|_| format!("'{s}': expected three integers X,Y,Z")))
-        .collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| format!("'{s}': expected three integers X,Y,Z"))
 }
 
 fn main() -> ExitCode {

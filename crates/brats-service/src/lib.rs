@@ -205,12 +205,5 @@ pub fn init_logging(default_filter: &str, json: bool) {
 /// stderr (the cause chain, outermost first) and exit code 2.
 pub fn run_main<F: std::future::Future<Output = anyhow::Result<()>>>(main: F) -> std::process::ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match rt.block_on(main) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
-            std::process::ExitCode::from(2)
-        }
-    }
+    brats_cli::exit_with(rt.block_on(main), 2)
 }

@@ -22,68 +22,20 @@ use clap::Args;
 /// Exit code of a worker that stopped because it was cancelled.
 pub const EXIT_CANCELLED: u8 = 3;
 
-/// Arguments of `brats-trainer train`.
+/// Arguments of `brats-trainer train`: the shared training flags plus what only an offline
+/// run has.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// MONAI decathlon datalist JSON (path or URI).
-    #[arg(long)]
-    datalist: String,
-    /// Folder (or URI) that relative datalist paths are resolved against; default the
-    /// datalist's folder.
-    #[arg(long)]
-    base_dir: Option<String>,
-    /// Epochs (default 300, the bundle's).
-    #[arg(long)]
-    epochs: Option<u32>,
-    /// Initial learning rate (default 1e-4).
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Learning-rate schedule: cosine (per epoch, the bundle's), constant, or warmup-cosine
-    /// (linear warm-up over --warmup-steps, then cosine, per step: MONAI's WarmupCosineSchedule).
-    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant", "warmup-cosine"])]
-    lr_schedule: String,
-    /// Warm-up steps of --lr-schedule warmup-cosine (default 5% of all steps).
-    #[arg(long)]
-    warmup_steps: Option<u32>,
-    /// Training crop X,Y,Z (default 224,224,144).
-    #[arg(long)]
-    crop: Option<String>,
-    /// Validation sliding-window roi X,Y,Z (default 240,240,160).
-    #[arg(long)]
-    val_roi: Option<String>,
-    /// "cpu" or CUDA device indices "0,1,…" (default: every CUDA device, else cpu).
-    #[arg(long)]
-    devices: Option<String>,
-    /// Seed (default 0).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// The job: every flag `bratsctl train start` takes too, with the same meaning. The seed
+    /// defaults to 0 here (a service job without one gets a drawn seed).
+    #[command(flatten)]
+    job: brats_cli::JobSpecArgs,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
-    /// Samples per step per device (default 1).
-    #[arg(long)]
-    batch_size: Option<u32>,
-    /// Validate every N epochs (default 1).
-    #[arg(long)]
-    val_interval: Option<u32>,
-    /// Limit steps per epoch (smoke tests; default no limit).
-    #[arg(long, default_value_t = 0)]
-    max_steps_per_epoch: u32,
-    /// SegResNet configuration as JSON with MONAI's names, e.g. '{"init_filters": 8}'.
-    #[arg(long)]
-    model: Option<String>,
-    /// Disable mixed precision on CUDA.
-    #[arg(long)]
-    no_amp: bool,
-    /// Loader threads per device (default 2 on CPU, 4 on CUDA).
-    #[arg(long, default_value_t = 0)]
-    loader_workers: u32,
-    /// How workers hold the preprocessed cases: auto (in memory when they fit, else streamed),
-    /// memory, or stream (read from the store for every sample).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "memory", "stream"])]
-    case_cache: String,
     /// Continue from this training checkpoint (e.g. DIR/checkpoints/latest.safetensors of an
     /// earlier run); a run whose --out already holds a checkpoint resumes from it by itself.
+    /// Offline only: a service job resumes with `bratsctl train resume JOB`.
     #[arg(long)]
     resume_from: Option<String>,
     /// Print every step (default: a line per epoch and a progress line every 10 s).
@@ -91,95 +43,11 @@ pub struct TrainArgs {
     verbose: bool,
 }
 
-fn triple(field: &str, s: &str) -> anyhow::Result<Vec<u32>> {
-    let v: Vec<u32> = s
-        .split(',')
-        .map(|p| p.trim().parse::<u32>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("{field}: '{s}' is not three integers X,Y,Z"))?;
-    if v.len() != 3 {
-        bail!("{field}: '{s}' is not three integers X,Y,Z");
-    }
-    Ok(v)
-}
-
-fn uri_of(s: &str) -> anyhow::Result<String> {
-    if s.contains("://") || s.starts_with("file:") {
-        return Ok(s.to_string());
-    }
-    let p = std::path::absolute(s).with_context(|| format!("resolving {s}"))?;
-    Ok(format!("file://{}", p.display()))
-}
-
 /// The spec the offline flags describe (validated by the same code as StartJob).
 fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
-    let model = match &a.model {
-        None => None,
-        Some(json) => {
-            let c: brats_model::SegResNetConfig = serde_json::from_str(json).context("--model")?;
-            Some(pb::SegResNetSpec {
-                blocks_down: c.blocks_down.iter().map(|&b| b as u32).collect(),
-                blocks_up: c.blocks_up.iter().map(|&b| b as u32).collect(),
-                init_filters: Some(c.init_filters as u32),
-                in_channels: Some(c.in_channels as u32),
-                out_channels: Some(c.out_channels as u32),
-                dropout_prob: Some(c.dropout_prob.unwrap_or(0.0) as f32),
-            })
-        }
-    };
-    let devices = match a.devices.as_deref() {
-        None => Vec::new(),
-        Some(d) if d.trim().eq_ignore_ascii_case("cpu") => vec!["cpu".to_string()],
-        Some(d) => d.split(',').map(|i| format!("cuda:{}", i.trim().trim_start_matches("cuda:"))).collect(),
-    };
-    Ok(pb::JobSpec {
-        datalist_uri: uri_of(&a.datalist)?,
-        base_uri: a.base_dir.as_deref().map(uri_of).transpose()?.unwrap_or_default(),
-        hyperparameters: Some(pb::Hyperparameters {
-            epochs: a.epochs.unwrap_or(0),
-            batch_size: a.batch_size.unwrap_or(0),
-            learning_rate: a.lr,
-            lr_schedule: match a.lr_schedule.as_str() {
-                "constant" => pb::LrSchedule::Constant,
-                "warmup-cosine" => pb::LrSchedule::WarmupCosine,
-                _ => pb::LrSchedule::Cosine,
-            } as i32,
-            warmup_steps: a.warmup_steps,
-            ..Default::default()
-        }),
-        data: Some(pb::TrainingData {
-            crop: match &a.crop {
-                None => None,
-                Some(c) => Some(pb::CropSpec {
-                    mode: pb::CropMode::Random as i32,
-                    size: triple("--crop", c)?,
-                    ..Default::default()
-                }),
-            },
-            loader_workers: a.loader_workers,
-            max_steps_per_epoch: a.max_steps_per_epoch,
-            case_cache: match a.case_cache.as_str() {
-                "memory" => pb::CaseCache::Memory,
-                "stream" => pb::CaseCache::Stream,
-                _ => pb::CaseCache::Auto,
-            } as i32,
-            ..Default::default()
-        }),
-        validation: Some(pb::ValidationSpec {
-            interval_epochs: a.val_interval.unwrap_or(0),
-            sliding_window: match &a.val_roi {
-                None => None,
-                Some(r) => Some(pb::SlidingWindowSpec { roi_size: triple("--val-roi", r)?, ..Default::default() }),
-            },
-            max_cases: 0,
-        }),
-        amp: Some(!a.no_amp),
-        devices,
-        seed: Some(a.seed),
-        model,
-        resume_from: a.resume_from.as_deref().map(uri_of).transpose()?.unwrap_or_default(),
-        ..Default::default()
-    })
+    let mut spec = a.job.to_spec()?;
+    spec.resume_from = a.resume_from.as_deref().map(brats_cli::to_uri).transpose()?.unwrap_or_default();
+    Ok(spec)
 }
 
 /// Every CUDA device, or the CPU when there is none.
@@ -242,7 +110,8 @@ fn cancel_flag(watch_stdin: bool) -> Arc<AtomicBool> {
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let dist_env = DistEnv::from_env().context("torchrun-style environment")?;
     let spec = spec_of(&args)?;
-    let config = spec::resolve(&spec, args.seed, &available_devices()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config =
+        spec::resolve(&spec, spec.seed.unwrap_or(0), &available_devices()).map_err(|e| anyhow::anyhow!("{e}"))?;
     for d in &config.devices {
         if let Device::Cuda(i) = d
             && *i as i64 >= tch::Cuda::device_count()
@@ -263,7 +132,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let rt = runtime()?;
     let stores = Arc::new(Stores::new(StoreConfig::default()));
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let out = StoreUri::parse(&uri_of(&args.out.to_string_lossy())?)?;
+    let out = StoreUri::parse(&brats_cli::to_uri(&args.out.to_string_lossy())?)?;
     let group = process_group(dist_env.as_ref(), device)?;
     let lead = rank == 0;
 
@@ -456,8 +325,7 @@ pub fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
             ExitCode::from(EXIT_CANCELLED)
         }
         Err(e) => {
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
+            eprintln!("{}", brats_cli::error_line(&e));
             ExitCode::from(1)
         }
     }
@@ -586,7 +454,7 @@ pub struct BenchStepArgs {
 pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
     use brats_trainer::loss::DiceLoss;
     use brats_trainer::optim::{Adam, AdamConfig, GradScaler, GradScalerConfig};
-    let crop: Vec<i64> = triple("--crop", &a.crop)?.into_iter().map(i64::from).collect();
+    let crop: Vec<i64> = brats_cli::parse_xyz::<u32>(&a.crop).context("--crop")?.into_iter().map(i64::from).collect();
     let device = Device::parse(&a.device).with_context(|| format!("--device '{}'", a.device))?;
     if a.threads > 0 {
         tch::set_num_threads(a.threads);
@@ -671,14 +539,8 @@ pub fn synth_dataset(
     validation: usize,
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
-    let s = triple("--shape", shape)?;
-    let path = brats_preprocess::synthetic::write_dataset(
-        out,
-        [s[0] as usize, s[1] as usize, s[2] as usize],
-        seed,
-        training,
-        validation,
-    )?;
+    let shape = brats_cli::parse_xyz::<usize>(shape).context("--shape")?;
+    let path = brats_preprocess::synthetic::write_dataset(out, shape, seed, training, validation)?;
     println!("{}", path.display());
     Ok(())
 }

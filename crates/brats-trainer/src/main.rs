@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! brats-trainer train --datalist DATALIST.json [--base-dir DIR] [--epochs N] [--lr LR] [--crop X,Y,Z]
-//!                     [--val-roi X,Y,Z] [--devices cpu|0,1,…] [--seed N] --out DIR
+//!                     [--val-roi X,Y,Z] [--devices cpu|cuda:0,cuda:1,…] [--seed N] --out DIR
 //! brats-trainer serve [--config trainer.toml]
 //! brats-trainer import-monai --checkpoint IN.pt|IN.safetensors --out WEIGHTS.safetensors
 //! brats-trainer export-onnx --weights WEIGHTS.safetensors --out MODEL.onnx [--fp16]
@@ -168,14 +168,7 @@ fn main() -> ExitCode {
 }
 
 fn exit_code(r: anyhow::Result<()>) -> ExitCode {
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
-            ExitCode::from(2)
-        }
-    }
+    brats_cli::exit_with(r, 2)
 }
 
 fn tools(command: Command) -> anyhow::Result<()> {

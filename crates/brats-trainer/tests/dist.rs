@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ fn child_rank() -> Option<usize> {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    brats_cli::free_port().expect("a free loopback port")
 }
 
 struct Rank {

@@ -5,10 +5,15 @@
 //! enhancing rim (4) around a necrotic core (1), BraTS 2018 codes — whose position, radii and
 //! lobulation come from the seed. Each modality has its own contrast for each tissue, plus
 //! Gaussian noise. The affine is RAS at 1 mm with the origin at the volume centre. The same
-//! seed and shape give bit-identical volumes on every machine and thread count.
+//! seed and shape give bit-identical volumes on every machine and thread count (the MONAI
+//! parity fixtures and the trainer's tests depend on it: change nothing that moves a draw).
+//!
+//! A crate of its own, over `brats-volume` alone, so the client's demo can generate data
+//! without the preprocessing library or the S3 client; `brats_preprocess::synthetic`
+//! re-exports it.
 
-use brats_core::error::Result;
-use brats_core::nifti_io::write_nifti;
+use brats_volume::error::Result;
+use brats_volume::nifti_io::write_nifti;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
@@ -155,12 +160,12 @@ pub struct CaseFiles {
 /// Writes a case as BraTS-style `.nii.gz` files `<dir>/<case_id>-{t1c,t1n,t2w,t2f,seg}.nii.gz`
 /// (float32 images, uint8 label, gzip level 6).
 pub fn write_case(case: &SyntheticCase, dir: &Path, case_id: &str) -> Result<CaseFiles> {
-    std::fs::create_dir_all(dir).map_err(|e| brats_core::CoreError::Internal(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(|e| brats_volume::CoreError::Internal(format!("{}: {e}", dir.display())))?;
     let names = ["t1c", "t1n", "t2w", "t2f"];
     let images: [PathBuf; 4] = std::array::from_fn(|i| dir.join(format!("{case_id}-{}.nii.gz", names[i])));
     let label = dir.join(format!("{case_id}-seg.nii.gz"));
     let write = |path: &Path, bytes: Vec<u8>| {
-        std::fs::write(path, bytes).map_err(|e| brats_core::CoreError::Internal(format!("{}: {e}", path.display())))
+        std::fs::write(path, bytes).map_err(|e| brats_volume::CoreError::Internal(format!("{}: {e}", path.display())))
     };
     let encoded: Vec<Result<Vec<u8>>> =
         case.modalities.par_iter().map(|m| write_nifti(m, case.shape, &case.affine, None, Some(6))).collect();
@@ -189,7 +194,7 @@ pub fn write_dataset(dir: &Path, shape: [usize; 3], seed: u64, training: usize, 
     let [train, val] = sections;
     let path = dir.join("datalist.json");
     let body = serde_json::to_vec_pretty(&serde_json::json!({"training": train, "validation": val})).expect("json");
-    std::fs::write(&path, body).map_err(|e| brats_core::CoreError::Internal(format!("{}: {e}", path.display())))?;
+    std::fs::write(&path, body).map_err(|e| brats_volume::CoreError::Internal(format!("{}: {e}", path.display())))?;
     Ok(path)
 }
 
