@@ -9,7 +9,7 @@
 use brats_core::nifti_io::ReadLimits;
 use brats_inference::runtime::{SegmentationModel, SessionOptions, default_library};
 use brats_inference::segment::segment;
-use brats_inference::window::{Blend, SlidingWindow};
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;

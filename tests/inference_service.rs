@@ -5,7 +5,7 @@
 mod common;
 
 use brats_inference::config::InferenceConfig;
-use brats_inference::registry::Registry;
+use brats_artifacts::registry::Registry;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
@@ -186,7 +186,7 @@ fn in_process(onnx: &[u8], images: &[PathBuf]) -> brats_inference::segment::Segm
             bytes: std::fs::read(p).unwrap().into(),
         })
         .collect();
-    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
+    let window = brats_artifacts::window::SlidingWindow { roi: ROI, ..Default::default() };
     brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap()
 }
 
