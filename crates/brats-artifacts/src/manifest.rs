@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use brats_core::error::{CoreError, Result};
 use brats_core::StoreUri;
+use brats_core::error::{CoreError, Result};
 use serde::{Deserialize, Serialize};
 
 /// File name of a manifest inside its dataset folder.
@@ -41,8 +41,7 @@ pub struct Manifest {
 impl Manifest {
     /// Parses manifest bytes (`source` names the file in the error).
     pub fn from_slice(bytes: &[u8], source: &str) -> Result<Self> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| CoreError::invalid(format!("{source}: not a dataset manifest ({e})")))
+        serde_json::from_slice(bytes).map_err(|e| CoreError::invalid(format!("{source}: not a dataset manifest ({e})")))
     }
 
     /// The manifest as stored (pretty JSON).

@@ -190,9 +190,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 impl ModelMetadata {
     /// Parses `metadata.json` bytes (`source` names the file in the error).
     pub fn from_slice(bytes: &[u8], source: &str) -> brats_core::error::Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            brats_core::CoreError::invalid(format!("{source}: not a {SCHEMA} metadata.json ({e})"))
-        })
+        serde_json::from_slice(bytes)
+            .map_err(|e| brats_core::CoreError::invalid(format!("{source}: not a {SCHEMA} metadata.json ({e})")))
     }
 
     /// The architecture from `network_def.config`, if it parses.

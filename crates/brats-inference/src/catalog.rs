@@ -105,7 +105,12 @@ pub(crate) fn metadata_pb(m: &ModelMetadata) -> pb::ModelMetadata {
         input_channels: INPUT_CHANNELS.iter().map(|s| s.to_string()).collect(),
         output_channels: OUTPUT_CHANNELS.iter().map(|s| s.to_string()).collect(),
         roi_size: m.sliding_window().map(|w| w.roi_size.to_vec()).unwrap_or_default(),
-        validation_dice: provenance.validation_dice.map(|d| pb::DiceScores { tc: d.tc, wt: d.wt, et: d.et, mean: d.mean }),
+        validation_dice: provenance.validation_dice.map(|d| pb::DiceScores {
+            tc: d.tc,
+            wt: d.wt,
+            et: d.et,
+            mean: d.mean,
+        }),
         weights_sha256: m.weights.sha256.clone(),
         onnx_sha256: m.onnx.sha256.clone(),
         architecture: m.architecture().map(|a| pb::SegResNetSpec {

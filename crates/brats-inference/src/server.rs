@@ -4,8 +4,8 @@
 use crate::config::InferenceConfig;
 use crate::runtime::{Provider, SessionOptions};
 use crate::service::{InferenceService, Metrics, ServiceSettings};
-use brats_artifacts::window::{Blend, SlidingWindow};
 use anyhow::Context;
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1::inference_server::InferenceServer;
 use brats_service::{Drain, GrpcServer, ServingStatus};

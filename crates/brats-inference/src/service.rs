@@ -4,8 +4,8 @@
 
 use crate::models::{LoadedModel, ModelManager};
 use crate::runtime::{Provider, SessionOptions};
-use brats_artifacts::registry::Registry;
 use crate::segment::{SegmentError, Segmentation, infer_preprocessed, segment_cancellable};
+use brats_artifacts::registry::Registry;
 use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
@@ -17,8 +17,8 @@ use bytes::Bytes;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};

@@ -133,7 +133,12 @@ impl DatasetPlan {
     }
 
     /// Runs the cases, `parallel` at a time, each through `run_case(job, output_root)`.
-    pub fn run<E, F, Fut>(self, stores: Arc<Stores>, parallel: usize, run_case: F) -> impl Stream<Item = DatasetEvent<E>>
+    pub fn run<E, F, Fut>(
+        self,
+        stores: Arc<Stores>,
+        parallel: usize,
+        run_case: F,
+    ) -> impl Stream<Item = DatasetEvent<E>>
     where
         F: Fn(CaseJob, StoreUri) -> Fut,
         Fut: Future<Output = Result<CaseOutput, E>>,
