@@ -540,7 +540,7 @@ async fn get_model_returns_every_metadata_field_the_trainer_writes() {
     assert_eq!(m.validation_dice, Some(pb::DiceScores { tc: 0.61, wt: 0.82, et: 0.55, mean: 0.66 }));
     assert_eq!(m.weights_sha256, "ab".repeat(32));
     assert_eq!(m.onnx_sha256, metadata.onnx.sha256);
-    let arch = m.architecture.expect("architecture");
+    let arch = m.architecture.clone().expect("architecture");
     assert_eq!((arch.blocks_down, arch.blocks_up), (vec![1, 2, 2, 4], vec![1, 1, 1]));
     assert_eq!((arch.init_filters, arch.in_channels, arch.out_channels), (Some(8), Some(4), Some(3)));
     assert_eq!(arch.dropout_prob, Some(0.2));
@@ -548,14 +548,8 @@ async fn get_model_returns_every_metadata_field_the_trainer_writes() {
     assert_eq!(m.pipeline_version, "brats-preprocess/1");
     assert_eq!(m.label_convention(), pb::LabelConvention::Brats2023);
     assert_eq!(m.description, "glioma model, site A");
-    let labels: Vec<(&str, &str)> = m
-        .labels
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .into_iter()
-        .collect();
-    assert_eq!(labels, [("site", "a"), ("team", "neuro")]);
+    let labels: std::collections::BTreeMap<String, String> = m.labels.into_iter().collect();
+    assert_eq!(labels, [("site", "a"), ("team", "neuro")].map(|(k, v)| (k.to_string(), v.to_string())).into());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -317,23 +317,30 @@ pub async fn check_datalist(
     }
     let sections = [train.to_string(), val.to_string()];
     let cases = parse_datalist(&bytes, &base, &sections, &uri.file_name()).map_err(datalist)?;
-    let checks: Vec<(&DatalistCase, &StoreUri)> =
-        cases.iter().flat_map(|c| c.images.iter().chain(c.label.as_ref()).map(move |u| (c, u))).collect();
+    let mut checks: Vec<(String, String, StoreUri)> = Vec::new();
+    for c in &cases {
+        for u in c.images.iter().chain(c.label.as_ref()) {
+            checks.push((c.case_id.clone(), c.section.clone(), u.clone()));
+        }
+    }
     use futures::StreamExt;
-    let results: Vec<(&DatalistCase, &StoreUri, Result<bool>)> =
-        futures::stream::iter(checks.into_iter().map(|(c, u)| async move { (c, u, stores.exists(u).await) }))
-            .buffered(32)
-            .collect()
-            .await;
-    for (case, u, r) in results {
+    // Owned values: the future must be Send for any caller's lifetimes (gRPC handlers).
+    let results: Vec<(String, String, StoreUri, Result<bool>)> =
+        futures::stream::iter(checks.into_iter().map(|(case, section, u)| async move {
+            let r = stores.exists(&u).await;
+            (case, section, u, r)
+        }))
+        .buffered(32)
+        .collect()
+        .await;
+    for (case, section, u, r) in results {
         match r {
             Ok(true) => {}
             Ok(false) => {
                 return Err(DatalistError {
                     field: "datalist_uri",
                     source: CoreError::NotFound(format!(
-                        "case '{}' ({}): {u} does not exist; check the datalist's paths and base_uri",
-                        case.case_id, case.section
+                        "case '{case}' ({section}): {u} does not exist; check the datalist's paths and base_uri"
                     )),
                 });
             }

@@ -22,7 +22,6 @@ use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1 as pb;
 use brats_service::{code_name, field_status};
 use bytes::Bytes;
-use futures::StreamExt;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
