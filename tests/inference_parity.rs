@@ -6,10 +6,10 @@
 //! (`tests/monai/make_inference_fixtures.py`): one case smaller than the window (padded), one
 //! larger (six windows, the last start moved back to the border).
 
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::nifti_io::ReadLimits;
 use brats_inference::runtime::{SegmentationModel, SessionOptions, default_library};
 use brats_inference::segment::segment;
-use brats_inference::window::{Blend, SlidingWindow};
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;

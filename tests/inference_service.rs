@@ -4,8 +4,8 @@
 
 mod common;
 
+use brats_artifacts::registry::Registry;
 use brats_inference::config::InferenceConfig;
-use brats_inference::registry::Registry;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
@@ -186,7 +186,7 @@ fn in_process(onnx: &[u8], images: &[PathBuf]) -> brats_inference::segment::Segm
             bytes: std::fs::read(p).unwrap().into(),
         })
         .collect();
-    let window = brats_inference::window::SlidingWindow { roi: ROI, ..Default::default() };
+    let window = brats_artifacts::window::SlidingWindow { roi: ROI, ..Default::default() };
     brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap()
 }
 
@@ -479,4 +479,159 @@ async fn registry_versions_are_claimed_atomically_on_disk_and_on_s3() {
         assert_eq!(registry.fetch("race", "3").await.unwrap().onnx.as_ref(), &[kept; 16]);
         assert!(registry.aliases("race").await.unwrap().is_empty(), "a refused registration moved an alias");
     }
+}
+
+/// An `InferenceService` over a registry in `dir` (no server, no default model loaded).
+fn service_at(dir: &Path, max_concurrent: usize) -> brats_inference::service::InferenceService {
+    use brats_inference::service::{InferenceService, Metrics, ServiceSettings};
+    let settings = ServiceSettings {
+        registry: brats_core::StoreUri::parse(&file_uri(&dir.join("models"))).unwrap(),
+        output_root: brats_core::StoreUri::parse(&file_uri(&dir.join("predictions"))).unwrap(),
+        model: "brats_mri_segmentation".into(),
+        alias: "production".into(),
+        session: brats_inference::SessionOptions { intra_threads: 1, ..Default::default() },
+        window: brats_artifacts::window::SlidingWindow { roi: ROI, ..Default::default() },
+        max_concurrent,
+        max_queue: 16,
+        preprocess_endpoint: None,
+    };
+    InferenceService::new(Arc::new(brats_core::Stores::new(Default::default())), settings, Metrics::new())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_model_returns_every_metadata_field_the_trainer_writes() {
+    use brats_model::metadata::{WeightsInfo, model_metadata, sha256_hex};
+    use brats_proto::v1::inference_server::Inference as _;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service_at(dir.path(), 1);
+    let config = SegResNetConfig { init_filters: 8, ..SegResNetConfig::default() };
+    let onnx = to_onnx_bytes(&config, &det_state_dict(&config), ExportOptions::default()).unwrap();
+    // The provenance `brats-trainer`'s train.rs records, as the weights carry it.
+    let provenance = serde_json::json!({
+        "trained": true, "run": "job-42", "epoch": 3, "epochs": 4, "best_epoch": 3,
+        "validation_dice": {"tc": 0.61, "wt": 0.82, "et": 0.55, "mean": 0.66},
+        "seed": 7, "datalist": "file:///data/datalist.json",
+        "recipe": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 1},
+        "labels": {"team": "neuro", "site": "a"},
+        "label_convention": "brats2023", "pipeline_version": "brats-preprocess/1",
+    });
+    let weights = WeightsInfo { sha256: "ab".repeat(32), file: Some("best.safetensors".into()) };
+    let mut metadata =
+        model_metadata(&config, ExportOptions::default(), "model.onnx", sha256_hex(&onnx), weights, Some(provenance));
+    // As train.rs `finish` records the validation window, then the trainer service's registration.
+    metadata.postprocessing["sliding_window"]["roi_size"] = serde_json::json!([32, 32, 16]);
+    let mut json = serde_json::to_value(&metadata).unwrap();
+    json["description"] = "glioma model, site A".into();
+    json["trainer_job"] = serde_json::json!({"job_id": "job-42", "labels": {"team": "neuro", "site": "a"},
+                                            "seed": 7, "epochs": 4, "best_epoch": 3});
+    svc.registry()
+        .register("brats_mri_segmentation", "1", onnx.into(), Some(serde_json::to_vec(&json).unwrap().into()), None)
+        .await
+        .unwrap();
+    let model = svc
+        .get_model(tonic::Request::new(pb::GetModelRequest { name: "brats_mri_segmentation".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = model.versions[0].metadata.clone().expect("metadata");
+    assert_eq!(m.input_channels, ["T1c", "T1", "T2", "FLAIR"]);
+    assert_eq!(m.output_channels, ["TC", "WT", "ET"]);
+    assert_eq!(m.roi_size, [32, 32, 16]);
+    assert_eq!(m.validation_dice, Some(pb::DiceScores { tc: 0.61, wt: 0.82, et: 0.55, mean: 0.66 }));
+    assert_eq!(m.weights_sha256, "ab".repeat(32));
+    assert_eq!(m.onnx_sha256, metadata.onnx.sha256);
+    let arch = m.architecture.clone().expect("architecture");
+    assert_eq!((arch.blocks_down, arch.blocks_up), (vec![1, 2, 2, 4], vec![1, 1, 1]));
+    assert_eq!((arch.init_filters, arch.in_channels, arch.out_channels), (Some(8), Some(4), Some(3)));
+    assert_eq!(arch.dropout_prob, Some(0.2));
+    assert_eq!(m.training_job_id, "job-42");
+    assert_eq!(m.pipeline_version, "brats-preprocess/1");
+    assert_eq!(m.label_convention(), pb::LabelConvention::Brats2023);
+    assert_eq!(m.description, "glioma model, site A");
+    let labels: std::collections::BTreeMap<String, String> = m.labels.into_iter().collect();
+    assert_eq!(labels, [("site", "a"), ("team", "neuro")].map(|(k, v)| (k.to_string(), v.to_string())).into());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_models_pages_through_every_model_exactly_once() {
+    use brats_proto::v1::inference_server::Inference as _;
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service_at(dir.path(), 1);
+    let names = ["alpha", "beta", "delta", "epsilon", "gamma"];
+    for name in names {
+        for v in ["1", "2", "10"] {
+            svc.registry().register(name, v, vec![1u8; 8].into(), None, None).await.unwrap();
+        }
+    }
+    let list = |page_size: u32, page_token: String| {
+        let svc = svc.clone();
+        async move {
+            svc.list_models(tonic::Request::new(pb::ListModelsRequest { page_size, page_token }))
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let (mut seen, mut token, mut pages) = (Vec::new(), String::new(), 0);
+    loop {
+        let page = list(2, token).await.unwrap();
+        assert!(page.models.len() <= 2);
+        pages += 1;
+        for m in &page.models {
+            let versions: Vec<&str> = m.versions.iter().map(|v| v.version.as_str()).collect();
+            assert_eq!(versions, ["10", "2", "1"], "versions newest first");
+            seen.push(m.name.clone());
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!((seen, pages), (names.map(String::from).to_vec(), 3));
+    // 0 = the documented default (50): one page.
+    let all = list(0, String::new()).await.unwrap();
+    assert_eq!((all.models.len(), all.next_page_token.as_str()), (5, ""));
+    // Malformed tokens and a token from another server's registry are refused.
+    let other = service_at(&dir.path().join("elsewhere"), 1);
+    for name in names {
+        other.registry().register(name, "1", vec![1u8; 8].into(), None, None).await.unwrap();
+    }
+    let foreign = other
+        .list_models(tonic::Request::new(pb::ListModelsRequest { page_size: 1, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!foreign.is_empty());
+    for bad in [foreign, "not-a-token".to_string(), "m1..".to_string()] {
+        let e = list(2, bad.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad}");
+        assert!(e.message().starts_with("page_token"), "{}", e.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_an_uncached_version_load_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service_at(dir.path(), 2);
+    let config = SegResNetConfig { init_filters: 8, ..SegResNetConfig::default() };
+    let onnx = to_onnx_bytes(&config, &det_state_dict(&config), ExportOptions::default()).unwrap();
+    svc.registry().register("brats_mri_segmentation", "7", onnx.into(), None, None).await.unwrap();
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move {
+                let sel = pb::ModelSelector { version: "7".into(), ..Default::default() };
+                svc.models().select(Some(&sel)).await.map(|m| m.version.clone())
+            })
+        })
+        .collect();
+    for r in requests {
+        assert_eq!(r.await.unwrap().unwrap(), "7");
+    }
+    assert_eq!(svc.models().loads(), 1, "one load for 8 concurrent requests");
+    assert!(svc.models().is_loaded("brats_mri_segmentation", "7"));
+    // Cached now: more requests load nothing.
+    let sel = pb::ModelSelector { version: "7".into(), ..Default::default() };
+    svc.models().select(Some(&sel)).await.unwrap();
+    assert_eq!(svc.models().loads(), 1);
 }

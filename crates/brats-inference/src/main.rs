@@ -2,13 +2,13 @@
 //! model registry (`register`, `alias`).
 
 use anyhow::Context;
+use brats_artifacts::registry::Registry;
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreConfig, StoreUri, Stores};
 use brats_inference::config::InferenceConfig;
-use brats_inference::registry::Registry;
 use brats_inference::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
 use brats_inference::segment::segment;
-use brats_inference::window::{Blend, SlidingWindow};
 use brats_preprocess::jobs::fetch_all;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -3,7 +3,7 @@
 
 use crate::postprocess;
 use crate::runtime::{InferenceError, SegmentationModel};
-use crate::window::{self, SlidingWindow};
+use brats_artifacts::window::{self, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::tensors::CaseTensors;

@@ -4,15 +4,15 @@
 use crate::config::InferenceConfig;
 use crate::runtime::{Provider, SessionOptions};
 use crate::service::{InferenceService, Metrics, ServiceSettings};
-use crate::window::{Blend, SlidingWindow};
 use anyhow::Context;
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1::inference_server::InferenceServer;
 use brats_service::{Drain, GrpcServer, ServingStatus};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Serves until `shutdown` resolves. Health reports NOT_SERVING until the default model is
 /// loaded and warm; `bound` receives the gRPC address as soon as it listens.
@@ -61,27 +61,21 @@ pub async fn serve(
     let health = grpc.health();
     let interval = cfg.reload_interval_s;
     tokio::spawn(async move {
-        loop {
-            match loader.load_default(warmup).await {
-                Ok(changed) => {
-                    if changed {
-                        let c = loader.current().expect("loaded");
-                        info!(version = %c.version, provider = c.model.provider().name(), "serving");
-                    }
-                    health.set_serving().await;
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot load the default model");
-                    if loader.current().is_none() {
-                        health.set_not_serving().await;
+        let models = loader.models().clone();
+        models
+            .follow_default(warmup, interval, |serving| {
+                let (loader, health) = (loader.clone(), health.clone());
+                async move {
+                    match loader.current() {
+                        Some(c) if serving => {
+                            loader.metrics().set_provider(c.model.provider());
+                            health.set_serving().await
+                        }
+                        _ => health.set_not_serving().await,
                     }
                 }
-            }
-            if interval == 0 && loader.current().is_some() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_secs(interval.max(1))).await;
-        }
+            })
+            .await
     });
 
     grpc.serve(

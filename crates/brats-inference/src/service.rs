@@ -2,10 +2,11 @@
 //! before SERVING), `Segment` on store URIs, `SegmentStream` for clients without shared storage,
 //! `ListModels` / `GetModel`. A thin shell over [`crate::segment`].
 
-use crate::registry::Registry;
-use crate::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
+use crate::models::{LoadedModel, ModelManager};
+use crate::runtime::{Provider, SessionOptions};
 use crate::segment::{SegmentError, Segmentation, infer_preprocessed, segment_cancellable};
-use crate::window::{Blend, SlidingWindow};
+use brats_artifacts::registry::Registry;
+use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
@@ -15,28 +16,13 @@ use brats_proto::v1 as pb;
 use bytes::Bytes;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info, info_span, warn};
-
-/// A model version loaded into a session.
-pub struct LoadedModel {
-    /// Model name.
-    pub name: String,
-    /// Version.
-    pub version: String,
-    /// The session.
-    pub model: SegmentationModel,
-    /// Its `metadata.json`.
-    pub metadata: serde_json::Value,
-    /// Why the first requested provider was not used, if it was not.
-    pub fallback_reason: Option<String>,
-}
 
 /// Prometheus instruments of the service.
 #[derive(Clone)]
@@ -86,6 +72,14 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Marks `provider` as the one serving the default model.
+    pub(crate) fn set_provider(&self, provider: Provider) {
+        self.provider.reset();
+        self.provider.with_label_values(&[provider.name()]).set(1);
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -95,14 +89,9 @@ impl Default for Metrics {
 /// Everything the handlers share.
 pub struct State {
     stores: Arc<Stores>,
-    registry: Registry,
+    models: Arc<ModelManager>,
     output_root: StoreUri,
-    default_model: String,
-    default_alias: String,
-    session_options: SessionOptions,
     window: SlidingWindow,
-    current: RwLock<Option<Arc<LoadedModel>>>,
-    pinned: Mutex<HashMap<(String, String), Arc<LoadedModel>>>,
     slots: Arc<Semaphore>,
     max_concurrent: usize,
     max_queue: usize,
@@ -192,17 +181,20 @@ enum Input {
 impl InferenceService {
     /// Creates the service; no model is loaded until [`InferenceService::load_default`].
     pub fn new(stores: Arc<Stores>, settings: ServiceSettings, metrics: Metrics) -> Self {
+        let slots = Arc::new(Semaphore::new(settings.max_concurrent.max(1)));
+        let models = ModelManager::new(
+            Registry::new(stores.clone(), settings.registry),
+            settings.session,
+            settings.model,
+            settings.alias,
+            slots.clone(),
+        );
         InferenceService(Arc::new(State {
-            registry: Registry::new(stores.clone(), settings.registry),
             stores,
+            models: Arc::new(models),
             output_root: settings.output_root,
-            default_model: settings.model,
-            default_alias: settings.alias,
-            session_options: settings.session,
             window: settings.window,
-            current: RwLock::new(None),
-            pinned: Mutex::new(HashMap::new()),
-            slots: Arc::new(Semaphore::new(settings.max_concurrent.max(1))),
+            slots,
             max_concurrent: settings.max_concurrent.max(1),
             max_queue: settings.max_queue,
             metrics,
@@ -216,92 +208,32 @@ impl InferenceService {
 
     /// The registry the service reads.
     pub fn registry(&self) -> &Registry {
-        &self.registry
+        self.models.registry()
     }
 
-    /// Loads a version into a session and runs one warm-up inference of `warmup` shape.
-    pub async fn load_version(
-        &self,
-        name: &str,
-        version: &str,
-        warmup: Option<[usize; 3]>,
-    ) -> Result<Arc<LoadedModel>, CoreError> {
-        let fetched = self.registry.fetch(name, version).await?;
-        let options = self.session_options.clone();
-        let (name, version) = (name.to_string(), version.to_string());
-        tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let model = SegmentationModel::load(&default_library(), &fetched.onnx, &options)
-                .map_err(|e| CoreError::invalid(format!("{}: {e}", fetched.uri)))?;
-            let fallback_reason = (model.provider() != options.providers.first().copied().unwrap_or(Provider::Cpu))
-                .then(|| format!("{} could not be loaded; running on {}", options.providers[0].name(), model.provider().name()));
-            if let Some(shape) = warmup {
-                let n: usize = shape.iter().product();
-                model
-                    .run(&vec![0f32; 4 * n], [1, 4, shape[0], shape[1], shape[2]])
-                    .map_err(|e| CoreError::invalid(format!("{}: warm-up failed: {e}", fetched.uri)))?;
-            }
-            info!(model = %name, version = %version, provider = model.provider().name(), seconds = t.elapsed().as_secs_f64(), "model loaded and warm");
-            Ok(Arc::new(LoadedModel { name, version, model, metadata: fetched.metadata, fallback_reason }))
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("model load task failed: {e}")))?
+    /// The models the service holds (default alias, pinned versions, loads).
+    pub fn models(&self) -> &Arc<ModelManager> {
+        &self.models
     }
 
-    /// Loads the default model's alias and makes it current. Returns whether the version changed.
+    /// Loads the default model's alias and makes it current (see
+    /// [`ModelManager::load_default`]). Returns whether the version changed.
     pub async fn load_default(&self, warmup: Option<[usize; 3]>) -> Result<bool, CoreError> {
-        let version = self.registry.resolve_alias(&self.default_model, &self.default_alias).await?;
-        if self.current().is_some_and(|c| c.version == version) {
-            return Ok(false);
+        let changed = self.models.load_default(warmup).await?;
+        if let Some(c) = self.current() {
+            self.metrics.set_provider(c.model.provider());
         }
-        let loaded = self.load_version(&self.default_model, &version, warmup).await?;
-        self.metrics.provider.reset();
-        self.metrics.provider.with_label_values(&[loaded.model.provider().name()]).set(1);
-        // The old session keeps serving the requests that already hold it.
-        *self.current.write().expect("model lock") = Some(loaded);
-        Ok(true)
+        Ok(changed)
+    }
+
+    /// The service's instruments.
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The model serving the default alias, if loaded.
     pub fn current(&self) -> Option<Arc<LoadedModel>> {
-        self.current.read().expect("model lock").clone()
-    }
-
-    async fn select(&self, sel: Option<&pb::ModelSelector>) -> Result<Arc<LoadedModel>, Status> {
-        let sel = sel.cloned().unwrap_or_default();
-        if !sel.version.is_empty() && !sel.alias.is_empty() {
-            return Err(Status::invalid_argument("model: give a version or an alias, not both"));
-        }
-        let name = if sel.name.is_empty() { self.default_model.clone() } else { sel.name.clone() };
-        let alias =
-            if sel.alias.is_empty() && sel.version.is_empty() { self.default_alias.clone() } else { sel.alias.clone() };
-        if name == self.default_model && alias == self.default_alias {
-            return self
-                .current()
-                .ok_or_else(|| Status::unavailable("the default model is not loaded yet; retry shortly"));
-        }
-        let version = if !sel.version.is_empty() {
-            sel.version.clone()
-        } else {
-            self.registry.resolve_alias(&name, &alias).await.map_err(|e| with_field("model.alias", e))?
-        };
-        if let Some(cur) = self.current()
-            && cur.name == name
-            && cur.version == version
-        {
-            return Ok(cur);
-        }
-        let key = (name.clone(), version.clone());
-        if let Some(m) = self.pinned.lock().expect("pinned lock").get(&key) {
-            return Ok(m.clone());
-        }
-        let loaded = self.load_version(&name, &version, None).await.map_err(|e| with_field("model", e))?;
-        let mut pinned = self.pinned.lock().expect("pinned lock");
-        if pinned.len() >= 2 {
-            pinned.clear(); // keep memory bounded: at most two extra versions resident
-        }
-        pinned.insert(key, loaded.clone());
-        Ok(loaded)
+        self.models.current()
     }
 
     fn window_for(&self, o: Option<&pb::SegmentOptions>) -> Result<(SlidingWindow, bool), Status> {
@@ -556,48 +488,6 @@ impl InferenceService {
     }
 }
 
-fn model_pb(
-    name: &str,
-    versions: &[String],
-    aliases: &std::collections::BTreeMap<String, String>,
-    registry: &Registry,
-    loaded: Option<&Arc<LoadedModel>>,
-) -> pb::Model {
-    pb::Model {
-        name: name.to_string(),
-        versions: versions
-            .iter()
-            .map(|v| pb::ModelVersion {
-                version: v.clone(),
-                aliases: aliases.iter().filter(|(_, to)| *to == v).map(|(a, _)| a.clone()).collect(),
-                uri: registry.version_uri(name, v).join(crate::registry::MODEL_FILE).to_string(),
-                loaded: loaded.is_some_and(|l| l.name == name && &l.version == v),
-                metadata: loaded.filter(|l| l.name == name && &l.version == v).map(|l| metadata_pb(&l.metadata)),
-                ..Default::default()
-            })
-            .collect(),
-        aliases: aliases.clone().into_iter().collect(),
-    }
-}
-
-fn metadata_pb(m: &serde_json::Value) -> pb::ModelMetadata {
-    let strings = |p: &str| -> Vec<String> {
-        m.pointer(p)
-            .and_then(|v| v.as_array())
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
-            .unwrap_or_default()
-    };
-    pb::ModelMetadata {
-        input_channels: brats_core::MODALITIES.iter().map(|s| s.to_string()).collect(),
-        output_channels: brats_core::REGIONS.iter().map(|s| s.to_string()).collect(),
-        onnx_sha256: m.pointer("/onnx/sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
-        weights_sha256: m.pointer("/weights/sha256").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
-        description: m.get("description").and_then(|v| v.as_str()).unwrap_or_default().to_string(),
-        labels: strings("/labels").into_iter().map(|l| (l.clone(), l)).collect(),
-        ..Default::default()
-    }
-}
-
 type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<pb::SegmentStreamResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -625,7 +515,7 @@ impl pb::inference_server::Inference for InferenceService {
             } else {
                 StoreUri::parse(&req.output_uri).map_err(|e| with_field("output_uri", e))?
             };
-            let model = self.select(req.model.as_ref()).await?;
+            let model = self.models.select(req.model.as_ref()).await?;
             let t = Instant::now();
             let input = match &self.preprocessor {
                 None => Input::Files(fetch_all(&self.stores, &uris).await.map_err(|e| with_field("image_uris", e))?),
@@ -664,25 +554,13 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.registry.list().await.map_err(core_status)?;
-        let current = self.current();
-        let models = models
-            .iter()
-            .map(|(name, (versions, aliases))| model_pb(name, versions, aliases, &self.registry, current.as_ref()))
-            .collect();
-        Ok(Response::new(pb::ListModelsResponse { models, next_page_token: String::new() }))
+        crate::catalog::list_models(&self.models, &request.into_inner()).await.map(Response::new)
     }
 
     async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
-        let name = request.into_inner().name;
-        crate::registry::validate_name("name", &name).map_err(core_status)?;
-        let models = self.registry.list().await.map_err(core_status)?;
-        let (versions, aliases) = models
-            .get(&name)
-            .ok_or_else(|| Status::not_found(format!("name: no model '{name}' in {}", self.registry.root())))?;
-        Ok(Response::new(model_pb(&name, versions, aliases, &self.registry, self.current().as_ref())))
+        crate::catalog::get_model(&self.models, &request.into_inner().name).await.map(Response::new)
     }
 }
 
@@ -696,7 +574,7 @@ impl InferenceService {
         progress: Box<dyn FnMut(usize, usize) + Send>,
     ) -> Result<(pb::SegmentResponse, Bytes, Option<Bytes>), Status> {
         let request_id = self.request_id(&header.request_id)?;
-        let model = self.select(header.model.as_ref()).await?;
+        let model = self.models.select(header.model.as_ref()).await?;
         let mut out =
             self.run(&request_id, Input::Files(images), model, header.options.as_ref(), started, progress).await?;
         if !header.output_uri.is_empty() {

@@ -229,7 +229,7 @@ pub fn parse_datalist(json: &[u8], base: &StoreUri, sections: &[String], source:
                 None | Some(serde_json::Value::Null) => None,
                 _ => return Err(CoreError::invalid(format!("{field}.label must be a path"))),
             };
-            let mut id = derive_case_id(&images[0]);
+            let mut id = case_id(&images[0]);
             if !seen.insert(id.clone()) {
                 id = format!("{id}-{section}{i}");
                 seen.insert(id.clone());
@@ -248,7 +248,112 @@ pub fn parse_datalist(json: &[u8], base: &StoreUri, sections: &[String], source:
     Ok(cases)
 }
 
-fn derive_case_id(first_image: &str) -> String {
+/// Why a datalist was refused: the request field concerned (`datalist_uri`, `base_uri`) and
+/// the error, whose kind says the status (a missing file is NotFound, the rest Invalid).
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {source}")]
+pub struct DatalistError {
+    /// The request field concerned.
+    pub field: &'static str,
+    /// What went wrong.
+    pub source: CoreError,
+}
+
+/// Checks, before a training job is accepted, that the datalist at `datalist_uri` (relative
+/// paths against `base_uri`, empty = its folder) exists, parses, has a non-empty
+/// `train_section`, 4 images and a label for every case of both sections, and that every file
+/// it references exists. Returns the number of cases.
+pub async fn check_datalist(
+    stores: &Stores,
+    datalist_uri: &str,
+    base_uri: &str,
+    train_section: &str,
+    validation_section: &str,
+) -> std::result::Result<usize, DatalistError> {
+    let on = |field| move |source| DatalistError { field, source };
+    let datalist = on("datalist_uri");
+    let uri = StoreUri::parse(datalist_uri).map_err(datalist)?;
+    let base = if base_uri.is_empty() { uri.parent() } else { StoreUri::parse(base_uri).map_err(on("base_uri"))? };
+    let bytes = stores.get(&uri).await.map_err(datalist)?;
+    let invalid = |m: String| DatalistError { field: "datalist_uri", source: CoreError::invalid(m) };
+    let json: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| invalid(format!("{uri} is not valid JSON ({e}); expected a MONAI decathlon datalist")))?;
+    let (train, val) = (train_section, validation_section);
+    match json.get(train).and_then(|v| v.as_array()) {
+        Some(a) if !a.is_empty() => {}
+        Some(_) => {
+            return Err(invalid(format!(
+                "section '{train}' of {uri} is empty; training needs at least one case (or set data.train_section)"
+            )));
+        }
+        None => {
+            return Err(invalid(format!(
+                "{uri} has no '{train}' section (a list of cases); add it or set data.train_section"
+            )));
+        }
+    }
+    for section in [train, val] {
+        let Some(items) = json.get(section).and_then(|v| v.as_array()) else { continue };
+        for (i, item) in items.iter().enumerate() {
+            let images: Vec<&str> = match item.get("image") {
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str()).collect(),
+                Some(serde_json::Value::String(s)) => vec![s.as_str()],
+                _ => Vec::new(),
+            };
+            let name = images.first().map(|f| case_id(f)).unwrap_or_else(|| format!("{section}[{i}]"));
+            if images.len() != 4 {
+                return Err(invalid(format!(
+                    "case '{name}' ({section}[{i}]) has {} image{}; every case needs 4 modalities, T1c, T1, T2 and FLAIR, in that order",
+                    images.len(),
+                    if images.len() == 1 { "" } else { "s" }
+                )));
+            }
+            if !item.get("label").is_some_and(|l| l.is_string()) {
+                return Err(invalid(format!(
+                    "case '{name}' ({section}[{i}]) has no label; training and validation cases need their segmentation"
+                )));
+            }
+        }
+    }
+    let sections = [train.to_string(), val.to_string()];
+    let cases = parse_datalist(&bytes, &base, &sections, &uri.file_name()).map_err(datalist)?;
+    let mut checks: Vec<(String, String, StoreUri)> = Vec::new();
+    for c in &cases {
+        for u in c.images.iter().chain(c.label.as_ref()) {
+            checks.push((c.case_id.clone(), c.section.clone(), u.clone()));
+        }
+    }
+    use futures::StreamExt;
+    // Owned values: the future must be Send for any caller's lifetimes (gRPC handlers).
+    let results: Vec<(String, String, StoreUri, Result<bool>)> =
+        futures::stream::iter(checks.into_iter().map(|(case, section, u)| async move {
+            let r = stores.exists(&u).await;
+            (case, section, u, r)
+        }))
+        .buffered(32)
+        .collect()
+        .await;
+    for (case, section, u, r) in results {
+        match r {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(DatalistError {
+                    field: "datalist_uri",
+                    source: CoreError::NotFound(format!(
+                        "case '{case}' ({section}): {u} does not exist; check the datalist's paths and base_uri"
+                    )),
+                });
+            }
+            Err(e) => return Err(datalist(e)),
+        }
+    }
+    Ok(cases.len())
+}
+
+/// The case id a datalist entry gets from its first image path (before de-duplication within
+/// the datalist): the file name without `.nii[.gz]` and a trailing modality suffix (`_t1c`,
+/// `-t1`, …), restricted to the characters a case id allows.
+pub fn case_id(first_image: &str) -> String {
     let name = first_image.rsplit('/').next().unwrap_or(first_image);
     let mut stem = name.trim_end_matches(".gz").trim_end_matches(".nii").to_string();
     for suffix in ["t1c", "t1ce", "t1gd", "t1"] {

@@ -5,11 +5,15 @@
 //! - [`transforms`]: MONAI's transforms as small units with one documented behaviour each.
 //! - [`synthetic`]: the deterministic generator of BraTS-like cases (the `brats-synthetic`
 //!   crate, re-exported under its old path).
-//! - [`jobs`]: one case between object stores, with reuse of earlier results.
+//! - [`jobs`]: one case between object stores, with reuse of earlier results; datalist
+//!   parsing and checks.
+//! - [`dataset`]: a whole datalist into cached cases and a manifest (the library behind
+//!   `PreprocessDataset`, also run in-process by the trainer).
 //! - [`service`] and [`server`]: the gRPC `Preprocessor` service with health, reflection,
 //!   metrics and graceful shutdown; [`config`] its configuration.
 
 pub mod config;
+pub mod dataset;
 pub mod jobs;
 pub mod pipeline;
 pub mod server;

@@ -1,16 +1,15 @@
 //! The `brats.v1.Preprocessor` gRPC service: a thin shell over [`crate::jobs`] that checks
 //! request fields, maps errors to status codes, bounds concurrency and records metrics.
 
+use crate::dataset::{CaseOutcome, Counts, DatasetEvent, DatasetPlan, DatasetSpec};
 use crate::jobs::{self, CaseJob, CaseOutput};
 use crate::pipeline::{CropMode, Options};
 use brats_core::labels::LabelConvention;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
 use brats_proto::v1 as pb;
-use bytes::Bytes;
 use futures::StreamExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
-use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -256,7 +255,8 @@ pub fn metadata_to_pb(m: &brats_core::CaseMetadata) -> pb::CaseMetadata {
     }
 }
 
-type ProgressStream = Pin<Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, Status>> + Send>>;
+/// The stream of `PreprocessDataset` progress messages.
+pub type ProgressStream = Pin<Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::preprocessor_server::Preprocessor for PreprocessService {
@@ -316,109 +316,125 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         let started = Instant::now();
         let req = request.into_inner();
         let span = info_span!("preprocess_dataset");
-        let prepared = async {
-            let datalist = parse_uri("datalist_uri", &req.datalist_uri)?;
-            let base = if req.base_uri.is_empty() { datalist.parent() } else { parse_uri("base_uri", &req.base_uri)? };
-            let sections = if req.sections.is_empty() {
-                vec!["training".to_string(), "validation".to_string()]
-            } else {
-                req.sections.clone()
-            };
-            let json = self.stores.get(&datalist).await.map_err(|e| field_err("datalist_uri", e))?;
-            let cases = jobs::parse_datalist(&json, &base, &sections, &datalist.file_name())
-                .map_err(|e| field_err("datalist_uri", e))?;
-            let options = options(req.label_convention, req.crop.as_ref(), None, 0)?;
-            let output_root =
-                if req.output_uri.is_empty() { self.root.clone() } else { parse_uri("output_uri", &req.output_uri)? };
-            Ok::<_, Status>((datalist, cases, options, output_root))
-        }
-        .instrument(span.clone())
-        .await;
-        let (datalist, cases, options, output_root) = match prepared {
-            Ok(p) => p,
-            Err(s) => {
-                self.observe("PreprocessDataset", started, &Err::<(), _>(s.clone()));
-                return Err(s);
-            }
-        };
-        let dataset_key = {
-            let record = serde_json::json!({"datalist": datalist.to_string(), "sections": req.sections, "options": options, "pipeline": crate::pipeline::PIPELINE_VERSION});
-            hex::encode(&Sha256::digest(record.to_string().as_bytes())[..8])
-        };
+        let plan = plan_dataset(&self.stores, &req, &self.root).instrument(span.clone()).await;
+        self.observe("PreprocessDataset", started, &plan);
         let parallel =
             if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
-        let total = cases.len() as u32;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
         let this = self.clone();
-        let force = req.force;
-        tokio::spawn(
-            async move {
-                let mut results = futures::stream::iter(cases.into_iter().enumerate().map(|(position, c)| {
-                    let this = this.clone();
-                    let options = options.clone();
-                    let root = output_root.clone();
-                    async move {
-                        let t = Instant::now();
-                        // Each case draws its own crop from a seed derived from its id.
-                        let seed = u64::from_le_bytes(Sha256::digest(c.case_id.as_bytes())[..8].try_into().unwrap());
-                        let job = CaseJob {
-                            case_id: c.case_id.clone(),
-                            images: c.images,
-                            label: c.label,
-                            options: Options { seed, ..options },
-                            output: None,
-                            force,
-                        };
-                        let r = this.run_in_slot(job, &root).await;
-                        (position, c.case_id, c.section, r, t.elapsed().as_secs_f64())
-                    }
-                }))
-                .buffer_unordered(parallel);
-                let (mut completed, mut reused, mut failed) = (0u32, 0u32, 0u32);
-                // Cases finish in any order; the manifest lists them in datalist order, so a dataset
-                // index means the same case in every run (samplers and resumes rely on it).
-                let mut manifest: std::collections::BTreeMap<String, Vec<(usize, serde_json::Value)>> = Default::default();
-                while let Some((position, case_id, section, r, seconds)) = results.next().await {
-                    completed += 1;
-                    let outcome = match r {
-                        Ok(out) => {
-                            reused += out.reused as u32;
-                            manifest.entry(section.clone()).or_default().push((position, serde_json::json!({
-                                "case_id": case_id, "tensors": out.tensors_uri.to_string(), "metadata": out.metadata_uri.to_string()
-                            })));
-                            pb::CaseOutcome { case_id, section, tensors_uri: out.tensors_uri.to_string(), reused: out.reused, seconds, ..Default::default() }
-                        }
-                        Err(s) => {
-                            failed += 1;
-                            pb::CaseOutcome { case_id, section, error: s.message().to_string(), error_code: code_name(s.code()).to_string(), seconds, ..Default::default() }
-                        }
-                    };
-                    let progress = pb::PreprocessDatasetProgress { total, completed, reused, failed, case: Some(outcome), ..Default::default() };
-                    if tx.send(Ok(progress)).await.is_err() {
-                        info!("client went away; cases finished so far are kept and reused next time");
-                        return;
-                    }
+        let events = plan?.run(self.stores.clone(), parallel, move |job, root| {
+            let this = this.clone();
+            async move { this.run_in_slot(job, &root).await }
+        });
+        Ok(Response::new(progress_stream(events, span)))
+    }
+}
+
+/// Checks a `PreprocessDataset` request and reads its datalist (`default_root` when the
+/// request names no output).
+pub async fn plan_dataset(
+    stores: &Stores,
+    req: &pb::PreprocessDatasetRequest,
+    default_root: &StoreUri,
+) -> Result<DatasetPlan, Status> {
+    let datalist = parse_uri("datalist_uri", &req.datalist_uri)?;
+    let base = if req.base_uri.is_empty() { None } else { Some(parse_uri("base_uri", &req.base_uri)?) };
+    let options = options(req.label_convention, req.crop.as_ref(), None, 0)?;
+    let output_root =
+        if req.output_uri.is_empty() { default_root.clone() } else { parse_uri("output_uri", &req.output_uri)? };
+    let spec = DatasetSpec { datalist, base, sections: req.sections.clone(), options, output_root, force: req.force };
+    DatasetPlan::load(stores, spec).await.map_err(|e| field_err(e.field, e.source))
+}
+
+/// Preprocesses a `PreprocessDataset` request in this process, without the service's slots
+/// (the trainer's in-process mode): the progress messages the service would stream.
+pub async fn preprocess_dataset_in_process(
+    stores: Arc<Stores>,
+    req: &pb::PreprocessDatasetRequest,
+    parallel: usize,
+) -> Result<ProgressStream, Status> {
+    let default_root = parse_uri("output_uri", &req.output_uri)?;
+    let plan = plan_dataset(&stores, req, &default_root).await?;
+    let parallel = if req.max_parallel == 0 { parallel } else { (req.max_parallel as usize).min(parallel) };
+    let events = plan.run_local(stores, parallel).map(|e| map_event(e, to_status));
+    Ok(progress_stream(events, info_span!("preprocess_dataset")))
+}
+
+/// The progress messages of a running dataset, driven by a task of their own (so a slow
+/// reader never stalls the cases; a reader that goes away stops new cases from starting).
+fn progress_stream<S>(events: S, span: tracing::Span) -> ProgressStream
+where
+    S: futures::Stream<Item = DatasetEvent<Status>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(
+        async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                let (message, done) = progress_pb(event);
+                if tx.send(message).await.is_err() {
+                    info!("client went away; cases finished so far are kept and reused next time");
+                    return;
                 }
-                let manifest: std::collections::BTreeMap<String, Vec<serde_json::Value>> = manifest
-                    .into_iter()
-                    .map(|(section, mut cases)| {
-                        cases.sort_by_key(|(position, _)| *position);
-                        (section, cases.into_iter().map(|(_, case)| case).collect())
-                    })
-                    .collect();
-                let manifest_uri = output_root.join(&format!("datasets/{dataset_key}/manifest.json"));
-                let body = serde_json::json!({ "datalist": datalist.to_string(), "pipeline_version": crate::pipeline::PIPELINE_VERSION, "cases": manifest });
-                let manifest_written = this.stores.put(&manifest_uri, Bytes::from(serde_json::to_vec_pretty(&body).unwrap())).await;
-                let last = match manifest_written {
-                    Ok(()) => Ok(pb::PreprocessDatasetProgress { total, completed, reused, failed, done: true, manifest_uri: manifest_uri.to_string(), case: None }),
-                    Err(e) => Err(to_status(e)),
-                };
-                info!(total, completed, reused, failed, "dataset done");
-                let _ = tx.send(last).await;
+                if done {
+                    return;
+                }
             }
-            .instrument(span),
-        );
-        self.observe("PreprocessDataset", started, &Ok::<(), Status>(()));
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ProgressStream))
+        }
+        .instrument(span),
+    );
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+fn map_event<E>(e: DatasetEvent<E>, f: impl Fn(E) -> Status) -> DatasetEvent<Status> {
+    match e {
+        DatasetEvent::Case(counts, o) => DatasetEvent::Case(
+            counts,
+            CaseOutcome { case_id: o.case_id, section: o.section, result: o.result.map_err(f), seconds: o.seconds },
+        ),
+        DatasetEvent::Done(counts, r) => DatasetEvent::Done(counts, r),
+    }
+}
+
+/// One event as the proto's progress message; true for the last.
+fn progress_pb(event: DatasetEvent<Status>) -> (Result<pb::PreprocessDatasetProgress, Status>, bool) {
+    let progress = |c: Counts| pb::PreprocessDatasetProgress {
+        total: c.total,
+        completed: c.completed,
+        reused: c.reused,
+        failed: c.failed,
+        ..Default::default()
+    };
+    match event {
+        DatasetEvent::Case(counts, o) => {
+            let (case_id, section, seconds) = (o.case_id, o.section, o.seconds);
+            let case = match o.result {
+                Ok(out) => pb::CaseOutcome {
+                    case_id,
+                    section,
+                    tensors_uri: out.tensors_uri.to_string(),
+                    reused: out.reused,
+                    seconds,
+                    ..Default::default()
+                },
+                Err(s) => pb::CaseOutcome {
+                    case_id,
+                    section,
+                    error: s.message().to_string(),
+                    error_code: code_name(s.code()).to_string(),
+                    seconds,
+                    ..Default::default()
+                },
+            };
+            (Ok(pb::PreprocessDatasetProgress { case: Some(case), ..progress(counts) }), false)
+        }
+        DatasetEvent::Done(c, written) => {
+            info!(total = c.total, completed = c.completed, reused = c.reused, failed = c.failed, "dataset done");
+            let message = written.map(|(uri, _)| pb::PreprocessDatasetProgress {
+                done: true,
+                manifest_uri: uri.to_string(),
+                ..progress(c)
+            });
+            (message.map_err(to_status), true)
+        }
     }
 }

@@ -2,15 +2,11 @@
 //! service (over gRPC, or the same service code called in-process) into cached tensors in the
 //! store, described by a manifest; workers read the manifest and load its cases.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use brats_core::nifti_io::ReadLimits;
 use brats_core::{StoreUri, Stores};
 use brats_proto::v1 as pb;
-use brats_proto::v1::preprocessor_server::Preprocessor as _;
 use futures::StreamExt;
-use serde::Deserialize;
 
 use crate::data::{CaseCache, Cases};
 use crate::spec::DataConfig;
@@ -66,21 +62,7 @@ pub enum DatasetError {
     Store(#[from] brats_core::CoreError),
 }
 
-/// One preprocessed case in a manifest.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct ManifestCase {
-    /// Case id.
-    pub case_id: String,
-    /// URI of its tensors (normalised image + label channels).
-    pub tensors: String,
-}
-
-/// The preprocessing service's dataset manifest, by datalist section.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Manifest {
-    /// Section name → cases, in datalist order.
-    pub cases: BTreeMap<String, Vec<ManifestCase>>,
-}
+pub use brats_artifacts::manifest::{Manifest, ManifestCase};
 
 /// Where the dataset is preprocessed.
 #[derive(Debug, Clone)]
@@ -127,15 +109,10 @@ pub async fn prepare(
     };
     let mut stream = match preprocessor {
         Preprocessor::InProcess => {
-            let service = brats_preprocess::service::PreprocessService::new(
-                stores.clone(),
-                output_root.clone(),
-                ReadLimits::default(),
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4),
-                usize::MAX / 2,
-                brats_preprocess::service::Metrics::new(),
-            );
-            service.preprocess_dataset(tonic::Request::new(request)).await.map_err(refused)?.into_inner()
+            let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4);
+            brats_preprocess::service::preprocess_dataset_in_process(stores.clone(), &request, parallel)
+                .await
+                .map_err(refused)?
         }
         Preprocessor::Remote(endpoint) => {
             let mut client =
@@ -184,15 +161,6 @@ pub async fn read_manifest(stores: &Stores, uri: &StoreUri) -> Result<Manifest, 
     serde_json::from_slice(&bytes).map_err(|e| DatasetError::Manifest { uri: uri.to_string(), message: e.to_string() })
 }
 
-/// The `(case id, tensors uri)` entries of one section (an absent section is empty).
-fn section_entries(manifest: &Manifest, section: &str) -> Result<Vec<(String, StoreUri)>, DatasetError> {
-    let Some(cases) = manifest.cases.get(section) else { return Ok(Vec::new()) };
-    Ok(cases
-        .iter()
-        .map(|c| Ok((c.case_id.clone(), StoreUri::parse(&c.tensors)?)))
-        .collect::<Result<_, brats_core::CoreError>>()?)
-}
-
 /// Opens one section as `cache` says ([`CaseCache::Memory`]: loaded now; otherwise streamed
 /// through the current tokio runtime, which must be multi-threaded).
 pub async fn open_section(
@@ -201,7 +169,7 @@ pub async fn open_section(
     section: &str,
     cache: CaseCache,
 ) -> Result<Cases, DatasetError> {
-    let entries = section_entries(manifest, section)?;
+    let entries = manifest.section(section)?;
     if cache != CaseCache::Memory {
         return Ok(Cases::streamed(stores.clone(), tokio::runtime::Handle::current(), entries));
     }
@@ -276,6 +244,7 @@ fn mem_available_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dataset_too_large_for_memory_is_streamed_or_refused() {
@@ -285,8 +254,13 @@ mod tests {
         let manifest = Manifest {
             cases: BTreeMap::from([(
                 "training".to_string(),
-                vec![ManifestCase { case_id: "a".into(), tensors: format!("file://{}", file.display()) }],
+                vec![ManifestCase {
+                    case_id: "a".into(),
+                    tensors: format!("file://{}", file.display()),
+                    ..Default::default()
+                }],
             )]),
+            ..Default::default()
         };
         let stores = Stores::new(Default::default());
         let sections = ["training", "validation"];

@@ -15,14 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use brats_artifacts::registry::Registry;
 use brats_core::StoreConfig;
 use brats_core::error::CoreError;
 use brats_core::store::{StoreUri, Stores};
-use brats_inference::registry::Registry;
 use brats_proto::v1 as pb;
 use brats_service::{code_name, field_status};
 use bytes::Bytes;
-use futures::StreamExt;
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
@@ -830,7 +829,7 @@ impl TrainerService {
             let _ = self.emit(job, &mut inner, note, Durability::Now).await;
             return Ok(());
         }
-        brats_inference::registry::validate_name("registration.model_name", &reg.model_name)?;
+        brats_artifacts::registry::validate_name("registration.model_name", &reg.model_name)?;
         let onnx = self.stores.get(&StoreUri::parse(&outcome.onnx_uri)?).await?;
         let mut metadata: serde_json::Value = match self.stores.get(&StoreUri::parse(&outcome.metadata_uri)?).await {
             Ok(b) => serde_json::from_slice(&b)
@@ -915,85 +914,10 @@ impl TrainerService {
     /// Checks that the datalist exists, parses, has a non-empty training section, 4 images and
     /// a label per case, and that every referenced file exists.
     async fn check_datalist(&self, config: &TrainConfig) -> Result<usize, Status> {
-        let uri = StoreUri::parse(&config.datalist_uri).map_err(|e| field_status("datalist_uri", e))?;
-        let base = if config.base_uri.is_empty() {
-            uri.parent()
-        } else {
-            StoreUri::parse(&config.base_uri).map_err(|e| field_status("base_uri", e))?
-        };
-        let bytes = self.stores.get(&uri).await.map_err(|e| field_status("datalist_uri", e))?;
-        let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            Status::invalid_argument(format!(
-                "datalist_uri: {uri} is not valid JSON ({e}); expected a MONAI decathlon datalist"
-            ))
-        })?;
-        let train = &config.data.train_section;
-        let val = &config.data.validation_section;
-        match json.get(train).and_then(|v| v.as_array()) {
-            Some(a) if !a.is_empty() => {}
-            Some(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "datalist_uri: section '{train}' of {uri} is empty; training needs at least one case (or set data.train_section)"
-                )));
-            }
-            None => {
-                return Err(Status::invalid_argument(format!(
-                    "datalist_uri: {uri} has no '{train}' section (a list of cases); add it or set data.train_section"
-                )));
-            }
-        }
-        for section in [train, val] {
-            let Some(items) = json.get(section.as_str()).and_then(|v| v.as_array()) else { continue };
-            for (i, item) in items.iter().enumerate() {
-                let images: Vec<&str> = match item.get("image") {
-                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str()).collect(),
-                    Some(serde_json::Value::String(s)) => vec![s.as_str()],
-                    _ => Vec::new(),
-                };
-                let name = images.first().map(|f| case_id_of(f)).unwrap_or_else(|| format!("{section}[{i}]"));
-                if images.len() != 4 {
-                    return Err(Status::invalid_argument(format!(
-                        "datalist_uri: case '{name}' ({section}[{i}]) has {} image{}; every case needs 4 modalities, T1c, T1, T2 and FLAIR, in that order",
-                        images.len(),
-                        if images.len() == 1 { "" } else { "s" }
-                    )));
-                }
-                if !item.get("label").is_some_and(|l| l.is_string()) {
-                    return Err(Status::invalid_argument(format!(
-                        "datalist_uri: case '{name}' ({section}[{i}]) has no label; training and validation cases need their segmentation"
-                    )));
-                }
-            }
-        }
-        let sections = [train.clone(), val.clone()];
-        let cases = brats_preprocess::jobs::parse_datalist(&bytes, &base, &sections, &uri.file_name())
-            .map_err(|e| field_status("datalist_uri", e))?;
-        let mut checks: Vec<(String, String, StoreUri)> = Vec::new();
-        for c in &cases {
-            for u in c.images.iter().chain(c.label.as_ref()) {
-                checks.push((c.case_id.clone(), c.section.clone(), u.clone()));
-            }
-        }
-        let results: Vec<(String, String, StoreUri, Result<bool, CoreError>)> =
-            futures::stream::iter(checks.into_iter().map(|(case, section, u)| async move {
-                let r = self.stores.exists(&u).await;
-                (case, section, u, r)
-            }))
-            .buffered(32)
-            .collect()
-            .await;
-        for (case, section, u, r) in results {
-            match r {
-                Ok(true) => {}
-                Ok(false) => {
-                    return Err(Status::not_found(format!(
-                        "datalist_uri: case '{case}' ({section}): {u} does not exist; check the datalist's paths and base_uri"
-                    )));
-                }
-                Err(e) => return Err(field_status("datalist_uri", e)),
-            }
-        }
-        Ok(cases.len())
+        let (train, val) = (&config.data.train_section, &config.data.validation_section);
+        brats_preprocess::jobs::check_datalist(&self.stores, &config.datalist_uri, &config.base_uri, train, val)
+            .await
+            .map_err(|e| field_status(e.field, e.source))
     }
 
     async fn check_exists(&self, field: &str, uri: &Option<String>) -> Result<(), Status> {
@@ -1316,21 +1240,6 @@ impl TrainerService {
         );
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
-}
-
-/// The case id `parse_datalist` derives from a first image path.
-fn case_id_of(first_image: &str) -> String {
-    let json = serde_json::json!({ "s": [{ "image": [first_image, first_image, first_image, first_image] }] });
-    brats_preprocess::jobs::parse_datalist(
-        json.to_string().as_bytes(),
-        &StoreUri::S3 { bucket: "b".into(), key: String::new() },
-        &["s".to_string()],
-        "",
-    )
-    .ok()
-    .and_then(|c| c.into_iter().next())
-    .map(|c| c.case_id)
-    .unwrap_or_else(|| first_image.to_string())
 }
 
 /// The status code name `brats_service::status` gives the error.

@@ -149,13 +149,13 @@ fn validate(
 ) -> Result<DiceScores, TrainError> {
     let device = env.device.to_tch();
     let amp = config.amp && device.is_cuda();
-    let window = brats_inference::window::SlidingWindow {
+    let window = brats_artifacts::window::SlidingWindow {
         roi: config.validation.roi,
         overlap: config.validation.overlap,
         blend: if config.validation.gaussian {
-            brats_inference::window::Blend::Gaussian
+            brats_artifacts::window::Blend::Gaussian
         } else {
-            brats_inference::window::Blend::Constant
+            brats_artifacts::window::Blend::Constant
         },
         mirror: false,
     };
@@ -177,7 +177,7 @@ fn validate(
                 .label
                 .as_ref()
                 .ok_or_else(|| TrainError::Data(format!("validation case {} has no label", case.id)))?;
-            let logits = brats_inference::window::infer(&case.image, 4, case.shape, 3, &window, |win, roi| {
+            let logits = brats_artifacts::window::infer(&case.image, 4, case.shape, 3, &window, |win, roi| {
                 let x = Tensor::from_slice(win)
                     .reshape([1, 4, roi[0] as i64, roi[1] as i64, roi[2] as i64])
                     .to_device(device);
@@ -553,6 +553,8 @@ fn provenance(config: &TrainConfig, env: &RunEnv, state: &TrainState) -> serde_j
             "devices": config.devices.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
         },
         "labels": config.labels,
+        "label_convention": config.data.label_convention,
+        "pipeline_version": brats_preprocess::pipeline::PIPELINE_VERSION,
     })
 }
 
@@ -588,7 +590,7 @@ fn finish(
     let loaded = weights::load_weights_from_bytes(&weights_bytes, "best weights").map_err(|e| model_err(&e))?;
     let options = ExportOptions { precision: Precision::Fp32, group_norm: GroupNormLowering::StagedMeans };
     let onnx = brats_model::onnx::to_onnx_bytes(&loaded.config, &loaded.tensors, options).map_err(|e| model_err(&e))?;
-    let mut metadata = brats_model::metadata::ModelMetadata::new(
+    let mut metadata = brats_model::metadata::model_metadata(
         &loaded.config,
         options,
         "model.onnx",

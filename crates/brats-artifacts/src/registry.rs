@@ -7,6 +7,7 @@
 //! ```
 //! Aliases move by rewriting `aliases.json` (an atomic put); services watch it and hot-reload.
 
+use crate::metadata::ModelMetadata;
 use brats_core::error::{CoreError, Result};
 use brats_core::store::{StoreUri, Stores};
 use bytes::Bytes;
@@ -25,8 +26,8 @@ pub const ALIASES_FILE: &str = "aliases.json";
 pub struct FetchedModel {
     /// The ONNX graph.
     pub onnx: Bytes,
-    /// `metadata.json`, or an empty object when the version has none.
-    pub metadata: serde_json::Value,
+    /// `metadata.json`, or None when the version has none.
+    pub metadata: Option<ModelMetadata>,
     /// Where the graph lives.
     pub uri: StoreUri,
 }
@@ -105,13 +106,15 @@ impl Registry {
             }
             other => other,
         })?;
-        let metadata = match self.stores.get(&dir.join(METADATA_FILE)).await {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| CoreError::invalid(format!("{}: invalid JSON ({e})", dir.join(METADATA_FILE))))?,
-            Err(CoreError::NotFound(_)) => serde_json::json!({}),
-            Err(e) => return Err(e),
+        let metadata_uri = dir.join(METADATA_FILE);
+        let Some(raw) = self.metadata_bytes(&metadata_uri).await? else {
+            return Ok(FetchedModel { onnx, metadata: None, uri });
         };
-        if let Some(want) = find_sha256(&metadata) {
+        // The integrity check comes first and needs only `onnx.sha256`: a graph that is not the
+        // one described is refused as such, whatever else the file holds.
+        let json: serde_json::Value = serde_json::from_slice(&raw)
+            .map_err(|e| CoreError::invalid(format!("{metadata_uri}: invalid JSON ({e})")))?;
+        if let Some(want) = find_sha256(&json) {
             let got = hex::encode(Sha256::digest(&onnx));
             if got != want {
                 return Err(CoreError::invalid(format!(
@@ -119,7 +122,28 @@ impl Registry {
                 )));
             }
         }
-        Ok(FetchedModel { onnx, metadata, uri })
+        let metadata = ModelMetadata::from_slice(&raw, &metadata_uri.to_string())?;
+        Ok(FetchedModel { onnx, metadata: Some(metadata), uri })
+    }
+
+    /// A version's `metadata.json`, typed, without fetching its graph; None when the version
+    /// has none.
+    pub async fn metadata(&self, name: &str, version: &str) -> Result<Option<ModelMetadata>> {
+        validate_name("model name", name)?;
+        validate_name("model version", version)?;
+        let uri = self.version_uri(name, version).join(METADATA_FILE);
+        match self.metadata_bytes(&uri).await? {
+            Some(raw) => Ok(Some(ModelMetadata::from_slice(&raw, &uri.to_string())?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn metadata_bytes(&self, uri: &StoreUri) -> Result<Option<Bytes>> {
+        match self.stores.get(uri).await {
+            Ok(b) => Ok(Some(b)),
+            Err(CoreError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Adds version `version` (graph, then metadata) and optionally points an alias at it.
