@@ -89,8 +89,8 @@ pub struct CaseOutcome<E> {
 /// What a running dataset reports.
 #[derive(Debug)]
 pub enum DatasetEvent<E> {
-    /// A case finished.
-    Case(Counts, CaseOutcome<E>),
+    /// A case finished (boxed: a case's output is much larger than the final event).
+    Case(Counts, Box<CaseOutcome<E>>),
     /// Every case finished; the manifest (of the cases that succeeded) was written, or not.
     Done(Counts, Result<(StoreUri, Manifest), CoreError>),
 }
@@ -192,7 +192,7 @@ impl DatasetPlan {
                     }
                     Err(_) => run.counts.failed += 1,
                 }
-                return Some((DatasetEvent::Case(run.counts, outcome), run));
+                return Some((DatasetEvent::Case(run.counts, Box::new(outcome)), run));
             }
             run.done = true;
             // Cases finish in any order; the manifest lists them in datalist order, so a dataset

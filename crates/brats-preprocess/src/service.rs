@@ -389,7 +389,12 @@ fn map_event<E>(e: DatasetEvent<E>, f: impl Fn(E) -> Status) -> DatasetEvent<Sta
     match e {
         DatasetEvent::Case(counts, o) => DatasetEvent::Case(
             counts,
-            CaseOutcome { case_id: o.case_id, section: o.section, result: o.result.map_err(f), seconds: o.seconds },
+            Box::new(CaseOutcome {
+                case_id: o.case_id,
+                section: o.section,
+                result: o.result.map_err(f),
+                seconds: o.seconds,
+            }),
         ),
         DatasetEvent::Done(counts, r) => DatasetEvent::Done(counts, r),
     }
@@ -406,8 +411,8 @@ fn progress_pb(event: DatasetEvent<Status>) -> (Result<pb::PreprocessDatasetProg
     };
     match event {
         DatasetEvent::Case(counts, o) => {
-            let (case_id, section, seconds) = (o.case_id, o.section, o.seconds);
-            let case = match o.result {
+            let CaseOutcome { case_id, section, seconds, result } = *o;
+            let case = match result {
                 Ok(out) => pb::CaseOutcome {
                     case_id,
                     section,
