@@ -73,7 +73,16 @@ mod tests {
     #[test]
     fn train_start_takes_the_shared_flags() {
         let cli = Cli::try_parse_from([
-            "bratsctl", "train", "start", "--datalist", "/d.json", "--devices", "0,1", "--batch-size", "2", "--no-amp",
+            "bratsctl",
+            "train",
+            "start",
+            "--datalist",
+            "/d.json",
+            "--devices",
+            "0,1",
+            "--batch-size",
+            "2",
+            "--no-amp",
             "--promote",
         ])
         .unwrap();
