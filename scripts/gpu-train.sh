@@ -21,14 +21,14 @@ dir=target/gpu-train
 case "${1:-}" in
 build)
     set -e
-    cargo build -p brats-trainer --bins
-    cargo test -p brats-trainer --test dist --no-run 2>&1 | tail -1
+    cargo build -p brats-trainer -p brats-preprocess --bins
+    cargo test -p brats-train --test dist --no-run 2>&1 | tail -1
     rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/py"
-    cp target/debug/brats-trainer "$dir/bin/"
+    cp target/debug/brats-trainer target/debug/brats-preprocess "$dir/bin/"
     dist_test=$(ls -t target/debug/deps/dist-* | grep -v '\.d$' | head -1)
     cp "$dist_test" "$dir/bin/dist-test"
     strip --strip-debug "$dir"/bin/*
-    shim=$(find target/debug/build -name libbrats_nccl_shim.so -newer crates/brats-trainer/csrc/nccl_shim.cpp | head -1)
+    shim=$(find target/debug/build -name libbrats_nccl_shim.so -newer crates/brats-train/csrc/nccl_shim.cpp | head -1)
     [ -n "$shim" ] && cp "$shim" "$dir/bin/" || echo "warning: NCCL shim not built (BOOTSTRAP_NCCL=1 scripts/bootstrap.sh)"
     cp -r tests/monai/.venv/lib/python3.11/site-packages/monai "$dir/py/"
     find "$dir/py" -name __pycache__ -prune -exec rm -rf {} +
@@ -54,7 +54,7 @@ run | stream)
         # cases of 240x240x155 (≈ 180 MB each in the store), crop 224x224x144, AMP, 4 loader
         # threads, 3 epochs (the first reads a cold page cache).
         log "case_cache memory vs stream: 8 + 2 synthetic 240x240x155 cases, crop 224x224x144, AMP, 3 epochs"
-        timeout 120 "$bin/brats-trainer" synth-dataset --shape 240,240,155 --seed 7 --training 8 --validation 2 --out "$work/data" >/dev/null
+        timeout 120 "$bin/brats-preprocess" synth --shape 240,240,155 --seed 7 --count 10 --validation 2 --out "$work/data" >/dev/null
         for cache in stream memory; do
             sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
             start=$SECONDS
@@ -94,7 +94,7 @@ PY
     tail -3 "$out/step.err" 2>/dev/null | grep -v "^\[W" | tee -a "$out/summary.txt"
 
     log "3. brats-trainer train on cuda:0, AMP, NCCL world size 1, 6 synthetic 240x240x155 cases"
-    timeout 90 "$bin/brats-trainer" synth-dataset --shape 240,240,155 --seed 7 --training 4 --validation 2 --out "$work/data" >/dev/null
+    timeout 90 "$bin/brats-preprocess" synth --shape 240,240,155 --seed 7 --count 6 --validation 2 --out "$work/data" >/dev/null
     MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 \
         timeout 300 "$bin/brats-trainer" train --datalist "$work/data/datalist.json" --epochs 2 --max-steps-per-epoch 12 \
         --lr 1e-4 --crop 224,224,144 --val-roi 240,240,160 --devices 0 --verbose --out "$work/run" >"$out/train.txt" 2>&1

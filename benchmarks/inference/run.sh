@@ -4,7 +4,7 @@
 #
 # Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | all]   (default: compare 3)
 #
-# 1. builds brats-inference (release), write_reference_weights and brats-trainer (dev profile); creates the MONAI
+# 1. builds brats-inference (release), write_reference_weights and brats-model (dev profile); creates the MONAI
 #    venv if it is missing;
 # 2. writes the detgen weights (tests/monai/detgen.py == brats_model::reference::det_state_dict) as
 #    our safetensors, exports them to ONNX (default GroupNorm lowering, and --instance-norm);
@@ -15,7 +15,7 @@
 #    ONLY=REGEX (environment) runs only the variants whose name matches.
 #    BEFORE_BIN=PATH BEFORE_MODEL=PATH (environment) add a third side to `compare` in the same
 #    rounds, e.g. the previous release binary with its export, for before/after tables.
-# The models are re-exported whenever brats-trainer was rebuilt after them (exporter changes).
+# The models are re-exported whenever brats-model was rebuilt after them (exporter changes).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -29,13 +29,13 @@ command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (apt-get inst
 echo "== building" >&2
 cargo build --release --quiet -p brats-inference -p brats-preprocess
 # weights + export: the dev profile (optimised in this workspace) avoids a release build of libtorch crates
-cargo build --quiet -p brats-model --example write_reference_weights -p brats-trainer
+cargo build --quiet -p brats-model --example write_reference_weights --bin brats-model
 export BIN="$TARGET/release/brats-inference"
-TRAINER="$TARGET/debug/brats-trainer"
-if [ ! -f "$DATA/model.onnx" ] || [ ! -f "$DATA/model-in.onnx" ] || [ "$TRAINER" -nt "$DATA/model.onnx" ]; then
+MODEL_TOOL="$TARGET/debug/brats-model"
+if [ ! -f "$DATA/model.onnx" ] || [ ! -f "$DATA/model-in.onnx" ] || [ "$MODEL_TOOL" -nt "$DATA/model.onnx" ]; then
     "$TARGET/debug/examples/write_reference_weights" "$DATA/weights.safetensors" >&2
-    "$TRAINER" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model.onnx" >&2
-    "$TRAINER" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model-in.onnx" \
+    "$MODEL_TOOL" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model.onnx" >&2
+    "$MODEL_TOOL" export-onnx --weights "$DATA/weights.safetensors" --out "$DATA/model-in.onnx" \
         --metadata "$DATA/metadata-in.json" --instance-norm >&2
 fi
 export MODEL="$DATA/model.onnx" MODEL_IN="$DATA/model-in.onnx"

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use brats_core::{StoreConfig, StoreUri, Stores};
 use brats_proto::v1 as pb;
-use brats_trainer::data::CaseCache;
-use brats_trainer::dataset::{self, Preprocessor};
-use brats_trainer::dist::{Backend, DistEnv, ProcessGroup};
-use brats_trainer::events::{EventKind, WorkerLine};
-use brats_trainer::spec::{self, Device, TrainConfig};
-use brats_trainer::train::{self, RunEnv, TrainError};
+use brats_train::data::CaseCache;
+use brats_train::dataset::{self, Preprocessor};
+use brats_train::dist::{Backend, DistEnv, ProcessGroup};
+use brats_train::events::{EventKind, WorkerLine};
+use brats_train::spec::{self, Device, TrainConfig};
+use brats_train::train::{self, RunEnv, TrainError};
+use brats_trainer::launcher::{self, LaunchSpec, WorkerOutput};
 use clap::Args;
 
 /// Exit code of a worker that stopped because it was cancelled.
@@ -119,8 +120,11 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             bail!("devices: cuda:{i} is not present (this machine has {} CUDA devices)", tch::Cuda::device_count());
         }
     }
-    if config.devices.len() > 1 && dist_env.is_none() {
-        return launch_local_ranks(&config);
+    if dist_env.is_none() {
+        let local = local_rank_devices(&config)?;
+        if local.len() > 1 {
+            return launch_local_ranks(local);
+        }
     }
     let (rank, world, local_rank) =
         dist_env.as_ref().map(|e| (e.rank, e.world_size, e.local_rank)).unwrap_or((0, 1, 0));
@@ -220,7 +224,6 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Err(TrainError::Cancelled) => bail!("cancelled; the latest checkpoint is kept, run the same command to resume"),
         Err(e) => Err(e.into()),
     }
 }
@@ -232,33 +235,60 @@ fn local_world(env: Option<&DistEnv>) -> usize {
         .unwrap_or_else(|| env.map(|e| e.world_size).unwrap_or(1))
 }
 
-/// One process per local device, like torchrun on one node; waits for all, fails if any fails.
-fn launch_local_ranks(config: &TrainConfig) -> anyhow::Result<()> {
-    let world = config.devices.len();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
-    for rank in 0..world {
-        let child = std::process::Command::new(&exe)
-            .args(std::env::args_os().skip(1))
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_WORLD_SIZE", world.to_string())
-            .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        children.push(child);
-    }
-    let mut failed = Vec::new();
-    for (rank, mut c) in children.into_iter().enumerate() {
-        let status = c.wait()?;
-        if !status.success() {
-            failed.push(format!("rank {rank}: {status}"));
+/// The ranks an offline `train` without torchrun's variables starts on this machine: one per
+/// listed CUDA device, or `LOCAL_WORLD_SIZE` (default 1) Gloo ranks for `--devices cpu`.
+fn local_rank_devices(config: &TrainConfig) -> anyhow::Result<Vec<Device>> {
+    Ok(match config.devices.as_slice() {
+        [Device::Cpu] => {
+            let n = match std::env::var("LOCAL_WORLD_SIZE") {
+                Ok(v) => v.trim().parse::<usize>().ok().filter(|&n| n >= 1).with_context(|| {
+                    format!("LOCAL_WORLD_SIZE={v:?}: expected the number of CPU ranks to start (at least 1)")
+                })?,
+                Err(_) => 1,
+            };
+            vec![Device::Cpu; n]
         }
+        devices => devices.to_vec(),
+    })
+}
+
+/// One process per local rank, like torchrun on one node, through the service's launcher:
+/// the ranks die with this process (PDEATHSIG), and the first rank to fail takes its peers down
+/// at once instead of leaving them to wait out the c10d timeout. SIGINT/SIGTERM are forwarded,
+/// so every rank stops at a step boundary with the latest checkpoint kept.
+fn launch_local_ranks(devices: Vec<Device>) -> anyhow::Result<()> {
+    let spec = LaunchSpec {
+        exe: std::env::current_exe().context("finding this executable")?,
+        job_id: "train".into(),
+        args: std::env::args_os().skip(1).collect(),
+        devices,
+        env: Vec::new(),
+        output: WorkerOutput::Inherited,
+    };
+    let cancel = cancel_flag(false);
+    let rt = runtime()?;
+    let outcome = rt.block_on(async {
+        let (mut group, _no_lines) = launcher::launch(&spec).await?;
+        let mut forwarded = false;
+        loop {
+            tokio::select! {
+                done = group.done() => break anyhow::Ok(done.context("waiting for the ranks")?),
+                _ = tokio::time::sleep(Duration::from_millis(100)), if !forwarded => {
+                    if cancel.load(Ordering::SeqCst) {
+                        forwarded = true;
+                        group.signal(libc::SIGINT);
+                    }
+                }
+            }
+        }
+    })?;
+    if let Some(failure) = outcome.failure() {
+        bail!("{}", failure.describe());
     }
-    if failed.is_empty() { Ok(()) } else { bail!("{}", failed.join("; ")) }
+    if !outcome.all_exited_with(0) {
+        return Err(TrainError::Cancelled.into());
+    }
+    Ok(())
 }
 
 /// Human-readable progress of the offline command.
@@ -452,8 +482,8 @@ pub struct BenchStepArgs {
 /// input and target, timed per step, exactly the work `benchmarks/trainer/monai_train_step.py`
 /// times for MONAI.
 pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
-    use brats_trainer::loss::DiceLoss;
-    use brats_trainer::optim::{Adam, AdamConfig, GradScaler, GradScalerConfig};
+    use brats_train::loss::DiceLoss;
+    use brats_train::optim::{Adam, AdamConfig, GradScaler, GradScalerConfig};
     let crop: Vec<i64> = brats_cli::parse_xyz::<u32>(&a.crop).context("--crop")?.into_iter().map(i64::from).collect();
     let device = Device::parse(&a.device).with_context(|| format!("--device '{}'", a.device))?;
     if a.threads > 0 {
@@ -528,19 +558,5 @@ pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
             "device": device.to_string(), "amp": amp, "final_loss": last_loss, "peak_rss_kib": rss_kib,
         })
     );
-    Ok(())
-}
-
-/// `brats-trainer synth-dataset`.
-pub fn synth_dataset(
-    shape: &str,
-    seed: u64,
-    training: usize,
-    validation: usize,
-    out: &std::path::Path,
-) -> anyhow::Result<()> {
-    let shape = brats_cli::parse_xyz::<usize>(shape).context("--shape")?;
-    let path = brats_preprocess::synthetic::write_dataset(out, shape, seed, training, validation)?;
-    println!("{}", path.display());
     Ok(())
 }

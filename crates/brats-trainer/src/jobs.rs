@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use crate::events::{EventKind, JobEvent, JobState, StepMetrics, dice_to_proto, timestamp};
-use crate::metric::DiceScores;
-use crate::spec::{Device, TrainConfig};
+use brats_train::events::{EventKind, JobEvent, JobState, StepMetrics, dice_to_proto, timestamp};
+use brats_train::metric::DiceScores;
+use brats_train::spec::{Device, TrainConfig};
 
 /// File name of a job's record.
 pub const JOB_FILE: &str = "job.json";
@@ -697,11 +697,11 @@ impl JobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EpochMetrics;
+    use brats_train::events::EpochMetrics;
 
     fn config() -> TrainConfig {
         let spec = pb::JobSpec { datalist_uri: "file:/d/datalist.json".into(), ..Default::default() };
-        crate::spec::resolve(&spec, 5, &[Device::Cpu]).unwrap()
+        brats_train::spec::resolve(&spec, 5, &[Device::Cpu]).unwrap()
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! Worker processes of a job: one `<exe> worker --job-uri … --manifest-uri …` per device, with
+//! Worker processes of a job: one process per device — `<exe> worker --job-uri … --manifest-uri …`
+//! for a service job, `<exe> train …` for the ranks of an offline multi-device `train` — with
 //! torchrun's rendezvous variables, their protocol lines collected from rank 0's stdout, a short
 //! tail of every rank's stderr kept for failure reasons, and the whole group taken down when one
-//! rank fails.
+//! rank fails (its peers would otherwise wait out the c10d timeout in their next collective).
 //!
-//! Workers die with the service: `PR_SET_PDEATHSIG` (SIGKILL) is set in the child before `exec`.
+//! Workers die with their parent: `PR_SET_PDEATHSIG` (SIGKILL) is set in the child before `exec`.
 //! That signal follows the *thread* that forked, not the process, so every worker is forked by
 //! one long-lived launcher thread rather than by a runtime thread that may be retired. Each
-//! worker gets its own process group, so a Ctrl-C aimed at the service's terminal reaches only
-//! the service, which then stops its workers at a step boundary by closing their stdin.
+//! worker gets its own process group, so a Ctrl-C aimed at the parent's terminal reaches only
+//! the parent, which then stops its workers at a step boundary (closing their stdin, or for the
+//! offline command forwarding the signal).
 
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,8 +25,10 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::events::WorkerLine;
-use crate::spec::Device;
+use crate::sync::lock;
+
+use brats_train::events::WorkerLine;
+use brats_train::spec::Device;
 
 /// Exit code of a worker that stopped because its stdin closed (a cancel).
 pub const EXIT_CANCELLED: i32 = 3;
@@ -39,15 +44,48 @@ pub struct LaunchSpec {
     pub exe: PathBuf,
     /// The job (for logs).
     pub job_id: String,
-    /// The job's folder URI (`…/jobs/<id>/`).
-    pub job_uri: String,
-    /// The preprocessed dataset's manifest URI.
-    pub manifest_uri: String,
+    /// The command line of every rank (after the executable); the rank is in the environment.
+    pub args: Vec<OsString>,
     /// One worker per device, rank = position.
     pub devices: Vec<Device>,
-    /// The service's `StoreConfig` as JSON (`BRATS_TRAINER_STORE`); holds credentials, so it
-    /// goes through the environment only and is never logged.
-    pub store_json: String,
+    /// Extra environment of every rank. May hold credentials (the service's store settings),
+    /// so it is never logged.
+    pub env: Vec<(String, String)>,
+    /// What becomes of the ranks' stdout and stderr.
+    pub output: WorkerOutput,
+}
+
+/// Where the ranks' output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutput {
+    /// Read by the launcher: rank 0's protocol lines arrive on the channel [`launch`] returns,
+    /// every rank's stderr tail goes into its [`RankStatus`] (service workers).
+    Captured,
+    /// Shared with the parent, so a user sees the ranks' progress (the offline command); no
+    /// protocol lines, no stderr tails.
+    Inherited,
+}
+
+impl LaunchSpec {
+    /// The ranks of a service job: `<exe> worker --job-uri JOB --manifest-uri MANIFEST`, the
+    /// store settings in `BRATS_TRAINER_STORE`, output captured.
+    pub fn service_worker(
+        exe: PathBuf,
+        job_id: &str,
+        job_uri: &str,
+        manifest_uri: &str,
+        devices: Vec<Device>,
+        store_json: String,
+    ) -> LaunchSpec {
+        LaunchSpec {
+            exe,
+            job_id: job_id.to_string(),
+            args: ["worker", "--job-uri", job_uri, "--manifest-uri", manifest_uri].map(OsString::from).to_vec(),
+            devices,
+            env: vec![("BRATS_TRAINER_STORE".to_string(), store_json)],
+            output: WorkerOutput::Captured,
+        }
+    }
 }
 
 impl std::fmt::Debug for LaunchSpec {
@@ -55,9 +93,9 @@ impl std::fmt::Debug for LaunchSpec {
         f.debug_struct("LaunchSpec")
             .field("exe", &self.exe)
             .field("job_id", &self.job_id)
-            .field("job_uri", &self.job_uri)
-            .field("manifest_uri", &self.manifest_uri)
+            .field("args", &self.args)
             .field("devices", &self.devices)
+            .field("output", &self.output)
             .finish_non_exhaustive()
     }
 }
@@ -212,7 +250,7 @@ impl WorkerGroup {
     /// Closes every rank's stdin: the workers stop at the next step boundary and exit with
     /// [`EXIT_CANCELLED`].
     pub fn close_stdin(&self) {
-        let mut stdins = self.stdins.lock().expect("stdin lock");
+        let mut stdins = lock(&self.stdins);
         for s in stdins.iter_mut() {
             drop(s.take());
         }
@@ -221,6 +259,20 @@ impl WorkerGroup {
     /// SIGKILLs every rank that has not exited.
     pub fn kill(&self) {
         kill_all(&self.ranks);
+    }
+
+    /// Sends `signal` to every rank that has not exited (the offline `train` forwards its
+    /// SIGINT/SIGTERM this way: its ranks lead their own process groups, so a terminal's
+    /// Ctrl-C reaches only the parent).
+    pub fn signal(&self, signal: i32) {
+        for r in self.ranks.iter() {
+            if !r.exited.load(Ordering::SeqCst) && r.pid > 0 {
+                // SAFETY: kill(2) on a child we started and have not reaped.
+                unsafe {
+                    libc::kill(r.pid as i32, signal);
+                }
+            }
+        }
     }
 
     /// Resolves when every rank has exited and all their output has been read.
@@ -274,9 +326,7 @@ fn launcher_thread() -> &'static Mutex<std::sync::mpsc::Sender<SpawnRequest>> {
 
 async fn spawn(cmd: Command) -> Result<std::io::Result<Child>, LaunchError> {
     let (tx, rx) = oneshot::channel();
-    launcher_thread()
-        .lock()
-        .expect("launcher lock")
+    lock(launcher_thread())
         .send((Box::new(cmd), tokio::runtime::Handle::current(), tx))
         .map_err(|_| LaunchError::Launcher)?;
     rx.await.map_err(|_| LaunchError::Launcher)
@@ -296,33 +346,35 @@ pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedRe
     let mut children = Vec::with_capacity(world);
     for (rank, device) in spec.devices.iter().enumerate() {
         let mut cmd = Command::new(&spec.exe);
-        cmd.arg("worker")
-            .arg("--job-uri")
-            .arg(&spec.job_uri)
-            .arg("--manifest-uri")
-            .arg(&spec.manifest_uri)
+        let captured = spec.output == WorkerOutput::Captured;
+        let output = || if captured { Stdio::piped() } else { Stdio::inherit() };
+        cmd.args(&spec.args)
             .env("MASTER_ADDR", "127.0.0.1")
             .env("MASTER_PORT", port.to_string())
             .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", world.to_string())
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
             .env("BRATS_TRAINER_DEVICE", device.to_string())
-            .env("BRATS_TRAINER_STORE", &spec.store_json)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(output())
+            .stderr(output())
             .kill_on_drop(true)
             .process_group(0);
-        // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-        // functions (prctl, getppid).
+        // SAFETY: the closure runs between fork and exec, in a copy of a multi-threaded process
+        // where another thread may have held the allocator's lock at the fork: it calls only
+        // async-signal-safe functions (prctl, getppid, errno via `last_os_error`) and allocates
+        // nothing (`from_raw_os_error` builds the error without a heap allocation).
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                // The service died between fork and prctl: do not start an orphan.
+                // The parent died between fork and prctl: do not start an orphan. (The child's
+                // error is reported as the spawn's OS error: ESRCH, "no such process".)
                 if libc::getppid() != parent {
-                    return Err(std::io::Error::other("the trainer service exited"));
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 Ok(())
             });
@@ -371,7 +423,7 @@ pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedRe
                 while let Ok(Some(line)) = lines.next_line().await {
                     let clean = truncate(&strip_ansi(&line));
                     debug!(job_id = %job, rank, line = %clean, "worker stderr");
-                    let mut t = tail.lock().expect("tail lock");
+                    let mut t = lock(&tail);
                     if t.len() == STDERR_TAIL {
                         t.pop_front();
                     }
@@ -429,7 +481,7 @@ pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedRe
                 rank,
                 pid: supervised[rank].pid,
                 exit: exit.unwrap_or(RankExit::Code(-1)),
-                stderr_tail: tails[rank].lock().expect("tail lock").iter().cloned().collect(),
+                stderr_tail: lock(&tails[rank]).iter().cloned().collect(),
             })
             .collect();
         GroupOutcome { ranks, first_failure }
@@ -465,7 +517,7 @@ fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::EventKind;
+    use brats_train::events::EventKind;
 
     fn script(dir: &std::path::Path, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
@@ -476,14 +528,7 @@ mod tests {
     }
 
     fn spec(exe: PathBuf, devices: Vec<Device>) -> LaunchSpec {
-        LaunchSpec {
-            exe,
-            job_id: "t".into(),
-            job_uri: "file:///tmp/jobs/t/".into(),
-            manifest_uri: "file:///tmp/m.json".into(),
-            devices,
-            store_json: "{}".into(),
-        }
+        LaunchSpec::service_worker(exe, "t", "file:///tmp/jobs/t/", "file:///tmp/m.json", devices, "{}".into())
     }
 
     #[tokio::test]
@@ -534,7 +579,7 @@ mod tests {
             stderr_tail: tail.iter().map(|s| s.to_string()).collect(),
         };
         let info = "2026-11-27T13:16:50.208484Z  INFO brats_trainer::cli: dataset opened cache=stream";
-        let warn = "2026-11-27T13:16:50.300000Z  WARN brats_trainer::train: slow step";
+        let warn = "2026-11-27T13:16:50.300000Z  WARN brats_train::train: slow step";
         let killed = rank(&[info, info], RankExit::Signal(libc::SIGKILL));
         assert_eq!(killed.describe(), "worker rank 0 (pid 42) was killed by signal 9 (SIGKILL)");
         let failed = rank(&[info, warn, "Error: reading cases/x.safetensors: not found", info], RankExit::Code(1));

@@ -1,10 +1,11 @@
 //! `brats-trainer train` end to end on synthetic BraTS-like data: it learns, two Gloo ranks
-//! equal one process on the concatenated batch, a second run resumes, bad input is refused.
+//! equal one process on the concatenated batch, a second run resumes, bad input is refused, and
+//! the ranks it launches itself stop together when one of them dies.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use brats_trainer::checkpoint;
+use brats_train::checkpoint;
 
 /// The test network: SegResNet with three levels and 8 filters (MONAI's class, smaller).
 const SMALL: &str = r#"{"init_filters":8,"blocks_down":[1,1,1],"blocks_up":[1,1]}"#;
@@ -12,7 +13,7 @@ const SMALL_NO_DROPOUT: &str = r#"{"init_filters":8,"blocks_down":[1,1,1],"block
 
 fn trainer() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_brats-trainer"));
-    c.env_remove("WORLD_SIZE").env_remove("RANK").env_remove("LOCAL_RANK");
+    c.env_remove("WORLD_SIZE").env_remove("RANK").env_remove("LOCAL_RANK").env_remove("LOCAL_WORLD_SIZE");
     c
 }
 
@@ -251,4 +252,87 @@ fn bad_input_is_refused_with_the_field_named() {
         assert!(!o.status.success() && err.contains(expect), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+/// The child processes of `pid` (of any of its threads: the launcher forks from its own thread).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect()
+}
+
+/// The `RANK` a process was started with.
+fn rank_of(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    environ.split(|&b| b == 0).find_map(|kv| kv.strip_prefix(b"RANK=").map(|v| String::from_utf8_lossy(v).into_owned()))
+}
+
+/// `LOCAL_WORLD_SIZE=2 … --devices cpu` starts two Gloo ranks through the service's launcher;
+/// they train together and the command succeeds.
+#[test]
+fn local_world_size_starts_cpu_ranks_that_train_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
+    let out = dir.path().join("run");
+    let o = trainer()
+        .args(["train", "--datalist"])
+        .arg(&datalist)
+        .args(["--epochs", "1", "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu"])
+        .args(["--model", SMALL, "--out"])
+        .arg(&out)
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let text = ok(&o);
+    assert!(text.contains("world size 2"), "{text}");
+    assert_eq!(metrics(&out).len(), 1);
+}
+
+/// A rank that dies takes its peers down at once: the launcher kills rank 0, which would
+/// otherwise wait in its next collective for the c10d timeout (300 s), and the command fails
+/// naming the dead rank.
+#[test]
+fn a_dead_rank_ends_an_offline_multi_rank_run_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
+    let started = std::time::Instant::now();
+    let parent = trainer()
+        .args(["train", "--datalist"])
+        .arg(&datalist)
+        .args(["--epochs", "500", "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu"])
+        .args(["--model", SMALL, "--out"])
+        .arg(dir.path().join("run"))
+        .env("LOCAL_WORLD_SIZE", "2")
+        .env("OMP_NUM_THREADS", "1")
+        .env_remove("BRATS_DIST_TIMEOUT_S")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ranks = loop {
+        let ranks: Vec<(u32, String)> =
+            children(parent.id()).into_iter().filter_map(|p| Some((p, rank_of(p)?))).collect();
+        if ranks.len() == 2 {
+            break ranks;
+        }
+        assert!(started.elapsed().as_secs() < 60, "the ranks did not start: {ranks:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let (rank0, _) = *ranks.iter().find(|(_, r)| r == "0").unwrap();
+    let (rank1, _) = *ranks.iter().find(|(_, r)| r == "1").unwrap();
+    // Rank 0 is preprocessing or already waiting for rank 1 in the rendezvous.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: kill(2) on a process this test found among its child's children.
+    assert_eq!(unsafe { libc::kill(rank1 as i32, libc::SIGKILL) }, 0);
+    let o = parent.wait_with_output().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(seconds < 60.0, "took {seconds:.0} s: rank 0 waited for the dead rank\n{err}");
+    assert!(err.contains("rank 1") && err.contains("SIGKILL"), "{err}");
+    assert!(!Path::new(&format!("/proc/{rank0}")).exists(), "rank 0 outlived the run");
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::metric::DiceScores;
-use crate::plot::EpochRow;
+use crate::report::EpochRow;
 
 /// Metadata key of the training state.
 pub const META_TRAIN_STATE: &str = "brats_train";

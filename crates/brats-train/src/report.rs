@@ -645,7 +645,7 @@ mod tests {
     }
 
     /// Writes sample plots for a person to look at: run with
-    /// `cargo test -p brats-trainer --lib plot::tests::sample_pngs -- --ignored`, see /tmp.
+    /// `cargo test -p brats-train --lib report::tests::sample_pngs -- --ignored`, see /tmp.
     #[test]
     #[ignore]
     fn sample_pngs() {

@@ -15,9 +15,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use brats_model::reference::uniform;
-use brats_trainer::loss::DiceLoss;
-use brats_trainer::metric::{DiceAccumulator, DiceScores};
-use brats_trainer::optim::{Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig, WarmupCosineSchedule};
+use brats_train::loss::DiceLoss;
+use brats_train::metric::{DiceAccumulator, DiceScores};
+use brats_train::optim::{Adam, AdamConfig, CosineSchedule, GradScaler, GradScalerConfig, WarmupCosineSchedule};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use tch::{Kind, Tensor};

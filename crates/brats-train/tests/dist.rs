@@ -1,4 +1,4 @@
-//! Multi-process tests of `brats_trainer::dist` over Gloo on CPU.
+//! Multi-process tests of `brats_train::dist` over Gloo on CPU.
 //!
 //! A test that needs several ranks re-runs this test binary once per rank, filtered to itself,
 //! with `BRATS_DIST_TEST_RANK` and torchrun's variables set; the same test function then takes
@@ -9,7 +9,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use brats_trainer::dist::{self, BUCKET_CAP_BYTES, Backend, DistEnv, DistError, ProcessGroup, average_gradients};
+use brats_train::dist::{self, BUCKET_CAP_BYTES, Backend, DistEnv, DistError, ProcessGroup, average_gradients};
 use tch::{Kind, Tensor};
 
 const ROLE_VAR: &str = "BRATS_DIST_TEST_RANK";
@@ -288,12 +288,12 @@ fn env_parsing_and_validation() {
     .unwrap();
     assert_eq!(env, DistEnv { master_addr: "node0".into(), master_port: 29500, world_size: 4, rank: 3, local_rank: 1 });
     assert!(!env.is_master());
-    // LOCAL_RANK defaults to RANK.
+    // LOCAL_RANK defaults to 0 (one process per node), not to RANK.
     let env =
         DistEnv::from_lookup(vars(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "1"), ("WORLD_SIZE", "2"), ("RANK", "1")]))
             .unwrap()
             .unwrap();
-    assert_eq!(env.local_rank, 1);
+    assert_eq!(env.local_rank, 0);
 
     let err = |pairs: &[(&str, &str)]| DistEnv::from_lookup(vars(pairs)).unwrap_err().to_string();
     let e = err(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "1"), ("WORLD_SIZE", "2"), ("RANK", "2")]);
