@@ -5,11 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use brats_core::error::CoreError;
 use brats_core::store::StoreUri;
 use brats_proto::v1 as pb;
 use brats_service::{code_name, field_status};
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span};
