@@ -4,8 +4,8 @@
 
 mod common;
 
-use brats_inference::config::InferenceConfig;
 use brats_artifacts::registry::Registry;
+use brats_inference::config::InferenceConfig;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;

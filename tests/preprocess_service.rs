@@ -88,7 +88,8 @@ async fn unset_seed_is_the_case_seed_and_zero_is_a_seed() {
     let (images, label) = synth_case(&dir.path().join("in"), "sd", SHAPE, 13);
     let svc = Service::start(config(&file_uri(&dir.path().join("store")))).await;
     let mut client = svc.client().await;
-    let random_crop = pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![16, 16, 16], foreground_multiple: 0 };
+    let random_crop =
+        pb::CropSpec { mode: pb::CropMode::Random as i32, size: vec![16, 16, 16], foreground_multiple: 0 };
     let stores = Stores::new(Default::default());
     let mut image_for = async |seed: Option<u64>| {
         let req = pb::PreprocessCaseRequest { crop: Some(random_crop.clone()), seed, ..request(&images, &label, "sd") };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A moto S3 server on a free loopback port, killed on drop.
-pub struct Moto {
+pub(crate) struct Moto {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub endpoint: String,
@@ -24,13 +24,13 @@ impl Drop for Moto {
 }
 
 /// A free loopback port (brats-cli's), or a panic: a test cannot run without one.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     brats_cli::free_port().expect("a free loopback port")
 }
 
 impl Moto {
     /// Starts moto (installed by `make bootstrap` into .deps/venv) and creates `bucket`.
-    pub async fn start(bucket: &str) -> Moto {
+    pub(crate) async fn start(bucket: &str) -> Moto {
         let bin = std::env::var("BRATS_MOTO_SERVER").unwrap_or_else(|_| ".deps/venv/bin/moto_server".into());
         assert!(
             Path::new(&bin).exists(),
@@ -68,7 +68,7 @@ impl Moto {
     }
 
     /// Store settings that reach this server.
-    pub fn store_config(&self) -> brats_core::StoreConfig {
+    pub(crate) fn store_config(&self) -> brats_core::StoreConfig {
         brats_core::StoreConfig {
             s3_endpoint: Some(self.endpoint.clone()),
             s3_region: Some("us-east-1".into()),
@@ -80,7 +80,7 @@ impl Moto {
 }
 
 /// A minimal HTTP/1.1 request on loopback; returns status code and body.
-pub async fn http(method: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+pub(crate) async fn http(method: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let req =
         format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
@@ -94,7 +94,7 @@ pub async fn http(method: &str, port: u16, path: &str) -> std::io::Result<(u16, 
 }
 
 /// A preprocessing service running in this process on loopback.
-pub struct Service {
+pub(crate) struct Service {
     pub addr: SocketAddr,
     pub metrics_port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -102,7 +102,7 @@ pub struct Service {
 }
 
 impl Service {
-    pub async fn start(mut cfg: ServiceConfig) -> Service {
+    pub(crate) async fn start(mut cfg: ServiceConfig) -> Service {
         let metrics_port = free_port();
         cfg.listen = "127.0.0.1:0".into();
         cfg.metrics_listen = format!("127.0.0.1:{metrics_port}");
@@ -119,34 +119,36 @@ impl Service {
         Service { addr, metrics_port, stop: Some(stop_tx), handle: Some(handle) }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub async fn client(&self) -> brats_proto::v1::preprocessor_client::PreprocessorClient<tonic::transport::Channel> {
+    pub(crate) async fn client(
+        &self,
+    ) -> brats_proto::v1::preprocessor_client::PreprocessorClient<tonic::transport::Channel> {
         brats_proto::v1::preprocessor_client::PreprocessorClient::connect(self.url()).await.unwrap()
     }
 
     /// Graceful shutdown; returns the server's result.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.take().unwrap().send(());
         self.handle.take().unwrap().await.unwrap()
     }
 }
 
 /// Writes a synthetic case as real `.nii.gz` files; returns (images T1c..FLAIR, label).
-pub fn synth_case(dir: &Path, id: &str, shape: [usize; 3], seed: u64) -> ([PathBuf; 4], PathBuf) {
+pub(crate) fn synth_case(dir: &Path, id: &str, shape: [usize; 3], seed: u64) -> ([PathBuf; 4], PathBuf) {
     let case = brats_preprocess::synthetic::generate(&brats_preprocess::synthetic::SyntheticSpec::new(shape, seed));
     let f = brats_preprocess::synthetic::write_case(&case, dir, id).unwrap();
     (f.images, f.label)
 }
 
-pub fn file_uri(p: &Path) -> String {
+pub(crate) fn file_uri(p: &Path) -> String {
     format!("file://{}", p.display())
 }
 
 /// Every file below `dir`, relative, sorted.
-pub fn list_files(dir: &Path) -> Vec<String> {
+pub(crate) fn list_files(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
     fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
         if let Ok(rd) = std::fs::read_dir(d) {
@@ -166,7 +168,7 @@ pub fn list_files(dir: &Path) -> Vec<String> {
 }
 
 /// The `bratsctl` binary, built by [`workspace_exe`].
-pub fn bratsctl_exe() -> PathBuf {
+pub(crate) fn bratsctl_exe() -> PathBuf {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     EXE.get_or_init(|| workspace_exe("bratsctl")).clone()
 }
@@ -174,7 +176,7 @@ pub fn bratsctl_exe() -> PathBuf {
 /// The binary of the workspace package `name` (its binary has the same name), built next to
 /// this test's target folder: `cargo test` builds no binary of another package, so this asks
 /// cargo once per binary and test run.
-pub fn workspace_exe(name: &str) -> PathBuf {
+pub(crate) fn workspace_exe(name: &str) -> PathBuf {
     // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
     let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));

@@ -15,7 +15,8 @@ fn conv(p: nn::Path, c_in: i64, c_out: i64, k: i64, stride: i64, bias: bool) -> 
     // 1×1×1 convolution's logits.
     let bound = 1.0 / ((c_in * k * k * k) as f64).sqrt();
     let init = nn::Init::Uniform { lo: -bound, up: bound };
-    let config = nn::ConvConfig { stride, padding: (k - 1) / 2, bias, ws_init: init, bs_init: init, ..Default::default() };
+    let config =
+        nn::ConvConfig { stride, padding: (k - 1) / 2, bias, ws_init: init, bs_init: init, ..Default::default() };
     nn::conv3d(p / "conv", c_in, c_out, k, config)
 }
 

@@ -33,8 +33,7 @@ fn mean_std(v: &[f64]) -> (f64, f64) {
 
 #[test]
 fn fresh_weights_are_drawn_as_monai_draws_them() {
-    let doc: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixture("init_stats.json")).unwrap()).unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(fixture("init_stats.json")).unwrap()).unwrap();
     let seeds: Vec<i64> = doc["seeds"].as_array().unwrap().iter().map(|s| s.as_i64().unwrap()).collect();
     let ours = pooled_parameters(&seeds);
     let params = doc["parameters"].as_array().unwrap();
@@ -77,5 +76,10 @@ fn fresh_weights_are_drawn_as_monai_draws_them() {
             other => panic!("{name}: unknown init kind {other}"),
         }
     }
-    assert!(failures.is_empty(), "{} parameters differ from MONAI's initialisation:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} parameters differ from MONAI's initialisation:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

@@ -25,19 +25,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
-#[repr(C)]
-struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, tp: *mut Timespec) -> i32;
-}
-
 /// CPU seconds (user + system, all threads) this process has used: CLOCK_PROCESS_CPUTIME_ID.
 fn process_cpu() -> f64 {
-    let mut t = Timespec { tv_sec: 0, tv_nsec: 0 };
-    unsafe { clock_gettime(2, &mut t) };
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 

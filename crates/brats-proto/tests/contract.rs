@@ -89,7 +89,10 @@ impl Linter<'_> {
             if !is_snake(f.name()) {
                 self.findings.push(format!("{}: field {name}.{} is not snake_case", self.file, f.name()));
             }
-            self.documented(&[path.clone(), vec![MESSAGE_FIELD, i as i32]].concat(), &format!("field {name}.{}", f.name()));
+            self.documented(
+                &[path.clone(), vec![MESSAGE_FIELD, i as i32]].concat(),
+                &format!("field {name}.{}", f.name()),
+            );
         }
         for (i, nested) in m.nested_type.iter().enumerate() {
             if nested.options.as_ref().is_some_and(|o| o.map_entry()) {
@@ -114,7 +117,11 @@ impl Linter<'_> {
                 self.findings.push(format!("{}: enum value {} is not prefixed {prefix}", self.file, v.name()));
             }
             if v.number() == 0 && v.name() != format!("{prefix}UNSPECIFIED") {
-                self.findings.push(format!("{}: zero value of {name} is {}, not {prefix}UNSPECIFIED", self.file, v.name()));
+                self.findings.push(format!(
+                    "{}: zero value of {name} is {}, not {prefix}UNSPECIFIED",
+                    self.file,
+                    v.name()
+                ));
             }
             self.documented(&[path.clone(), vec![ENUM_VALUE, i as i32]].concat(), &format!("enum value {}", v.name()));
         }
@@ -129,7 +136,10 @@ impl Linter<'_> {
             if !is_pascal(m.name()) {
                 self.findings.push(format!("{}: rpc {}.{} is not PascalCase", self.file, s.name(), m.name()));
             }
-            self.documented(&[path.clone(), vec![SERVICE_METHOD, i as i32]].concat(), &format!("rpc {}.{}", s.name(), m.name()));
+            self.documented(
+                &[path.clone(), vec![SERVICE_METHOD, i as i32]].concat(),
+                &format!("rpc {}.{}", s.name(), m.name()),
+            );
         }
     }
 }
@@ -231,7 +241,11 @@ fn breaking_changes(old: &FileDescriptorSet, new: &FileDescriptorSet) -> Vec<Str
                     field_shape(x)
                 )),
                 // A oneof membership change is wire-compatible only for proto3 `optional`.
-                Some(x) if f.oneof_index.is_some() != x.oneof_index.is_some() && !x.proto3_optional() && !f.proto3_optional() => {
+                Some(x)
+                    if f.oneof_index.is_some() != x.oneof_index.is_some()
+                        && !x.proto3_optional()
+                        && !f.proto3_optional() =>
+                {
                     found.push(format!("field {name}.{} moved into or out of a oneof", f.name()))
                 }
                 Some(_) => {}

@@ -60,11 +60,8 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 /// The services a reflection client is told a server serves besides its own: health and the
 /// two reflection protocol versions.
-const SHELL_SERVICES: [&str; 3] = [
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
+const SHELL_SERVICES: [&str; 3] =
+    ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// Server reflection for a server that serves `service` (a fully qualified name such as
 /// `brats.v1.Inference`), in both protocol versions: `grpc.reflection.v1` and the older

@@ -54,11 +54,11 @@ mod any_f64 {
         }
     }
 
-    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
         if v.is_finite() { s.serialize_f64(*v) } else { s.collect_str(v) }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
         Repr::value(Option::<Repr>::deserialize(d)?)
     }
 }
@@ -78,7 +78,7 @@ mod any_dice {
         }
     }
 
-    pub fn serialize<S: Serializer>(v: &Option<[f64; 4]>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(v: &Option<[f64; 4]>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             None => s.serialize_none(),
             Some(d) => {
@@ -91,7 +91,7 @@ mod any_dice {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[f64; 4]>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<[f64; 4]>, D::Error> {
         let Some(items) = Option::<[Option<Repr>; 4]>::deserialize(d)? else { return Ok(None) };
         let mut out = [0.0; 4];
         for (o, r) in out.iter_mut().zip(items) {

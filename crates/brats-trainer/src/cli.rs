@@ -21,12 +21,12 @@ use brats_trainer::launcher::{self, LaunchSpec, WorkerOutput};
 use clap::Args;
 
 /// Exit code of a worker that stopped because it was cancelled.
-pub const EXIT_CANCELLED: u8 = 3;
+pub(crate) const EXIT_CANCELLED: u8 = 3;
 
 /// Arguments of `brats-trainer train`: the shared training flags plus what only an offline
 /// run has.
 #[derive(Debug, Clone, Args)]
-pub struct TrainArgs {
+pub(crate) struct TrainArgs {
     /// The job: every flag `bratsctl train start` takes too, with the same meaning. The seed
     /// defaults to 0 here (a service job without one gets a drawn seed).
     #[command(flatten)]
@@ -52,7 +52,7 @@ fn spec_of(a: &TrainArgs) -> anyhow::Result<pb::JobSpec> {
 }
 
 /// Every CUDA device, or the CPU when there is none.
-pub fn available_devices() -> Vec<Device> {
+pub(crate) fn available_devices() -> Vec<Device> {
     let n = tch::Cuda::device_count().max(0) as usize;
     if n == 0 { vec![Device::Cpu] } else { (0..n).map(Device::Cuda).collect() }
 }
@@ -108,7 +108,7 @@ fn cancel_flag(watch_stdin: bool) -> Arc<AtomicBool> {
 }
 
 /// `brats-trainer train`.
-pub fn train(args: TrainArgs) -> anyhow::Result<()> {
+pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
     let dist_env = DistEnv::from_env().context("torchrun-style environment")?;
     let spec = spec_of(&args)?;
     let config =
@@ -347,7 +347,7 @@ impl ProgressPrinter {
 
 /// `brats-trainer worker`: one rank of a service job. Exit 0 = finished, 3 = cancelled,
 /// 1 = failed (the reason is the last stderr line).
-pub fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
+pub(crate) fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
     let cancel = cancel_flag(true);
     match run_worker(job_uri, manifest_uri, &cancel) {
         Ok(()) => ExitCode::SUCCESS,
@@ -421,7 +421,7 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
 }
 
 /// Flags of `brats-trainer serve` that override the configuration.
-pub struct ServeOverrides {
+pub(crate) struct ServeOverrides {
     /// gRPC listen address.
     pub listen: Option<String>,
     /// Store root of jobs.
@@ -435,7 +435,7 @@ pub struct ServeOverrides {
 }
 
 /// `brats-trainer serve`.
-pub async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result<()> {
+pub(crate) async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result<()> {
     let mut cfg = brats_trainer::config::TrainerConfig::load(config.as_deref())?;
     for (field, value) in [
         (&mut cfg.listen, o.listen),
@@ -453,7 +453,7 @@ pub async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result
 
 /// Arguments of `brats-trainer bench-step`.
 #[derive(Debug, Clone, Args)]
-pub struct BenchStepArgs {
+pub(crate) struct BenchStepArgs {
     /// Crop X,Y,Z of the random input.
     #[arg(long, default_value = "64,64,64")]
     crop: String,
@@ -481,7 +481,7 @@ pub struct BenchStepArgs {
 /// DiceLoss, backward, Adam lr 1e-4 wd 1e-5; with AMP: autocast + GradScaler) on a fixed random
 /// input and target, timed per step, exactly the work `benchmarks/trainer/monai_train_step.py`
 /// times for MONAI.
-pub fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
+pub(crate) fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
     use brats_train::loss::DiceLoss;
     use brats_train::optim::{Adam, AdamConfig, GradScaler, GradScalerConfig};
     let crop: Vec<i64> = brats_cli::parse_xyz::<u32>(&a.crop).context("--crop")?.into_iter().map(i64::from).collect();

@@ -163,11 +163,11 @@ pub struct JobRecord {
 mod spec_codec {
     use super::*;
 
-    pub fn serialize<S: serde::Serializer>(spec: &pb::JobSpec, s: S) -> std::result::Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: serde::Serializer>(spec: &pb::JobSpec, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(spec.encode_to_vec()))
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<pb::JobSpec, D::Error> {
+    pub(super) fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<pb::JobSpec, D::Error> {
         let text = String::deserialize(d)?;
         let bytes = base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)?;
         pb::JobSpec::decode(bytes.as_slice()).map_err(serde::de::Error::custom)

@@ -5,29 +5,29 @@
 use std::path::PathBuf;
 
 #[allow(unused_imports)]
-pub use brats_model::reference::{INPUT_STREAM, det_input, det_state_dict, uniform};
+pub(crate) use brats_model::reference::{INPUT_STREAM, det_input, det_state_dict, uniform};
 use brats_model::tensors::parse_safetensors;
 use brats_model::{SegResNetConfig, StateDict};
 use sha2::{Digest, Sha256};
 
 /// The repository root.
-pub fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// tests/fixtures/monai/segresnet/<name>.
-pub fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     repo_root().join("tests/fixtures/monai/segresnet").join(name)
 }
 
 /// The MONAI venv's python, if the venv exists.
-pub fn monai_python() -> Option<PathBuf> {
+pub(crate) fn monai_python() -> Option<PathBuf> {
     let p = repo_root().join("tests/monai/.venv/bin/python");
     p.exists().then_some(p)
 }
 
 /// sha256 (hex) of f32 values as little-endian bytes.
-pub fn sha256_f32(v: &[f32]) -> String {
+pub(crate) fn sha256_f32(v: &[f32]) -> String {
     let mut h = Sha256::new();
     for x in v {
         h.update(x.to_le_bytes());
@@ -36,7 +36,7 @@ pub fn sha256_f32(v: &[f32]) -> String {
 }
 
 /// Reads one tensor of a safetensors fixture as f32 with its shape.
-pub fn read_fixture_tensor(file: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
+pub(crate) fn read_fixture_tensor(file: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
     let bytes = std::fs::read(fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
     let f = parse_safetensors(&bytes).unwrap();
     let t = f.tensors.get(name).unwrap_or_else(|| panic!("{file} has no tensor {name}"));
@@ -44,18 +44,18 @@ pub fn read_fixture_tensor(file: &str, name: &str) -> (Vec<usize>, Vec<f32>) {
 }
 
 /// The small fixture configuration (tests/fixtures/monai/segresnet/manifest.json).
-pub fn small_config() -> SegResNetConfig {
+pub(crate) fn small_config() -> SegResNetConfig {
     SegResNetConfig { blocks_down: vec![1, 1, 1], blocks_up: vec![1, 1], init_filters: 8, ..Default::default() }
 }
 
 /// Max |a - b|.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// Runs the network (eval mode, CPU, f32) on a flat input.
-pub fn tch_forward(config: &SegResNetConfig, sd: &StateDict, shape: [i64; 5], x: &[f32]) -> Vec<f32> {
+pub(crate) fn tch_forward(config: &SegResNetConfig, sd: &StateDict, shape: [i64; 5], x: &[f32]) -> Vec<f32> {
     let loaded = brats_model::weights::LoadedWeights { config: config.clone(), tensors: sd.clone(), training: None };
     let (_vs, net) = brats_model::weights::build_network(&loaded, tch::Device::Cpu).unwrap();
     let input = tch::Tensor::from_slice(x).reshape(shape);
@@ -68,7 +68,7 @@ pub fn tch_forward(config: &SegResNetConfig, sd: &StateDict, shape: [i64; 5], x:
 }
 
 /// ONNX Runtime, loaded once from `ORT_DYLIB_PATH` (the ONNX tests' shared environment).
-pub fn ort_env() -> &'static ort::environment::Environment {
+pub(crate) fn ort_env() -> &'static ort::environment::Environment {
     static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
     ENV.get_or_init(|| {
         let path = std::env::var("ORT_DYLIB_PATH")

@@ -53,6 +53,7 @@ pub(super) fn shim_call<T>(f: impl FnOnce(*mut *mut c_char) -> T) -> (T, Option<
     // SAFETY: the shim sets `err` only to a NUL-terminated buffer from malloc, which we own.
     // The Rust message adds its own sentence after libtorch's, so a final period would double.
     let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().trim_end_matches('.').to_string();
+    // SAFETY: `err` came from the shim's malloc, is freed exactly once here, and `msg` owns a copy.
     unsafe { libc::free(err.cast()) };
     (out, Some(msg))
 }
@@ -86,7 +87,12 @@ pub(super) mod nccl {
     fn dlerror() -> String {
         // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc.
         let e = unsafe { libc::dlerror() };
-        if e.is_null() { "unknown dlopen error".into() } else { unsafe { CStr::from_ptr(e) }.to_string_lossy().into() }
+        if e.is_null() {
+            return "unknown dlopen error".into();
+        }
+        // SAFETY: `e` is non-null, NUL-terminated and valid until the next dlerror call, which
+        // cannot happen before the copy below.
+        unsafe { CStr::from_ptr(e) }.to_string_lossy().into()
     }
 
     /// Where the shim may be: `BRATS_NCCL_SHIM`, beside the executable (deployments copy it

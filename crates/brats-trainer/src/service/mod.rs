@@ -27,10 +27,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use brats_artifacts::registry::Registry;
 use brats_core::StoreConfig;
 use brats_core::error::CoreError;
 use brats_core::store::{StoreUri, Stores};
-use brats_artifacts::registry::Registry;
 use brats_proto::v1 as pb;
 use brats_service::code_name;
 use sha2::{Digest, Sha256};

@@ -382,4 +382,3 @@ impl TrainerService {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
-
