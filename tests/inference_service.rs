@@ -635,3 +635,19 @@ async fn concurrent_requests_for_an_uncached_version_load_it_once() {
     svc.models().select(Some(&sel)).await.unwrap();
     assert_eq!(svc.models().loads(), 1);
 }
+
+/// The proto documents the output files the service writes (it used to promise `label.nii.gz`
+/// and a NIfTI `probabilities.nii.gz` while the code wrote these).
+#[test]
+fn the_proto_names_the_files_the_service_writes() {
+    let proto = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/brats/v1/inference.proto"),
+    )
+    .unwrap();
+    for name in [brats_inference::LABEL_MAP_FILE, brats_inference::PROBABILITIES_FILE] {
+        assert!(proto.contains(&format!("\"{name}\"")), "inference.proto does not name {name}");
+    }
+    for stale in ["label.nii.gz", "probabilities.nii.gz"] {
+        assert!(!proto.contains(stale), "inference.proto still promises {stale}");
+    }
+}

@@ -958,3 +958,75 @@ async fn bratsctl_starts_watches_lists_gets_and_cancels_jobs() {
     assert!(err.contains("InvalidArgument") && err.contains("hyperparameters.learning_rate"), "{err}");
     t.stop();
 }
+
+/// One default model name across the platform: a job trained and promoted with the default
+/// registration (no model name) is the model an inference service started with the default
+/// model and alias serves. (The trainer used to register `brats_mri_segmentation` while
+/// inference served `segresnet`: a model promoted with default settings was never served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_trained_with_defaults_is_served_by_inference_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let datalist = dataset(&data, 1, 1);
+    let store = dir.path().join("store");
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
+    let mut client = t.client().await;
+    let mut s = spec(&datalist, 1);
+    s.registration = Some(pb::ModelRegistration { promote_to_production: true, ..Default::default() });
+    let job = client.start_job(start_req(s)).await.unwrap().into_inner();
+    watch_all(&mut client, &job.id, 0, 300).await;
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
+    let registered = done.registered_model.unwrap();
+    assert_eq!(registered.name, brats_artifacts::registry::DEFAULT_MODEL_NAME);
+
+    // Only where it listens, what it reads and writes, and the window (the tiny model was
+    // trained on 32³) differ from the defaults; the model and alias are the defaults.
+    let cfg = brats_inference::config::InferenceConfig {
+        listen: "127.0.0.1:0".into(),
+        metrics_listen: String::new(),
+        registry: file_uri(&store.join("models")),
+        output_root: file_uri(&dir.path().join("predictions")),
+        roi: [32, 32, 32],
+        warmup_shape: Some([32, 32, 32]),
+        intra_threads: 2,
+        ..Default::default()
+    };
+    let defaults = brats_inference::config::InferenceConfig::default();
+    assert_eq!((cfg.model.as_str(), cfg.alias.as_str()), (defaults.model.as_str(), defaults.alias.as_str()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let server = tokio::spawn(brats_inference::server::serve(
+        cfg,
+        async {
+            let _ = stop_rx.await;
+        },
+        Some(addr_tx),
+    ));
+    let url = format!("http://{}", addr_rx.await.unwrap());
+    let mut inference = brats_proto::v1::inference_client::InferenceClient::connect(url).await.unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("datalist.json")).unwrap()).unwrap();
+    let case = &list["validation"][0];
+    let image_uris =
+        case["image"].as_array().unwrap().iter().map(|p| file_uri(&data.join(p.as_str().unwrap()))).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let response = loop {
+        let req = pb::SegmentRequest { image_uris: Vec::clone(&image_uris), ..Default::default() };
+        match inference.segment(req).await {
+            Ok(r) => break r.into_inner(),
+            // Warming up the promoted model: not yet serving.
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("segment with the default model: {s:?}"),
+        }
+    };
+    assert_eq!(
+        (response.model_name.as_str(), response.model_version.as_str()),
+        (registered.name.as_str(), registered.version.as_str())
+    );
+    assert!(response.label_map_uri.ends_with("seg.nii.gz"), "{}", response.label_map_uri);
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    t.stop();
+}

@@ -17,6 +17,14 @@ use std::sync::Arc;
 
 /// File name of a version's graph.
 pub const MODEL_FILE: &str = "model.onnx";
+
+/// The registry name a model gets when nobody names it, and the name inference serves when
+/// nobody configures one: MONAI's bundle name, so a model trained and promoted with default
+/// settings is the model a service started with default settings serves.
+pub const DEFAULT_MODEL_NAME: &str = "brats_mri_segmentation";
+
+/// The alias a promoted model gets and inference serves by default.
+pub const PRODUCTION_ALIAS: &str = "production";
 /// File name of a version's metadata.
 pub const METADATA_FILE: &str = "metadata.json";
 /// File name of a model's alias map.

@@ -65,7 +65,7 @@ impl Default for InferenceConfig {
             registry: "file:data/models".into(),
             output_root: "file:data/predictions".into(),
             preprocess_endpoint: String::new(),
-            model: "segresnet".into(),
+            model: brats_artifacts::registry::DEFAULT_MODEL_NAME.into(),
             alias: "production".into(),
             providers: vec!["cpu".into()],
             allow_fallback: false,

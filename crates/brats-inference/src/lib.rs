@@ -10,6 +10,13 @@
 //! [`SegmentationModel`] enforces the platform's model contract: input `image`
 //! `[N, 4, X, Y, Z]` float32, output `logits` `[N, 3, X, Y, Z]` float32.
 
+/// The label map's file name under a request's output prefix (and in `SegmentStream`'s
+/// `StreamOutputs`), as `inference.proto` documents it.
+pub const LABEL_MAP_FILE: &str = "seg.nii.gz";
+/// The probabilities' file name (`SegmentOptions.write_probabilities`): one float32 tensor
+/// `probabilities` of shape [3, X, Y, Z], as `inference.proto` documents it.
+pub const PROBABILITIES_FILE: &str = "probabilities.safetensors";
+
 pub mod catalog;
 pub mod config;
 pub mod models;

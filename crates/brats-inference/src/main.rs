@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         registry: String,
         /// Model name.
-        #[arg(long, default_value = "segresnet")]
+        #[arg(long, default_value = brats_artifacts::registry::DEFAULT_MODEL_NAME)]
         name: String,
         /// Version label; default: the next number (highest numeric version + 1). An existing
         /// version is refused: versions are immutable.
@@ -77,7 +77,7 @@ enum Command {
         #[arg(long)]
         registry: String,
         /// Model name.
-        #[arg(long, default_value = "segresnet")]
+        #[arg(long, default_value = brats_artifacts::registry::DEFAULT_MODEL_NAME)]
         name: String,
         /// Alias.
         #[arg(long, default_value = "production")]

@@ -395,14 +395,14 @@ impl InferenceService {
     async fn store_outputs(&self, prefix: &StoreUri, out: &mut Outcome) -> Result<(), Status> {
         let t = Instant::now();
         if let Some(p) = &out.probabilities {
-            let uri = prefix.join("probabilities.safetensors");
+            let uri = prefix.join(crate::PROBABILITIES_FILE);
             self.stores.put(&uri, p.clone()).await.map_err(|e| with_field("output_uri", e))?;
             out.response.probabilities_uri = uri.to_string();
         }
-        let uri = prefix.join("seg.nii.gz");
+        let uri = prefix.join(crate::LABEL_MAP_FILE);
         if let Err(e) = self.stores.put(&uri, out.label_nifti.clone()).await {
             if !out.response.probabilities_uri.is_empty() {
-                let _ = self.stores.delete(&prefix.join("probabilities.safetensors")).await;
+                let _ = self.stores.delete(&prefix.join(crate::PROBABILITIES_FILE)).await;
             }
             return Err(with_field("output_uri", e));
         }

@@ -199,9 +199,9 @@ pub async fn segment_stream(
                 };
                 let mut msgs = vec![pb::SegmentStreamResponse { msg: Some(Out::Result(response)) }];
                 if !header.skip_download {
-                    let mut outputs = vec![(String::from("seg.nii.gz"), label)];
+                    let mut outputs = vec![(crate::LABEL_MAP_FILE.to_string(), label)];
                     if let Some(p) = probabilities {
-                        outputs.push(("probabilities.safetensors".into(), p));
+                        outputs.push((crate::PROBABILITIES_FILE.into(), p));
                     }
                     msgs.push(pb::SegmentStreamResponse {
                         msg: Some(Out::Outputs(pb::StreamOutputs {

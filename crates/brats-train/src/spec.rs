@@ -443,7 +443,11 @@ pub fn resolve(spec: &pb::JobSpec, seed: u64, default_devices: &[Device]) -> Res
 
     let devices = parse_devices(&spec.devices, default_devices)?;
     let r = spec.registration.clone().unwrap_or_default();
-    let model_name = if r.model_name.is_empty() { "brats_mri_segmentation".to_string() } else { r.model_name.clone() };
+    let model_name = if r.model_name.is_empty() {
+        brats_artifacts::registry::DEFAULT_MODEL_NAME.to_string()
+    } else {
+        r.model_name.clone()
+    };
     if !model_name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
         || model_name.len() > 63
     {

@@ -193,7 +193,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
             ..Default::default()
         }),
         registration: Some(pb::ModelRegistration {
-            model_name: "segresnet".into(),
+            model_name: String::new(), // the default name, which inference serves by default
             promote_to_production: true,
             description: "bratsctl demo: synthetic data".into(),
             ..Default::default()
@@ -218,7 +218,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let iport = free_port()?;
     let iaddr = format!("http://127.0.0.1:{iport}");
     println!(
-        "5. starting the inference service on {iaddr} (model segresnet@production from the registry; ONNX Runtime, CPU)"
+        "5. starting the inference service on {iaddr} (its default model, brats_mri_segmentation@production, from the registry; ONNX Runtime, CPU)"
     );
     let iargs = vec![
         "serve".to_string(),

@@ -39,7 +39,7 @@ enum Cmd {
     /// The first-run demo: generate a synthetic dataset and a held-out case, start the
     /// preprocessing and trainer services on loopback, train a small SegResNet through the
     /// trainer (its dataset prepared by the preprocessing service), register it as
-    /// `segresnet@production`, start the inference service, segment the held-out case through
+    /// `brats_mri_segmentation@production`, start the inference service, segment the held-out case through
     /// it and print the Dice against its label.
     Demo(demo::DemoArgs),
 }
