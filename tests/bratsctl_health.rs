@@ -51,8 +51,7 @@ async fn health_checks_what_the_preprocessing_server_serves() {
 async fn health_checks_what_the_inference_server_serves() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = InferenceConfig {
-        listen: "127.0.0.1:0".into(),
-        metrics_listen: String::new(),
+        server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
         registry: file_uri(&dir.path().join("models")),
         output_root: file_uri(&dir.path().join("predictions")),
         roi: [32, 32, 32],

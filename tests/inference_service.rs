@@ -39,8 +39,7 @@ impl Inference {
     async fn start(tweak: impl FnOnce(&mut InferenceConfig)) -> Inference {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = InferenceConfig {
-            listen: "127.0.0.1:0".into(),
-            metrics_listen: String::new(),
+            server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
             registry: file_uri(&dir.path().join("models")),
             output_root: file_uri(&dir.path().join("predictions")),
             roi: ROI,

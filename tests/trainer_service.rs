@@ -65,9 +65,9 @@ impl Trainer {
             std::fs::write(
                 &config,
                 format!(
-                    "listen = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                     store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
-                     shutdown_grace_s = 20\n{extra}\n",
+                    "server = {{ listen = \"127.0.0.1:{port}\", metrics_listen = \"127.0.0.1:{metrics_port}\", \
+                     shutdown_grace_s = 20 }}\n\
+                     store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n{extra}\n",
                 ),
             )
             .unwrap();
@@ -983,8 +983,7 @@ async fn a_model_trained_with_defaults_is_served_by_inference_with_defaults() {
     // Only where it listens, what it reads and writes, and the window (the tiny model was
     // trained on 32³) differ from the defaults; the model and alias are the defaults.
     let cfg = brats_inference::config::InferenceConfig {
-        listen: "127.0.0.1:0".into(),
-        metrics_listen: String::new(),
+        server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
         registry: file_uri(&store.join("models")),
         output_root: file_uri(&dir.path().join("predictions")),
         roi: [32, 32, 32],

@@ -104,8 +104,8 @@ pub(crate) struct Service {
 impl Service {
     pub(crate) async fn start(mut cfg: ServiceConfig) -> Service {
         let metrics_port = free_port();
-        cfg.listen = "127.0.0.1:0".into();
-        cfg.metrics_listen = format!("127.0.0.1:{metrics_port}");
+        cfg.server.listen = "127.0.0.1:0".into();
+        cfg.server.metrics_listen = format!("127.0.0.1:{metrics_port}");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(brats_preprocess::server::serve(

@@ -2,6 +2,7 @@
 //! overrides (nested keys with `__`), then flags. Every default is documented on its field.
 
 use brats_core::StoreConfig;
+use brats_service::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment prefix of overrides.
@@ -11,10 +12,9 @@ pub const ENV_PREFIX: &str = "BRATS_INFERENCE_";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InferenceConfig {
-    /// gRPC listen address; default `127.0.0.1:50052`.
-    pub listen: String,
-    /// Prometheus `/metrics` address; default `127.0.0.1:9465`; empty disables it.
-    pub metrics_listen: String,
+    /// Where the gRPC server listens and how it stops (`[server]`, shared by every service):
+    /// default listen `127.0.0.1:50052`, metrics `127.0.0.1:9465` (empty disables them), shutdown grace 60 s.
+    pub server: ServerConfig,
     /// Model registry root (`file://…/models` or `s3://bucket/models`); default `file:data/models`.
     pub registry: String,
     /// Where outputs go when a request names no `output_uri`; default `file:data/predictions`.
@@ -51,8 +51,6 @@ pub struct InferenceConfig {
     pub max_queue: usize,
     /// Seconds between checks of the alias for hot reload; 0 disables; default 10.
     pub reload_interval_s: u64,
-    /// Seconds to finish running requests on shutdown; default 60.
-    pub shutdown_grace_s: u64,
     /// S3 settings (`AWS_*` variables apply when unset).
     pub store: StoreConfig,
 }
@@ -60,8 +58,7 @@ pub struct InferenceConfig {
 impl Default for InferenceConfig {
     fn default() -> Self {
         InferenceConfig {
-            listen: "127.0.0.1:50052".into(),
-            metrics_listen: "127.0.0.1:9465".into(),
+            server: ServerConfig::new("127.0.0.1:50052", "127.0.0.1:9465", 60),
             registry: "file:data/models".into(),
             output_root: "file:data/predictions".into(),
             preprocess_endpoint: String::new(),
@@ -79,7 +76,6 @@ impl Default for InferenceConfig {
             max_concurrent: 1,
             max_queue: 4,
             reload_interval_s: 10,
-            shutdown_grace_s: 60,
             store: StoreConfig::default(),
         }
     }

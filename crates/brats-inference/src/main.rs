@@ -189,10 +189,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } => {
                 let mut cfg = InferenceConfig::load(config.as_deref())?;
                 if let Some(v) = listen {
-                    cfg.listen = v;
+                    cfg.server.listen = v;
                 }
                 if let Some(v) = metrics_listen {
-                    cfg.metrics_listen = v;
+                    cfg.server.metrics_listen = v;
                 }
                 if let Some(v) = registry {
                     cfg.registry = v;

@@ -46,9 +46,8 @@ pub async fn serve(
     let service = InferenceService::new(stores, settings, metrics.clone());
 
     let grpc = GrpcServer::<InferenceServer<InferenceService>>::bind(
-        &cfg.listen,
+        &cfg.server,
         ServingStatus::NotServing,
-        &cfg.metrics_listen,
         metrics.registry.clone(),
     )
     .await?;
@@ -82,7 +81,7 @@ pub async fn serve(
         InferenceServer::new(service).max_decoding_message_size(16 << 20),
         shutdown,
         "shutting down: NOT_SERVING, draining running requests",
-        Drain::within(Duration::from_secs(cfg.shutdown_grace_s), "grace period over; abandoning running requests"),
+        Drain::within(cfg.server.shutdown_grace(), "grace period over; abandoning running requests"),
     )
     .await?;
     Ok(())

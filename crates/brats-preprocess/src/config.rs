@@ -2,6 +2,7 @@
 //! command-line flags. Every default is documented on its field.
 
 use brats_core::StoreConfig;
+use brats_service::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment prefix of overrides; nested keys use `__`, e.g. `BRATS_PREPROCESS_STORE__S3_ENDPOINT`.
@@ -11,10 +12,9 @@ pub const ENV_PREFIX: &str = "BRATS_PREPROCESS_";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
-    /// gRPC listen address; default `127.0.0.1:50051`.
-    pub listen: String,
-    /// Prometheus `/metrics` listen address; default `127.0.0.1:9464`; empty disables it.
-    pub metrics_listen: String,
+    /// Where the gRPC server listens and how it stops (`[server]`, shared by every service):
+    /// default listen `127.0.0.1:50051`, metrics `127.0.0.1:9464` (empty disables them), shutdown grace 30 s.
+    pub server: ServerConfig,
     /// Where outputs go when a request names no `output_uri`: a `file://` path or `s3://bucket/prefix`;
     /// default `file:data` (relative to the working directory).
     pub output_root: String,
@@ -26,8 +26,6 @@ pub struct ServiceConfig {
     pub max_axis: usize,
     /// Largest voxel count accepted per volume; default 2^28.
     pub max_voxels: usize,
-    /// Seconds to finish running requests on shutdown; default 30.
-    pub shutdown_grace_s: u64,
     /// S3 settings (the `AWS_*` variables apply when unset).
     pub store: StoreConfig,
 }
@@ -35,14 +33,12 @@ pub struct ServiceConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
-            listen: "127.0.0.1:50051".into(),
-            metrics_listen: "127.0.0.1:9464".into(),
+            server: ServerConfig::new("127.0.0.1:50051", "127.0.0.1:9464", 30),
             output_root: "file:data".into(),
             max_parallel: 2,
             max_queue: 16,
             max_axis: 1024,
             max_voxels: 1 << 28,
-            shutdown_grace_s: 30,
             store: StoreConfig::default(),
         }
     }
@@ -69,10 +65,27 @@ mod tests {
         let cfg = ServiceConfig::load(Some(&p)).unwrap();
         assert_eq!(cfg.max_parallel, 3);
         assert_eq!(cfg.store.s3_region.as_deref(), Some("eu-west-1"));
-        assert_eq!(cfg.listen, "127.0.0.1:50051");
+        assert_eq!(cfg.server.listen, "127.0.0.1:50051");
         let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/preprocess.toml");
         assert_eq!(ServiceConfig::load(Some(&shipped)).unwrap().output_root, "file:///data");
         std::fs::write(&p, "max_paralel = 3\n").unwrap();
         assert!(ServiceConfig::load(Some(&p)).is_err());
+    }
+
+    /// The shared `[server]` section: a file may set any subset of it (the rest keeps this
+    /// service's defaults), the shipped file sets all of it, and unknown keys are refused.
+    #[test]
+    fn server_section_overlays_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[server]\nlisten = \"0.0.0.0:6000\"\n").unwrap();
+        let cfg = ServiceConfig::load(Some(&p)).unwrap();
+        assert_eq!(cfg.server, ServerConfig::new("0.0.0.0:6000", "127.0.0.1:9464", 30));
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/preprocess.toml");
+        assert_eq!(ServiceConfig::load(Some(&shipped)).unwrap().server, ServerConfig::new("0.0.0.0:50051", "0.0.0.0:9464", 30));
+        std::fs::write(&p, "[server]\nlisten_addr = \"0.0.0.0:6000\"\n").unwrap();
+        assert!(ServiceConfig::load(Some(&p)).is_err());
+        std::fs::write(&p, "listen = \"0.0.0.0:6000\"\n").unwrap();
+        assert!(ServiceConfig::load(Some(&p)).is_err(), "listen belongs in [server]");
     }
 }

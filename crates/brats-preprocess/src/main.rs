@@ -159,10 +159,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { config, listen, metrics_listen, output_root, json_logs: _ } => {
             let mut cfg = ServiceConfig::load(config.as_deref())?;
             if let Some(l) = listen {
-                cfg.listen = l;
+                cfg.server.listen = l;
             }
             if let Some(m) = metrics_listen {
-                cfg.metrics_listen = m;
+                cfg.server.metrics_listen = m;
             }
             if let Some(o) = output_root {
                 cfg.output_root = o;

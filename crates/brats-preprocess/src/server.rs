@@ -29,9 +29,8 @@ pub async fn serve(
         PreprocessService::new(stores, root.clone(), limits, cfg.max_parallel, cfg.max_queue, metrics.clone());
 
     let grpc = GrpcServer::<PreprocessorServer<PreprocessService>>::bind(
-        &cfg.listen,
+        &cfg.server,
         ServingStatus::Serving,
-        &cfg.metrics_listen,
         metrics.registry.clone(),
     )
     .await?;
@@ -43,7 +42,7 @@ pub async fn serve(
         shutdown,
         "shutting down: NOT_SERVING, draining running requests",
         Drain::within(
-            Duration::from_secs(cfg.shutdown_grace_s),
+            cfg.server.shutdown_grace(),
             "grace period over; abandoning running requests (their outputs are not written)",
         ),
     )

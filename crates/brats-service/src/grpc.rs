@@ -20,6 +20,8 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
+use crate::ServerConfig;
+
 /// Why a service's gRPC server could not start or stopped with an error; the messages name the
 /// step (and address) that failed, the cause follows as the source.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +100,13 @@ impl Drain {
     }
 }
 
+/// The one `tonic` transport every service runs, built from its `[server]` section: the place
+/// where transport security (`tls_config`) and request layers (authentication, audit) are
+/// added, once for all services, so no service can be started without them.
+fn transport(_server: &ServerConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+}
+
 /// A bound gRPC listener for service `S` with health (`grpc.health.v1`), reflection and
 /// `/metrics` already set up, so a service only adds its own start-up before [`Self::serve`].
 pub struct GrpcServer<S> {
@@ -109,13 +118,12 @@ pub struct GrpcServer<S> {
 }
 
 impl<S: NamedService> GrpcServer<S> {
-    /// Sets `S`'s health to `initial`, builds reflection, binds `listen` (port 0 picks a free
-    /// port) and starts the `metrics` endpoint on `metrics_listen` (empty: none), in that order,
-    /// so the service can announce its address before it is ready.
+    /// Sets `S`'s health to `initial`, builds reflection, binds `server.listen` (port 0 picks a
+    /// free port) and starts the `metrics` endpoint on `server.metrics_listen` (empty: none), in
+    /// that order, so the service can announce its address before it is ready.
     pub async fn bind(
-        listen: &str,
+        server: &ServerConfig,
         initial: ServingStatus,
-        metrics_listen: &str,
         metrics: prometheus::Registry,
     ) -> Result<Self, ServerError> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -123,13 +131,14 @@ impl<S: NamedService> GrpcServer<S> {
         health.reporter.set_service_status(S::NAME, initial).await;
         let (reflection_v1, reflection_v1alpha) = crate::reflection(S::NAME).map_err(ServerError::Reflection)?;
 
+        let listen = &server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| ServerError::Bind { listen: listen.to_string(), source })?;
         let addr = listener.local_addr().map_err(ServerError::LocalAddr)?;
-        crate::spawn_metrics_endpoint(metrics_listen, metrics).await?;
+        crate::spawn_metrics_endpoint(&server.metrics_listen, metrics).await?;
 
-        let router = tonic::transport::Server::builder()
+        let router = transport(server)
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -258,7 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_transitions_and_graceful_stop() {
-        let grpc = GrpcServer::<Stub>::bind("127.0.0.1:0", ServingStatus::NotServing, "", prometheus::Registry::new())
+        let grpc = GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", "", 0), ServingStatus::NotServing, prometheus::Registry::new())
             .await
             .unwrap();
         let (tx, rx) = oneshot::channel();
@@ -290,7 +299,7 @@ mod tests {
 
     #[tokio::test]
     async fn complete_drain_finishes_cleanup_before_returning() {
-        let grpc = GrpcServer::<Stub>::bind("127.0.0.1:0", ServingStatus::Serving, "", prometheus::Registry::new())
+        let grpc = GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", "", 0), ServingStatus::Serving, prometheus::Registry::new())
             .await
             .unwrap();
         let addr = grpc.addr();
@@ -319,14 +328,14 @@ mod tests {
     async fn bind_failure_names_the_address() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = taken.local_addr().unwrap().to_string();
-        let Err(e) = GrpcServer::<Stub>::bind(&listen, ServingStatus::Serving, "", prometheus::Registry::new()).await
+        let Err(e) = GrpcServer::<Stub>::bind(&ServerConfig::new(&listen, "", 0), ServingStatus::Serving, prometheus::Registry::new()).await
         else {
             panic!("bound an address already in use")
         };
         assert!(matches!(e, ServerError::Bind { .. }), "{e:?}");
         assert_eq!(e.to_string(), format!("bind {listen}"));
         let Err(e) =
-            GrpcServer::<Stub>::bind("127.0.0.1:0", ServingStatus::Serving, &listen, prometheus::Registry::new()).await
+            GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", &listen, 0), ServingStatus::Serving, prometheus::Registry::new()).await
         else {
             panic!("bound a metrics address already in use")
         };

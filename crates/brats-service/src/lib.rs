@@ -4,8 +4,10 @@
 //! signals, and the server shell itself ([`GrpcServer`]: health, reflection, metrics, drain).
 
 mod grpc;
+mod server_config;
 
 pub use grpc::{Drain, GrpcServer, ServerError, ServiceHealth};
+pub use server_config::ServerConfig;
 pub use tonic_health::ServingStatus;
 
 use brats_core::error::{CoreError, ErrorKind};

@@ -438,10 +438,10 @@ pub(crate) struct ServeOverrides {
 pub(crate) async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result<()> {
     let mut cfg = brats_trainer::config::TrainerConfig::load(config.as_deref())?;
     for (field, value) in [
-        (&mut cfg.listen, o.listen),
+        (&mut cfg.server.listen, o.listen),
         (&mut cfg.store_root, o.store_root),
         (&mut cfg.registry, o.registry),
-        (&mut cfg.metrics_listen, o.metrics_listen),
+        (&mut cfg.server.metrics_listen, o.metrics_listen),
         (&mut cfg.preprocess_endpoint, o.preprocess_endpoint),
     ] {
         if let Some(v) = value {

@@ -2,6 +2,7 @@
 //! overrides (nested keys with `__`), then flags. Every default is documented on its field.
 
 use brats_core::StoreConfig;
+use brats_service::ServerConfig;
 use serde::{Deserialize, Serialize};
 
 /// Environment prefix of overrides.
@@ -11,10 +12,9 @@ pub const ENV_PREFIX: &str = "BRATS_TRAINER_";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
-    /// gRPC listen address; default `127.0.0.1:50053`.
-    pub listen: String,
-    /// Prometheus `/metrics` address; default `127.0.0.1:9466`; empty disables it.
-    pub metrics_listen: String,
+    /// Where the gRPC server listens and how it stops (`[server]`, shared by every service):
+    /// default listen `127.0.0.1:50053`, metrics `127.0.0.1:9466` (empty disables them), shutdown grace 60 s.
+    pub server: ServerConfig,
     /// Root of the trainer's store: jobs live under `<store_root>/jobs/<id>/`, preprocessed
     /// datasets under `<store_root>/datasets/` and `<store_root>/cases/`; default `file:data`.
     pub store_root: String,
@@ -32,9 +32,6 @@ pub struct TrainerConfig {
     /// The worker executable (`<exe> worker --job-uri … --manifest-uri …`); empty (the default) =
     /// this binary.
     pub worker_exe: String,
-    /// Seconds workers get on shutdown to stop at a step boundary (their jobs stay RUNNING in the
-    /// store and resume at the next start) before they are killed; default 60.
-    pub shutdown_grace_s: u64,
     /// S3 settings (`AWS_*` variables apply when unset); handed to workers as well.
     pub store: StoreConfig,
 }
@@ -42,8 +39,7 @@ pub struct TrainerConfig {
 impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig {
-            listen: "127.0.0.1:50053".into(),
-            metrics_listen: "127.0.0.1:9466".into(),
+            server: ServerConfig::new("127.0.0.1:50053", "127.0.0.1:9466", 60),
             store_root: "file:data".into(),
             registry: "file:data/models".into(),
             preprocess_endpoint: String::new(),
@@ -51,7 +47,6 @@ impl Default for TrainerConfig {
             max_queue: 16,
             cancel_grace_s: 30,
             worker_exe: String::new(),
-            shutdown_grace_s: 60,
             store: StoreConfig::default(),
         }
     }
@@ -86,7 +81,7 @@ mod tests {
     fn shipped_config_parses_and_typos_are_refused() {
         let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/trainer.toml");
         let cfg = TrainerConfig::load(Some(&shipped)).unwrap();
-        assert_eq!(cfg.listen, "0.0.0.0:50053");
+        assert_eq!(cfg.server.listen, "0.0.0.0:50053");
         assert_eq!(cfg.cpu_slots, 1);
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.toml");

@@ -30,7 +30,7 @@ pub fn settings(cfg: &TrainerConfig) -> anyhow::Result<ServiceSettings> {
         cpu_slots: cfg.cpu_slots.max(1),
         max_queue: cfg.max_queue,
         cancel_grace: Duration::from_secs(cfg.cancel_grace_s),
-        shutdown_grace: Duration::from_secs(cfg.shutdown_grace_s),
+        shutdown_grace: cfg.server.shutdown_grace(),
         worker_exe,
         store_config: cfg.store.clone(),
         cuda_devices: tch::Cuda::device_count().max(0) as usize,
@@ -60,9 +60,8 @@ pub async fn serve(
     let service = TrainerService::new(stores, settings, metrics.clone());
 
     let grpc = GrpcServer::<TrainerServer<TrainerService>>::bind(
-        &cfg.listen,
+        &cfg.server,
         ServingStatus::NotServing,
-        &cfg.metrics_listen,
         metrics.registry.clone(),
     )
     .await?;
