@@ -4,7 +4,7 @@
 
 mod common;
 
-use brats_artifacts::registry::Registry;
+use brats_artifacts::registry::{DEFAULT_MODEL_NAME, Registry};
 use brats_inference::config::InferenceConfig;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
@@ -118,11 +118,11 @@ async fn registry_warmup_segment_and_hot_reload() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 
     let onnx = segresnet_onnx();
-    svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let mut client = svc.client().await;
     let resp = client.segment(segment_request(&images)).await.unwrap().into_inner();
-    assert_eq!((resp.model_name.as_str(), resp.model_version.as_str()), ("segresnet", "1"));
+    assert_eq!((resp.model_name.as_str(), resp.model_version.as_str()), (DEFAULT_MODEL_NAME, "1"));
     assert_eq!(resp.provider, pb::ExecutionProvider::Cpu as i32);
     assert!(!resp.fallback);
     assert_eq!(resp.shape, vec![40, 40, 32]);
@@ -153,7 +153,7 @@ async fn registry_warmup_segment_and_hot_reload() {
     assert_eq!(e.code(), Code::NotFound);
 
     // Move the alias: the service hot-reloads and answers with version 2, no restart.
-    svc.registry.register("segresnet", "2", onnx.into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "2", onnx.into(), None, Some("production")).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = client.segment(segment_request(&images)).await.unwrap().into_inner();
@@ -255,7 +255,7 @@ async fn upload(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
     let svc = Inference::start(|_| {}).await;
-    svc.registry.register("segresnet", "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "s1", 2);
     let mut client = svc.client().await;
@@ -306,9 +306,9 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
     })
     .await;
     let onnx = segresnet_onnx();
-    svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     // A corrupt graph, a graph whose output is misnamed, a graph that does not match its metadata.
-    svc.registry.register("segresnet", "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None).await.unwrap();
     let fixture =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
     // Same graph with its output tensor renamed (every occurrence, same length, so still valid).
@@ -318,10 +318,10 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
     for i in hits {
         misnamed[i..i + 6].copy_from_slice(b"scores");
     }
-    svc.registry.register("segresnet", "misnamed", misnamed.into(), None, None).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "misnamed", misnamed.into(), None, None).await.unwrap();
     let meta = serde_json::json!({"onnx": {"sha256": "ab".repeat(32)}});
     svc.registry
-        .register("segresnet", "tampered", onnx.into(), Some(serde_json::to_vec(&meta).unwrap().into()), None)
+        .register(DEFAULT_MODEL_NAME, "tampered", onnx.into(), Some(serde_json::to_vec(&meta).unwrap().into()), None)
         .await
         .unwrap();
     svc.wait_serving().await;
@@ -401,7 +401,7 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_deadline_cancels_and_service_survives() {
     let svc = Inference::start(|_| {}).await;
-    svc.registry.register("segresnet", "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "d1", 4);
     let mut client = svc.client().await;
@@ -424,7 +424,7 @@ async fn preprocessing_through_the_preprocessing_service_gives_the_same_result()
     let endpoint = prep.url();
     let svc = Inference::start(move |c| c.preprocess_endpoint = endpoint).await;
     let onnx = segresnet_onnx();
-    svc.registry.register("segresnet", "1", onnx.clone().into(), None, Some("production")).await.unwrap();
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "r1", 6);
     let resp = svc.client().await.segment(segment_request(&images)).await.unwrap().into_inner();
