@@ -308,7 +308,10 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
     let onnx = segresnet_onnx();
     svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     // A corrupt graph, a graph whose output is misnamed, a graph that does not match its metadata.
-    svc.registry.register(DEFAULT_MODEL_NAME, "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None).await.unwrap();
+    svc.registry
+        .register(DEFAULT_MODEL_NAME, "corrupt", onnx[..onnx.len() / 2].to_vec().into(), None, None)
+        .await
+        .unwrap();
     let fixture =
         std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
     // Same graph with its output tensor renamed (every occurrence, same length, so still valid).

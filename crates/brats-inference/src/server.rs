@@ -11,7 +11,6 @@ use brats_proto::v1::inference_server::InferenceServer;
 use brats_service::{Drain, GrpcServer, ServingStatus};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::info;
 
 /// Serves until `shutdown` resolves. Health reports NOT_SERVING until the default model is

@@ -82,7 +82,10 @@ mod tests {
         let cfg = ServiceConfig::load(Some(&p)).unwrap();
         assert_eq!(cfg.server, ServerConfig::new("0.0.0.0:6000", "127.0.0.1:9464", 30));
         let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/preprocess.toml");
-        assert_eq!(ServiceConfig::load(Some(&shipped)).unwrap().server, ServerConfig::new("0.0.0.0:50051", "0.0.0.0:9464", 30));
+        assert_eq!(
+            ServiceConfig::load(Some(&shipped)).unwrap().server,
+            ServerConfig::new("0.0.0.0:50051", "0.0.0.0:9464", 30)
+        );
         std::fs::write(&p, "[server]\nlisten_addr = \"0.0.0.0:6000\"\n").unwrap();
         assert!(ServiceConfig::load(Some(&p)).is_err());
         std::fs::write(&p, "listen = \"0.0.0.0:6000\"\n").unwrap();

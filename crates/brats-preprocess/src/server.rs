@@ -10,7 +10,6 @@ use brats_proto::v1::preprocessor_server::PreprocessorServer;
 use brats_service::{Drain, GrpcServer, ServingStatus};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tracing::info;
 
 /// Serves until `shutdown` resolves; then reports NOT_SERVING, stops accepting, and lets running

@@ -267,9 +267,13 @@ mod tests {
 
     #[tokio::test]
     async fn health_transitions_and_graceful_stop() {
-        let grpc = GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", "", 0), ServingStatus::NotServing, prometheus::Registry::new())
-            .await
-            .unwrap();
+        let grpc = GrpcServer::<Stub>::bind(
+            &ServerConfig::new("127.0.0.1:0", "", 0),
+            ServingStatus::NotServing,
+            prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
         let (tx, rx) = oneshot::channel();
         grpc.announce(Some(tx));
         let addr = rx.await.unwrap();
@@ -299,9 +303,13 @@ mod tests {
 
     #[tokio::test]
     async fn complete_drain_finishes_cleanup_before_returning() {
-        let grpc = GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", "", 0), ServingStatus::Serving, prometheus::Registry::new())
-            .await
-            .unwrap();
+        let grpc = GrpcServer::<Stub>::bind(
+            &ServerConfig::new("127.0.0.1:0", "", 0),
+            ServingStatus::Serving,
+            prometheus::Registry::new(),
+        )
+        .await
+        .unwrap();
         let addr = grpc.addr();
         let done = Arc::new(AtomicBool::new(false));
         let flag = done.clone();
@@ -328,14 +336,23 @@ mod tests {
     async fn bind_failure_names_the_address() {
         let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let listen = taken.local_addr().unwrap().to_string();
-        let Err(e) = GrpcServer::<Stub>::bind(&ServerConfig::new(&listen, "", 0), ServingStatus::Serving, prometheus::Registry::new()).await
+        let Err(e) = GrpcServer::<Stub>::bind(
+            &ServerConfig::new(&listen, "", 0),
+            ServingStatus::Serving,
+            prometheus::Registry::new(),
+        )
+        .await
         else {
             panic!("bound an address already in use")
         };
         assert!(matches!(e, ServerError::Bind { .. }), "{e:?}");
         assert_eq!(e.to_string(), format!("bind {listen}"));
-        let Err(e) =
-            GrpcServer::<Stub>::bind(&ServerConfig::new("127.0.0.1:0", &listen, 0), ServingStatus::Serving, prometheus::Registry::new()).await
+        let Err(e) = GrpcServer::<Stub>::bind(
+            &ServerConfig::new("127.0.0.1:0", &listen, 0),
+            ServingStatus::Serving,
+            prometheus::Registry::new(),
+        )
+        .await
         else {
             panic!("bound a metrics address already in use")
         };
