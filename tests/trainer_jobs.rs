@@ -8,7 +8,6 @@ mod trainer_harness;
 
 use brats_proto::v1 as pb;
 use common::*;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::Code;
