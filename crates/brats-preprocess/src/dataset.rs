@@ -147,8 +147,9 @@ impl DatasetPlan {
         let manifest_uri = self.manifest_uri();
         let DatasetPlan { datalist, cases, options, output_root, force, .. } = self;
         let jobs = cases.into_iter().enumerate().map(move |(position, c)| {
-            // Each case draws its own crop from a seed derived from its id.
-            let seed = u64::from_le_bytes(Sha256::digest(c.case_id.as_bytes())[..8].try_into().unwrap());
+            // Each case draws its own crop from a seed derived from its id: the same seed a
+            // PreprocessCase request without `seed` gets.
+            let seed = crate::pipeline::case_seed(&c.case_id);
             let job = CaseJob {
                 case_id: c.case_id.clone(),
                 images: c.images,
