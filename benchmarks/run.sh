@@ -35,7 +35,7 @@ if [ ! -x "$PY" ]; then
     "$ROOT/tests/monai/setup.sh"
 fi
 echo "== building (release)" >&2
-cargo build --release --quiet -p brats-preprocess --bin brats-preprocess --example bench_preprocess
+cargo build --release --quiet -p brats-preprocessor --bin brats-preprocess && cargo build --release --quiet -p brats-preprocess --example bench_preprocess
 BIN="$TARGET/release/brats-preprocess"
 BENCH="$TARGET/release/examples/bench_preprocess"
 

@@ -5,7 +5,7 @@ WORKDIR /src
 COPY . .
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
  && BOOTSTRAP_SKIP_VENV=1 bash scripts/bootstrap.sh \
- && cargo build --release -p brats-preprocess
+ && cargo build --release -p brats-preprocessor
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*

@@ -19,7 +19,7 @@ stash=/tmp/ortgpu
 case "${1:-}" in
 prepare)
     [ -f benchmarks/.data/inference/model.onnx ] || { echo "run benchmarks/inference/run.sh first (it writes the model)" >&2; exit 1; }
-    cargo build --release -p brats-inference -p brats-preprocess
+    cargo build --release -p brats-inference -p brats-preprocessor
     rm -rf "$dir" && mkdir -p "$dir/bundle"
     pip download --no-deps --only-binary=:all: --python-version 3.11 --platform manylinux_2_28_x86_64 \
         onnxruntime-gpu==1.31.1 -d "$dir/wheel"

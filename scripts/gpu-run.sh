@@ -41,7 +41,7 @@ PY="${PYTHON:-python3}"
 build() {
     set -e
     cargo build -p brats-model --example gpu_check
-    cargo build -p brats-preprocess --bin brats-preprocess
+    cargo build -p brats-preprocessor --bin brats-preprocess
     rm -rf "$G"
     mkdir -p "$G/bin" "$G/py"
     cp target/debug/examples/gpu_check target/debug/brats-preprocess "$G/bin/"

@@ -21,7 +21,7 @@ dir=target/gpu-train
 case "${1:-}" in
 build)
     set -e
-    cargo build -p brats-trainer -p brats-preprocess --bins
+    cargo build -p brats-trainer -p brats-preprocessor --bins
     cargo test -p brats-train --test dist --no-run 2>&1 | tail -1
     rm -rf "$dir" && mkdir -p "$dir/bin" "$dir/py"
     cp target/debug/brats-trainer target/debug/brats-preprocess "$dir/bin/"

@@ -4,14 +4,12 @@
 
 mod common;
 
-use brats_artifacts::registry::Registry;
 use brats_inference::config::InferenceConfig;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
-use brats_preprocess::config::ServiceConfig;
+use brats_preprocessor::config::ServiceConfig;
 use common::*;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Runs `bratsctl health --server URL ARGS…`: (success, stdout, stderr).
@@ -49,32 +47,10 @@ async fn health_checks_what_the_preprocessing_server_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_what_the_inference_server_serves() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = InferenceConfig {
-        server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
-        registry: file_uri(&dir.path().join("models")),
-        output_root: file_uri(&dir.path().join("predictions")),
-        roi: [32, 32, 32],
-        warmup_shape: Some([32, 32, 32]),
-        reload_interval_s: 1,
-        intra_threads: 2,
-        ..InferenceConfig::default()
-    };
-    let (model, alias) = (cfg.model.clone(), cfg.alias.clone());
-    let registry = Registry::new(
-        Arc::new(brats_core::Stores::new(cfg.store.clone())),
-        brats_core::StoreUri::parse(&cfg.registry).unwrap(),
-    );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(brats_inference::server::serve(
-        cfg,
-        async {
-            let _ = stop_rx.await;
-        },
-        Some(addr_tx),
-    ));
-    let url = format!("http://{}", addr_rx.await.unwrap());
+    let server = InferenceServer::start(|_| {}).await;
+    let defaults = InferenceConfig::default();
+    let (model, alias) = (defaults.model, defaults.alias);
+    let url = server.url();
 
     // No model yet: up, but not SERVING, and the healthcheck says so.
     let (ok, out, err) = health(&url, &[]).await;
@@ -84,7 +60,7 @@ async fn health_checks_what_the_inference_server_serves() {
     let small =
         SegResNetConfig { init_filters: 8, blocks_down: vec![1, 1, 1], blocks_up: vec![1, 1], ..Default::default() };
     let onnx = to_onnx_bytes(&small, &det_state_dict(&small), ExportOptions::default()).unwrap();
-    registry.register(&model, "1", onnx.into(), None, Some(&alias)).await.unwrap();
+    server.registry.register(&model, "1", onnx.into(), None, Some(&alias)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let (out, err) = loop {
         let (ok, out, err) = health(&url, &[]).await;
@@ -99,6 +75,5 @@ async fn health_checks_what_the_inference_server_serves() {
     let (ok, out, err) = health(&url, &["--service", "brats.v1.Inference"]).await;
     assert!(ok, "{out}\n{err}");
 
-    let _ = stop_tx.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use brats_artifacts::registry::{DEFAULT_MODEL_NAME, Registry};
-use brats_inference::config::InferenceConfig;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
@@ -13,89 +12,17 @@ use brats_proto::v1 as pb;
 use brats_proto::v1::inference_client::InferenceClient;
 use common::*;
 use sha2::{Digest, Sha256};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic::transport::Channel;
 
-const ROI: [usize; 3] = [32, 32, 32];
+const ROI: [usize; 3] = TEST_ROI;
 
 fn segresnet_onnx() -> Vec<u8> {
     let config = SegResNetConfig::default();
     to_onnx_bytes(&config, &det_state_dict(&config), ExportOptions::default()).unwrap()
-}
-
-struct Inference {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-    registry: Registry,
-    dir: tempfile::TempDir,
-}
-
-impl Inference {
-    async fn start(tweak: impl FnOnce(&mut InferenceConfig)) -> Inference {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = InferenceConfig {
-            server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
-            registry: file_uri(&dir.path().join("models")),
-            output_root: file_uri(&dir.path().join("predictions")),
-            roi: ROI,
-            warmup_shape: Some(ROI),
-            reload_interval_s: 1,
-            intra_threads: 2,
-            ..InferenceConfig::default()
-        };
-        tweak(&mut cfg);
-        let registry = Registry::new(
-            Arc::new(brats_core::Stores::new(cfg.store.clone())),
-            brats_core::StoreUri::parse(&cfg.registry).unwrap(),
-        );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(brats_inference::server::serve(
-            cfg,
-            async {
-                let _ = stop_rx.await;
-            },
-            Some(addr_tx),
-        ));
-        let addr = addr_rx.await.unwrap();
-        Inference { addr, stop: Some(stop_tx), handle, registry, dir }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    async fn client(&self) -> InferenceClient<Channel> {
-        InferenceClient::connect(self.url()).await.unwrap()
-    }
-
-    async fn health(&self) -> tonic_health::pb::health_check_response::ServingStatus {
-        let channel = Channel::from_shared(self.url()).unwrap().connect().await.unwrap();
-        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
-        h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Inference".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .status()
-    }
-
-    async fn wait_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while self.health().await != tonic_health::pb::health_check_response::ServingStatus::Serving {
-            assert!(Instant::now() < deadline, "never SERVING");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.handle.await.unwrap().unwrap();
-    }
 }
 
 fn case(dir: &Path, id: &str, seed: u64) -> Vec<PathBuf> {
@@ -109,7 +36,7 @@ fn segment_request(images: &[PathBuf]) -> pb::SegmentRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_warmup_segment_and_hot_reload() {
-    let svc = Inference::start(|_| {}).await;
+    let svc = InferenceServer::start(|_| {}).await;
     // No alias yet: the service is up but not SERVING, and says why when called.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(svc.health().await, tonic_health::pb::health_check_response::ServingStatus::NotServing);
@@ -254,7 +181,7 @@ async fn upload(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
-    let svc = Inference::start(|_| {}).await;
+    let svc = InferenceServer::start(|_| {}).await;
     svc.registry.register(DEFAULT_MODEL_NAME, "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "s1", 2);
@@ -296,7 +223,7 @@ async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_models_inputs_and_faults_get_clear_statuses() {
-    let svc = Inference::start(|c| {
+    let svc = InferenceServer::start(|c| {
         c.max_concurrent = 1;
         c.max_queue = 0;
         // An S3 endpoint where nothing listens: the "store that disappears".
@@ -403,7 +330,7 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_deadline_cancels_and_service_survives() {
-    let svc = Inference::start(|_| {}).await;
+    let svc = InferenceServer::start(|_| {}).await;
     svc.registry.register(DEFAULT_MODEL_NAME, "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
     let images = case(svc.dir.path(), "d1", 4);
@@ -419,13 +346,13 @@ async fn client_deadline_cancels_and_service_survives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preprocessing_through_the_preprocessing_service_gives_the_same_result() {
     let prep_dir = tempfile::tempdir().unwrap();
-    let prep = Service::start(brats_preprocess::config::ServiceConfig {
+    let prep = Service::start(brats_preprocessor::config::ServiceConfig {
         output_root: file_uri(&prep_dir.path().join("store")),
         ..Default::default()
     })
     .await;
     let endpoint = prep.url();
-    let svc = Inference::start(move |c| c.preprocess_endpoint = endpoint).await;
+    let svc = InferenceServer::start(move |c| c.preprocess_endpoint = endpoint).await;
     let onnx = segresnet_onnx();
     svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;
@@ -495,7 +422,8 @@ fn service_at(dir: &Path, max_concurrent: usize) -> brats_inference::service::In
         window: brats_artifacts::window::SlidingWindow { roi: ROI, ..Default::default() },
         max_concurrent,
         max_queue: 16,
-        preprocess_endpoint: None,
+        preprocessor: None,
+        uris: Default::default(),
     };
     InferenceService::new(Arc::new(brats_core::Stores::new(Default::default())), settings, Metrics::new())
 }
@@ -526,15 +454,19 @@ async fn get_model_returns_every_metadata_field_the_trainer_writes() {
     json["description"] = "glioma model, site A".into();
     json["trainer_job"] = serde_json::json!({"job_id": "job-42", "labels": {"team": "neuro", "site": "a"},
                                             "seed": 7, "epochs": 4, "best_epoch": 3});
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     svc.registry()
         .register("brats_mri_segmentation", "1", onnx.into(), Some(serde_json::to_vec(&json).unwrap().into()), None)
         .await
         .unwrap();
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let model = svc
         .get_model(tonic::Request::new(pb::GetModelRequest { name: "brats_mri_segmentation".into() }))
         .await
         .unwrap()
         .into_inner();
+    let created = model.versions[0].created_at.expect("created_at: when the version was registered");
+    assert!((before..=after).contains(&created.seconds), "created_at {created:?} not within {before}..={after}");
     let m = model.versions[0].metadata.clone().expect("metadata");
     assert_eq!(m.input_channels, ["T1c", "T1", "T2", "FLAIR"]);
     assert_eq!(m.output_channels, ["TC", "WT", "ET"]);

@@ -251,28 +251,13 @@ async fn a_model_trained_with_defaults_is_served_by_inference_with_defaults() {
 
     // Only where it listens, what it reads and writes, and the window (the tiny model was
     // trained on 32³) differ from the defaults; the model and alias are the defaults.
-    let cfg = brats_inference::config::InferenceConfig {
-        server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
-        registry: file_uri(&store.join("models")),
-        output_root: file_uri(&dir.path().join("predictions")),
-        roi: [32, 32, 32],
-        warmup_shape: Some([32, 32, 32]),
-        intra_threads: 2,
-        ..Default::default()
-    };
     let defaults = brats_inference::config::InferenceConfig::default();
-    assert_eq!((cfg.model.as_str(), cfg.alias.as_str()), (defaults.model.as_str(), defaults.alias.as_str()));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let server = tokio::spawn(brats_inference::server::serve(
-        cfg,
-        async {
-            let _ = stop_rx.await;
-        },
-        Some(addr_tx),
-    ));
-    let url = format!("http://{}", addr_rx.await.unwrap());
-    let mut inference = brats_proto::v1::inference_client::InferenceClient::connect(url).await.unwrap();
+    let server = InferenceServer::start(|c| {
+        c.registry = file_uri(&store.join("models"));
+        assert_eq!((c.model.as_str(), c.alias.as_str()), (defaults.model.as_str(), defaults.alias.as_str()));
+    })
+    .await;
+    let mut inference = server.client().await;
     let list: serde_json::Value = serde_json::from_slice(&std::fs::read(data.join("datalist.json")).unwrap()).unwrap();
     let case = &list["validation"][0];
     let image_uris =
@@ -294,7 +279,6 @@ async fn a_model_trained_with_defaults_is_served_by_inference_with_defaults() {
         (registered.name.as_str(), registered.version.as_str())
     );
     assert!(response.label_map_uri.ends_with("seg.nii.gz"), "{}", response.label_map_uri);
-    let _ = stop_tx.send(());
-    server.await.unwrap().unwrap();
+    server.stop().await;
     t.stop();
 }

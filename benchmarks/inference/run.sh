@@ -27,7 +27,7 @@ command -v /usr/bin/time >/dev/null || { echo "needs /usr/bin/time (apt-get inst
 [ -x "$PY" ] || "$ROOT/tests/monai/setup.sh"
 
 echo "== building" >&2
-cargo build --release --quiet -p brats-inference -p brats-preprocess
+cargo build --release --quiet -p brats-inference -p brats-preprocessor
 # weights + export: the dev profile (optimised in this workspace) avoids a release build of libtorch crates
 cargo build --quiet -p brats-model --example write_reference_weights --bin brats-model
 export BIN="$TARGET/release/brats-inference"

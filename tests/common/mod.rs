@@ -2,7 +2,13 @@
 //! store in a child process) and synthetic cases written as real NIfTI files.
 #![allow(dead_code)]
 
-use brats_preprocess::config::ServiceConfig;
+mod inference;
+pub(crate) mod pki;
+pub(crate) mod secured;
+#[allow(unused_imports)] // each test binary uses its own part of the harness
+pub(crate) use inference::{InferenceServer, TEST_ROI};
+
+use brats_preprocessor::config::ServiceConfig;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -108,7 +114,7 @@ impl Service {
         cfg.server.metrics_listen = format!("127.0.0.1:{metrics_port}");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-        let handle = tokio::spawn(brats_preprocess::server::serve(
+        let handle = tokio::spawn(brats_preprocessor::server::serve(
             cfg,
             async {
                 let _ = stop_rx.await;
@@ -170,17 +176,17 @@ pub(crate) fn list_files(dir: &Path) -> Vec<String> {
 /// The `bratsctl` binary, built by [`workspace_exe`].
 pub(crate) fn bratsctl_exe() -> PathBuf {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    EXE.get_or_init(|| workspace_exe("bratsctl")).clone()
+    EXE.get_or_init(|| workspace_exe("bratsctl", "bratsctl")).clone()
 }
 
-/// The binary of the workspace package `name` (its binary has the same name), built next to
-/// this test's target folder: `cargo test` builds no binary of another package, so this asks
+/// The binary `name` of the workspace package `package`, built next to this test's target
+/// folder: `cargo test` builds no binary of another package, so this asks
 /// cargo once per binary and test run.
-pub(crate) fn workspace_exe(name: &str) -> PathBuf {
+pub(crate) fn workspace_exe(package: &str, name: &str) -> PathBuf {
     // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
     let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", name, "--bin", name]);
+    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }

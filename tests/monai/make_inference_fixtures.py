@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detgen import det_state_dict, uniform  # noqa: E402
+from make_segresnet_fixtures import BUNDLE_CONFIG  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import torch  # noqa: E402
@@ -48,15 +49,6 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "monai" / "inference"
 MODALITIES = ["t1c", "t1", "t2", "flair"]  # the bundle's channel order
 
-BUNDLE_CONFIG = dict(
-    spatial_dims=3,
-    blocks_down=[1, 2, 2, 4],
-    blocks_up=[1, 1, 1],
-    init_filters=16,
-    in_channels=4,
-    out_channels=3,
-    dropout_prob=0.2,
-)
 ROI = [48, 48, 32]
 OVERLAP = 0.5
 SIGMA_SCALE = 0.125

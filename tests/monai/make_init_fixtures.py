@@ -15,24 +15,19 @@ can check that a network it builds fresh draws from the same distributions
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import monai
 import torch
 from monai.networks.nets import SegResNet
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_segresnet_fixtures import BUNDLE_CONFIG  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "fixtures" / "monai" / "segresnet" / "init_stats.json"
 
-BUNDLE_CONFIG = dict(
-    spatial_dims=3,
-    blocks_down=[1, 2, 2, 4],
-    blocks_up=[1, 1, 1],
-    init_filters=16,
-    in_channels=4,
-    out_channels=3,
-    dropout_prob=0.2,
-)
 SEEDS = [0, 1, 2, 3]
 
 

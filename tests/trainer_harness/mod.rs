@@ -18,7 +18,7 @@ pub(crate) fn trainer_exe() -> PathBuf {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| match std::env::var("BRATS_TEST_TRAINER_EXE") {
         Ok(p) => PathBuf::from(p),
-        Err(_) => workspace_exe("brats-trainer"),
+        Err(_) => workspace_exe("brats-trainer", "brats-trainer"),
     })
     .clone()
 }
@@ -67,10 +67,11 @@ impl Trainer {
             let worker_exe = worker.map(|w| w.display().to_string()).unwrap_or_default();
             std::fs::write(
                 &config,
+                // `extra` may add sections, [server.auth] and the like included.
                 format!(
-                    "server = {{ listen = \"127.0.0.1:{port}\", metrics_listen = \"127.0.0.1:{metrics_port}\", \
-                     shutdown_grace_s = 20 }}\n\
-                     store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n{extra}\n",
+                    "store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
+                     [server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
+                     shutdown_grace_s = 20\n{extra}\n",
                 ),
             )
             .unwrap();

@@ -146,6 +146,14 @@ impl Registry {
         }
     }
 
+    /// When a version was registered: the modification time of its graph, which versions
+    /// never rewrite (see [`Registry::register`]), in milliseconds since the Unix epoch.
+    pub async fn registered_ms(&self, name: &str, version: &str) -> Result<i64> {
+        validate_name("model name", name)?;
+        validate_name("model version", version)?;
+        Ok(self.stores.head(&self.version_uri(name, version).join(MODEL_FILE)).await?.last_modified_ms)
+    }
+
     async fn metadata_bytes(&self, uri: &StoreUri) -> Result<Option<Bytes>> {
         match self.stores.get(uri).await {
             Ok(b) => Ok(Some(b)),

@@ -160,6 +160,10 @@ pub struct ObjectVersion {
     pub size: u64,
     /// ETag or modification time.
     pub version: String,
+    /// Last modification, milliseconds since the Unix epoch. Not part of the identity (a
+    /// rewrite already changes `version`), so it is left out of serialised cache keys.
+    #[serde(skip)]
+    pub last_modified_ms: i64,
 }
 
 /// Store handles for every bucket a process touches, built once and shared.
@@ -263,7 +267,11 @@ impl Stores {
     pub async fn head(&self, uri: &StoreUri) -> Result<ObjectVersion> {
         let (store, path) = self.store(uri)?;
         let meta = store.head(&path).await.map_err(|e| map_err(uri, e))?;
-        Ok(ObjectVersion { size: meta.size, version: meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339()) })
+        Ok(ObjectVersion {
+            size: meta.size,
+            last_modified_ms: meta.last_modified.timestamp_millis(),
+            version: meta.e_tag.unwrap_or_else(|| meta.last_modified.to_rfc3339()),
+        })
     }
 
     /// Every object below `prefix` (recursively), as URIs, sorted.

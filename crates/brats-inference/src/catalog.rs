@@ -81,13 +81,21 @@ async fn model_pb(
                 None
             }
         };
+        let created_at = match registry.registered_ms(name, &v).await {
+            Ok(ms) => Some(brats_proto::timestamp_from_ms(ms)),
+            Err(e) if e.kind() == brats_core::ErrorKind::Unavailable => return Err(core_status(e)),
+            Err(e) => {
+                warn!(model = name, version = %v, error = %e, "model graph unreadable; listed without its time");
+                None
+            }
+        };
         out.push(pb::ModelVersion {
+            created_at,
             aliases: aliases.iter().filter(|(_, to)| **to == v).map(|(a, _)| a.clone()).collect(),
             uri: registry.version_uri(name, &v).join(MODEL_FILE).to_string(),
             loaded: models.is_loaded(name, &v),
             metadata: metadata.as_ref().map(metadata_pb),
             version: v,
-            ..Default::default()
         });
     }
     Ok(pb::Model { name: name.to_string(), versions: out, aliases: aliases.clone().into_iter().collect() })

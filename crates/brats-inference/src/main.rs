@@ -158,12 +158,7 @@ impl OrtFlags {
 }
 
 fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
-    let v: Vec<usize> = s
-        .split(',')
-        .map(|p| p.trim().parse())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("'{s}': expected X,Y,Z"))?;
-    v.try_into().map_err(|_| anyhow::anyhow!("'{s}': expected three values X,Y,Z"))
+    Ok(brats_cli::parse_xyz(s)?)
 }
 
 fn main() -> ExitCode {

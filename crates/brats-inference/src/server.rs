@@ -39,7 +39,12 @@ pub async fn serve(
         window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, mirror: false },
         max_concurrent: cfg.max_concurrent,
         max_queue: cfg.max_queue,
-        preprocess_endpoint: (!cfg.preprocess_endpoint.is_empty()).then(|| cfg.preprocess_endpoint.clone()),
+        uris: brats_service::security::tenants::UriPolicy::new(&cfg.server.tenants)?,
+        preprocessor: if cfg.preprocess_endpoint.is_empty() {
+            None
+        } else {
+            Some(cfg.server.client.connect_lazy(&cfg.preprocess_endpoint).context("preprocess_endpoint")?)
+        },
     };
     let metrics = Metrics::new();
     let service = InferenceService::new(stores, settings, metrics.clone());

@@ -13,6 +13,8 @@ use brats_core::store::{StoreUri, Stores};
 use brats_preprocess::jobs::fetch_all;
 use brats_preprocess::pipeline::InputFile;
 use brats_proto::v1 as pb;
+use brats_service::security::Principal;
+use brats_service::security::tenants::UriPolicy;
 use bytes::Bytes;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry};
 use sha2::{Digest, Sha256};
@@ -97,7 +99,9 @@ pub struct State {
     max_queue: usize,
     metrics: Metrics,
     counter: AtomicU64,
-    preprocessor: Option<tonic::transport::Channel>,
+    preprocessor: Option<brats_cli::AuthChannel>,
+    /// Where callers may point request URIs.
+    pub(crate) uris: UriPolicy,
 }
 
 /// The gRPC handler: a cheap handle on the shared [`State`].
@@ -166,8 +170,11 @@ pub struct ServiceSettings {
     pub max_concurrent: usize,
     /// Waiting requests before RESOURCE_EXHAUSTED.
     pub max_queue: usize,
-    /// Preprocessing service to use for `Segment` (None = in-process).
-    pub preprocess_endpoint: Option<String>,
+    /// Preprocessing service to use for `Segment` (None = in-process): a channel carrying
+    /// this service's TLS identity and credentials (`[server.client]`).
+    pub preprocessor: Option<brats_cli::AuthChannel>,
+    /// Where callers may point request URIs (`[server.tenants]`; default: anywhere).
+    pub uris: UriPolicy,
 }
 
 /// What a segmentation starts from.
@@ -199,10 +206,8 @@ impl InferenceService {
             max_queue: settings.max_queue,
             metrics,
             counter: AtomicU64::new(0),
-            preprocessor: settings
-                .preprocess_endpoint
-                .and_then(|e| tonic::transport::Channel::from_shared(e).ok())
-                .map(|c| c.connect_lazy()),
+            preprocessor: settings.preprocessor,
+            uris: settings.uris,
         }))
     }
 
@@ -417,7 +422,7 @@ impl InferenceService {
     /// `<prefix>/prep`, we read them back; the T1c header is read for the output's geometry.
     async fn remote_preprocess(
         &self,
-        channel: tonic::transport::Channel,
+        channel: brats_cli::AuthChannel,
         request_id: &str,
         image_uris: &[String],
         t1c: &StoreUri,
@@ -494,7 +499,12 @@ type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<pb::SegmentStrea
 impl pb::inference_server::Inference for InferenceService {
     async fn segment(&self, request: Request<pb::SegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
         let started = Instant::now();
+        let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
+        self.uris.check_all(principal.as_ref(), "image_uris", &req.image_uris)?;
+        if !req.output_uri.is_empty() {
+            self.uris.check(principal.as_ref(), "output_uri", &req.output_uri)?;
+        }
         let request_id = self.request_id(&req.request_id)?;
         let span = info_span!("segment", request_id = %request_id);
         let result = async {
@@ -549,7 +559,8 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         request: Request<tonic::Streaming<pb::SegmentStreamRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        crate::stream::segment_stream(self.clone(), request.into_inner()).await
+        let principal = request.extensions().get::<Principal>().cloned();
+        crate::stream::segment_stream(self.clone(), request.into_inner(), principal).await
     }
 
     async fn list_models(

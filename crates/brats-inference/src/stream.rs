@@ -172,6 +172,7 @@ fn send_file(out: &mut Vec<pb::SegmentStreamResponse>, index: u32, data: &Bytes,
 pub async fn segment_stream(
     service: InferenceService,
     mut input: Streaming<pb::SegmentStreamRequest>,
+    principal: Option<brats_service::security::Principal>,
 ) -> Result<Response<ResponseStream>, Status> {
     let started = Instant::now();
     let (tx, rx) = mpsc::channel(64);
@@ -180,6 +181,9 @@ pub async fn segment_stream(
         async move {
             let result = async {
                 let (header, files) = receive(&mut input, &tx, started).await?;
+                if !header.output_uri.is_empty() {
+                    service.uris.check(principal.as_ref(), "header.output_uri", &header.output_uri)?;
+                }
                 let _ = tx.send(Ok(progress(pb::SegmentStage::Queued, started))).await;
                 let ptx = tx.clone();
                 let report = Box::new(move |done: usize, total: usize| {

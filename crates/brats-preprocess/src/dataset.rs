@@ -122,6 +122,12 @@ impl DatasetPlan {
         })
     }
 
+    /// Every image and label the dataset will read, for callers that must check where they
+    /// lie before anything is read.
+    pub fn input_uris(&self) -> impl Iterator<Item = &StoreUri> {
+        self.cases.iter().flat_map(|c| c.images.iter().chain(c.label.iter()))
+    }
+
     /// Cases in the dataset.
     pub fn total(&self) -> u32 {
         self.cases.len() as u32

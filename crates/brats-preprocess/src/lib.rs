@@ -1,4 +1,5 @@
-//! MONAI-exact BraTS preprocessing and the service that runs it.
+//! MONAI-exact BraTS preprocessing, as a library: what the `Preprocessor` service
+//! (`brats-preprocessor`), the trainer and the inference service run.
 //!
 //! - [`pipeline`]: the one code path (decode, validate, normalise, label channels, crop,
 //!   augment) shared by the CLI, the service and the benchmarks.
@@ -9,14 +10,9 @@
 //!   parsing and checks.
 //! - [`dataset`]: a whole datalist into cached cases and a manifest (the library behind
 //!   `PreprocessDataset`, also run in-process by the trainer).
-//! - [`service`] and [`server`]: the gRPC `Preprocessor` service with health, reflection,
-//!   metrics and graceful shutdown; [`config`] its configuration.
 
-pub mod config;
 pub mod dataset;
 pub mod jobs;
 pub mod pipeline;
-pub mod server;
-pub mod service;
 pub use brats_synthetic as synthetic;
 pub mod transforms;

@@ -37,3 +37,10 @@ pub mod brats {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("brats_v1_descriptor");
 
 pub use brats::v1;
+
+/// A protobuf timestamp from milliseconds since the Unix epoch (the unit our job records and
+/// object stores keep); negative values are before 1970, with `nanos` kept non-negative as the
+/// Timestamp contract requires.
+pub fn timestamp_from_ms(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}

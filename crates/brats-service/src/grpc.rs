@@ -21,6 +21,15 @@ use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
 use crate::ServerConfig;
+use crate::security::audit::{Action, AuditEvent, AuditLog, Outcome};
+use crate::security::auth::Authenticator;
+use crate::security::layer::{Security, SecurityLayer};
+use crate::security::tenants::UriPolicy;
+use crate::security::tls::ServerTls;
+use std::sync::Arc;
+
+/// The routes behind the security layer.
+type SecuredRouter = Router<tower::layer::util::Stack<SecurityLayer, tower::layer::util::Identity>>;
 
 /// Why a service's gRPC server could not start or stopped with an error; the messages name the
 /// step (and address) that failed, the cause follows as the source.
@@ -56,6 +65,18 @@ pub enum ServerError {
     /// The shutdown task panicked or was cancelled before it finished.
     #[error("shutdown task")]
     ShutdownTask(#[source] tokio::task::JoinError),
+    /// `[server.tls]` could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::security::tls::TlsError),
+    /// `[server.auth]` is not usable.
+    #[error("server.auth")]
+    Auth(#[source] crate::security::auth::AuthSetupError),
+    /// `[server.tenants]` is not usable.
+    #[error(transparent)]
+    Tenants(#[from] crate::security::tenants::TenantConfigError),
+    /// `[server.audit]` could not be opened.
+    #[error("server.audit")]
+    Audit(#[source] crate::security::audit::AuditError),
 }
 
 /// The `grpc.health.v1` status of one service, cloneable into the tasks that decide it (warm-up,
@@ -100,11 +121,30 @@ impl Drain {
     }
 }
 
-/// The one `tonic` transport every service runs, built from its `[server]` section: the place
-/// where transport security (`tls_config`) and request layers (authentication, audit) are
-/// added, once for all services, so no service can be started without them.
-fn transport(_server: &ServerConfig) -> tonic::transport::Server {
+/// The one `tonic` transport every service runs, built from its `[server]` section, with the
+/// HTTP/2 limits and the security layer (authentication, authorisation, audit) added once for
+/// all services, so no service can be started without them. TLS is terminated before tonic
+/// (see [`crate::security::tls`]).
+fn transport(
+    server: &ServerConfig,
+    security: &Security,
+) -> tonic::transport::server::Server<tower::layer::util::Stack<SecurityLayer, tower::layer::util::Identity>> {
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(server.max_concurrent_streams))
+        .http2_max_header_list_size(Some(server.max_header_list_size))
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .layer(security.layer())
+}
+
+/// This process's name in audit records: host and process id.
+fn instance() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// A bound gRPC listener for service `S` with health (`grpc.health.v1`), reflection and
@@ -113,7 +153,10 @@ pub struct GrpcServer<S> {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     health: ServiceHealth,
-    router: Router,
+    router: SecuredRouter,
+    tls: Option<Arc<ServerTls>>,
+    security: Security,
+    uris: UriPolicy,
     service: PhantomData<fn(S)>,
 }
 
@@ -130,6 +173,46 @@ impl<S: NamedService> GrpcServer<S> {
         let health = ServiceHealth { reporter, service: S::NAME };
         health.reporter.set_service_status(S::NAME, initial).await;
         let (reflection_v1, reflection_v1alpha) = crate::reflection(S::NAME).map_err(ServerError::Reflection)?;
+        let audit = AuditLog::open(&server.audit, S::NAME, &instance()).map_err(ServerError::Audit)?;
+        let uris = UriPolicy::new(&server.tenants)?;
+        if !server.auth.enabled {
+            warn!(
+                "authentication is OFF ([server.auth] enabled = false): every caller is an admin; enable it outside development"
+            );
+        }
+        if !uris.enforced() {
+            warn!(
+                "no [server.tenants] configured: callers may name any location the process can reach; configure tenants outside development"
+            );
+        }
+        if !server.tls.enabled() {
+            warn!("TLS is OFF ([server.tls] cert_file unset): requests and credentials travel in plaintext");
+        }
+        let authenticator = Authenticator::new(&server.auth).map_err(ServerError::Auth)?;
+        let security = Security::new(authenticator, audit.clone(), server.failed_auth_per_minute);
+        let tls = if server.tls.enabled() {
+            let tls = ServerTls::load(&server.tls)?;
+            tls.spawn_reloader(move |result| {
+                let (outcome, reason) = match result {
+                    Ok(()) => (Outcome::Succeeded, String::new()),
+                    Err(e) => (Outcome::Failed, e.to_string()),
+                };
+                let _ = audit.record(AuditEvent {
+                    rpc: "tls",
+                    action: Action::CertificateReloaded,
+                    outcome,
+                    grpc_code: tonic::Code::Ok,
+                    reason: &reason,
+                    principal: None,
+                    source_ip: None,
+                    resource: None,
+                    latency_ms: None,
+                });
+            });
+            Some(tls)
+        } else {
+            None
+        };
 
         let listen = &server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
@@ -138,12 +221,12 @@ impl<S: NamedService> GrpcServer<S> {
         let addr = listener.local_addr().map_err(ServerError::LocalAddr)?;
         crate::spawn_metrics_endpoint(&server.metrics_listen, metrics).await?;
 
-        let router = transport(server)
+        let router = transport(server, &security)
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha);
-        Ok(Self { listener, addr, health, router, service: PhantomData })
+        Ok(Self { listener, addr, health, router, tls, security, uris, service: PhantomData })
     }
 
     /// The bound gRPC address.
@@ -162,6 +245,17 @@ impl<S: NamedService> GrpcServer<S> {
     /// A handle on `S`'s health status, for the tasks that turn it SERVING or NOT_SERVING.
     pub fn health(&self) -> ServiceHealth {
         self.health.clone()
+    }
+
+    /// Where callers may point request URIs (`[server.tenants]`), for the service's handlers.
+    pub fn uri_policy(&self) -> UriPolicy {
+        self.uris.clone()
+    }
+
+    /// The audit log requests are recorded in, for the state changes the service records
+    /// itself (jobs started and finished, models registered, aliases moved).
+    pub fn audit(&self) -> AuditLog {
+        self.security.audit().clone()
     }
 
     /// Serves `service` until `shutdown` resolves; then logs `stopping_message`, reports
@@ -184,7 +278,7 @@ impl<S: NamedService> GrpcServer<S> {
             + 'static,
         S::Future: Send + 'static,
     {
-        let Self { listener, health, router, .. } = self;
+        let Self { listener, health, router, tls, .. } = self;
         let (grace, cleanup) = match drain.0 {
             DrainKind::Grace { period, abandon_message } => (Some((period, abandon_message)), None),
             DrainKind::Complete { cleanup } => (None, Some(cleanup)),
@@ -201,12 +295,18 @@ impl<S: NamedService> GrpcServer<S> {
                 cleanup.await;
             }
         });
-        let server = router.add_service(service).serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        let router = router.add_service(service);
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+            Some(tls) => {
+                Box::pin(router.serve_with_incoming_shutdown(crate::security::tls::incoming(listener, tls), stopped))
+            }
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stopped),
+            ),
+        };
         match grace {
             Some((grace, abandon_message)) => {
                 tokio::select! {

@@ -4,6 +4,7 @@
 //! signals, and the server shell itself ([`GrpcServer`]: health, reflection, metrics, drain).
 
 mod grpc;
+pub mod security;
 mod server_config;
 
 pub use grpc::{Drain, GrpcServer, ServerError, ServiceHealth};

@@ -5,7 +5,15 @@
 
 use std::time::Duration;
 
+use brats_cli::ClientSecurity;
 use serde::{Deserialize, Serialize};
+
+use crate::security::audit::AuditConfig;
+use crate::security::auth::AuthConfig;
+use crate::security::layer::DEFAULT_FAILED_AUTH_PER_MINUTE;
+use crate::security::tenants::TenantConfig;
+use crate::security::tls::TlsConfig;
+use std::collections::BTreeMap;
 
 /// The `[server]` section of a service's configuration. Each service gives its own defaults
 /// ([`ServerConfig::new`]); the configuration loader overlays the file and the environment on
@@ -19,16 +27,88 @@ pub struct ServerConfig {
     pub metrics_listen: String,
     /// Seconds running requests get to finish after SIGTERM before they are abandoned.
     pub shutdown_grace_s: u64,
+    /// `[server.tls]`: the certificate, key and client CA (TLS is off until `cert_file` is set).
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// `[server.auth]`: who may call (JWT issuers, API keys, service identities).
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// `[server.audit]`: where authorisation decisions and state changes are recorded.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// `[server.tenants.<name>]`: the locations each tenant's callers may name in request
+    /// URIs (none configured: every location, for development only).
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// `[server.client]`: how this service calls the others (CA, its own certificate for
+    /// mutual TLS, a credential file).
+    #[serde(default)]
+    pub client: ClientSecurity,
+    /// Failed authentications per source address per minute before RESOURCE_EXHAUSTED.
+    #[serde(default = "default_failed_auth_per_minute")]
+    pub failed_auth_per_minute: u32,
+    /// HTTP/2 streams one connection may run at once.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// Bytes of request headers (metadata) one request may carry.
+    #[serde(default = "default_max_header_list_size")]
+    pub max_header_list_size: u32,
+}
+
+fn default_failed_auth_per_minute() -> u32 {
+    DEFAULT_FAILED_AUTH_PER_MINUTE
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    128
+}
+
+fn default_max_header_list_size() -> u32 {
+    16 * 1024
 }
 
 impl ServerConfig {
     /// A section with these values (a service's defaults).
     pub fn new(listen: &str, metrics_listen: &str, shutdown_grace_s: u64) -> Self {
-        Self { listen: listen.into(), metrics_listen: metrics_listen.into(), shutdown_grace_s }
+        Self {
+            listen: listen.into(),
+            metrics_listen: metrics_listen.into(),
+            shutdown_grace_s,
+            tls: TlsConfig::default(),
+            auth: AuthConfig::default(),
+            audit: AuditConfig::default(),
+            tenants: BTreeMap::new(),
+            client: ClientSecurity::default(),
+            failed_auth_per_minute: default_failed_auth_per_minute(),
+            max_concurrent_streams: default_max_concurrent_streams(),
+            max_header_list_size: default_max_header_list_size(),
+        }
     }
 
     /// [`Self::shutdown_grace_s`] as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped example of the security sections parses, every key in it known.
+    #[test]
+    fn the_shipped_security_example_parses() {
+        #[derive(Deserialize)]
+        struct File {
+            server: ServerConfig,
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/security.toml");
+        let file: File = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let s = file.server;
+        assert!(s.tls.enabled() && s.auth.enabled);
+        assert_eq!(s.auth.jwt.as_ref().unwrap().audiences, ["brats"]);
+        assert_eq!(s.tenants["neuro"].allowed_prefixes.len(), 2);
+        assert_eq!(s.auth.services["trainer.brats.internal"].roles, ["service"]);
+        assert!(s.client.tls());
     }
 }

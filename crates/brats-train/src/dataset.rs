@@ -1,10 +1,13 @@
-//! Turning a datalist into training data: the dataset is preprocessed by the preprocessing
-//! service (over gRPC, or the same service code called in-process) into cached tensors in the
-//! store, described by a manifest; workers read the manifest and load its cases.
+//! Turning a datalist into training data: the dataset is preprocessed (by the preprocessing
+//! service over gRPC, or by its library in this process) into cached tensors in the store,
+//! described by a manifest; workers read the manifest and load its cases.
 
 use std::sync::Arc;
 
-use brats_core::{StoreUri, Stores};
+use brats_core::labels::LabelConvention;
+use brats_core::{ErrorKind, StoreUri, Stores};
+use brats_preprocess::dataset::{DatasetEvent, DatasetPlan, DatasetSpec};
+use brats_preprocess::pipeline::Options;
 use brats_proto::v1 as pb;
 use futures::StreamExt;
 
@@ -67,15 +70,22 @@ pub use brats_artifacts::manifest::{Manifest, ManifestCase};
 /// Where the dataset is preprocessed.
 #[derive(Debug, Clone)]
 pub enum Preprocessor {
-    /// A preprocessing service at this endpoint (`http://host:port`).
-    Remote(String),
-    /// The preprocessing service's code, called in-process.
+    /// A preprocessing service at `endpoint` (`http://host:port`), reached with `client`'s TLS
+    /// settings and credentials.
+    Remote {
+        /// `http://host:port` (spoken to over TLS when `client` names a CA).
+        endpoint: String,
+        /// TLS and credentials.
+        client: brats_cli::ClientSecurity,
+    },
+    /// The preprocessing library ([`brats_preprocess::dataset`]), in this process.
     InProcess,
 }
 
 /// Preprocesses a datalist's sections (full volumes: normalised, label channels, no crop) into
 /// `output_root`, reusing cached cases, and returns the manifest's URI. `progress` sees
-/// (completed, total) as cases finish.
+/// (completed, total) as cases finish. Both preprocessors key the dataset alike, so a dataset
+/// prepared one way is reused the other.
 #[allow(clippy::too_many_arguments)] // the PreprocessDataset request's fields, each needed
 pub async fn prepare(
     stores: Arc<Stores>,
@@ -85,51 +95,117 @@ pub async fn prepare(
     sections: &[String],
     label_convention: &str,
     output_root: &StoreUri,
+    progress: impl FnMut(u32, u32),
+) -> Result<StoreUri, DatasetError> {
+    match preprocessor {
+        Preprocessor::InProcess => {
+            let invalid = |field: &str, e: brats_core::CoreError| DatasetError::Preprocess {
+                field: field.to_string(),
+                message: format!("{field}: {e}"),
+                code: code_of(e.kind()),
+            };
+            let convention = LabelConvention::parse(label_convention).map_err(|e| invalid("label_convention", e))?;
+            let options = Options { label_convention: convention, ..Options::default() };
+            let spec = DatasetSpec {
+                datalist: StoreUri::parse(datalist_uri).map_err(|e| invalid("datalist_uri", e))?,
+                base: if base_uri.is_empty() {
+                    None
+                } else {
+                    Some(StoreUri::parse(base_uri).map_err(|e| invalid("base_uri", e))?)
+                },
+                sections: sections.to_vec(),
+                options,
+                output_root: output_root.clone(),
+                force: false,
+            };
+            let plan = DatasetPlan::load(&stores, spec).await.map_err(|e| invalid(e.field, e.source))?;
+            let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4);
+            prepare_in_process(plan, stores, parallel, progress).await
+        }
+        Preprocessor::Remote { endpoint, client } => {
+            let convention = match label_convention {
+                "brats2023" => pb::LabelConvention::Brats2023,
+                "brats2015" => pb::LabelConvention::Brats2015,
+                _ => pb::LabelConvention::Brats2018,
+            };
+            let request = pb::PreprocessDatasetRequest {
+                datalist_uri: datalist_uri.to_string(),
+                base_uri: base_uri.to_string(),
+                sections: sections.to_vec(),
+                label_convention: convention as i32,
+                crop: None,
+                max_parallel: 0,
+                output_uri: output_root.to_string(),
+                force: false,
+            };
+            prepare_remote(endpoint, client, request, progress).await
+        }
+    }
+}
+
+/// The gRPC code a library error maps to (as the services map it).
+fn code_of(kind: ErrorKind) -> tonic::Code {
+    match kind {
+        ErrorKind::InvalidInput => tonic::Code::InvalidArgument,
+        ErrorKind::NotFound => tonic::Code::NotFound,
+        ErrorKind::AlreadyExists => tonic::Code::AlreadyExists,
+        ErrorKind::Unavailable => tonic::Code::Unavailable,
+        ErrorKind::Internal => tonic::Code::Internal,
+    }
+}
+
+async fn prepare_in_process(
+    plan: DatasetPlan,
+    stores: Arc<Stores>,
+    parallel: usize,
     mut progress: impl FnMut(u32, u32),
 ) -> Result<StoreUri, DatasetError> {
-    let convention = match label_convention {
-        "brats2023" => pb::LabelConvention::Brats2023,
-        "brats2015" => pb::LabelConvention::Brats2015,
-        _ => pb::LabelConvention::Brats2018,
-    };
-    let request = pb::PreprocessDatasetRequest {
-        datalist_uri: datalist_uri.to_string(),
-        base_uri: base_uri.to_string(),
-        sections: sections.to_vec(),
-        label_convention: convention as i32,
-        crop: None,
-        max_parallel: 0,
-        output_uri: output_root.to_string(),
-        force: false,
-    };
+    let mut events = std::pin::pin!(plan.run_local(stores, parallel));
+    let mut first_failure: Option<(String, String)> = None;
+    while let Some(event) = events.next().await {
+        match event {
+            DatasetEvent::Case(counts, outcome) => {
+                progress(counts.completed, counts.total);
+                if let Err(e) = &outcome.result
+                    && first_failure.is_none()
+                {
+                    first_failure = Some((outcome.case_id.clone(), e.to_string()));
+                }
+            }
+            DatasetEvent::Done(counts, manifest) => {
+                if counts.failed > 0 {
+                    let (case_id, message) = first_failure.unwrap_or_default();
+                    return Err(DatasetError::Cases { failed: counts.failed, total: counts.total, case_id, message });
+                }
+                return Ok(manifest?.0);
+            }
+        }
+    }
+    Err(DatasetError::Preprocess {
+        field: "request".into(),
+        message: "preprocessing ended before the dataset was done".into(),
+        code: tonic::Code::Internal,
+    })
+}
+
+async fn prepare_remote(
+    endpoint: &str,
+    client: &brats_cli::ClientSecurity,
+    request: pb::PreprocessDatasetRequest,
+    mut progress: impl FnMut(u32, u32),
+) -> Result<StoreUri, DatasetError> {
     let refused = |s: tonic::Status| {
         let message = s.message().to_string();
         let field = message.split(':').next().filter(|f| f.len() < 40 && !f.contains(' ')).unwrap_or("request");
         DatasetError::Preprocess { field: field.to_string(), message, code: s.code() }
     };
-    let mut stream = match preprocessor {
-        Preprocessor::InProcess => {
-            let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).min(4);
-            brats_preprocess::service::preprocess_dataset_in_process(stores.clone(), &request, parallel)
-                .await
-                .map_err(refused)?
-        }
-        Preprocessor::Remote(endpoint) => {
-            let mut client =
-                pb::preprocessor_client::PreprocessorClient::connect(endpoint.clone()).await.map_err(|e| {
-                    DatasetError::Preprocess {
-                        field: "preprocess_endpoint".into(),
-                        message: format!("cannot reach the preprocessing service at {endpoint}: {e}"),
-                        code: tonic::Code::Unavailable,
-                    }
-                })?;
-            let s = client.preprocess_dataset(request).await.map_err(refused)?.into_inner();
-            Box::pin(s)
-                as std::pin::Pin<
-                    Box<dyn futures::Stream<Item = Result<pb::PreprocessDatasetProgress, tonic::Status>> + Send>,
-                >
-        }
-    };
+    let channel = client.connect(endpoint).await.map_err(|e| DatasetError::Preprocess {
+        field: "preprocess_endpoint".into(),
+        message: format!("cannot reach the preprocessing service at {endpoint}: {e}"),
+        code: tonic::Code::Unavailable,
+    })?;
+    let mut client = pb::preprocessor_client::PreprocessorClient::new(channel);
+    let mut stream = client.preprocess_dataset(request).await.map_err(refused)?.into_inner();
     let mut first_failure: Option<(String, String)> = None;
     while let Some(msg) = stream.next().await {
         let p = msg.map_err(refused)?;

@@ -195,11 +195,6 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A protobuf timestamp from Unix milliseconds.
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
-}
-
 /// Dice scores as the protobuf message.
 pub fn dice_to_proto(d: &DiceScores) -> pb::DiceScores {
     pb::DiceScores { tc: d.tc, wt: d.wt, et: d.et, mean: d.mean }
@@ -254,7 +249,7 @@ impl JobEvent {
         pb::JobEvent {
             sequence: self.sequence,
             job_id: self.job_id.clone(),
-            time: Some(timestamp(self.time_ms)),
+            time: Some(brats_proto::timestamp_from_ms(self.time_ms)),
             event: Some(event),
         }
     }

@@ -332,15 +332,10 @@ async fn spawn(cmd: Command) -> Result<std::io::Result<Child>, LaunchError> {
     rx.await.map_err(|_| LaunchError::Launcher)
 }
 
-/// A free loopback port (for the rendezvous of multi-rank jobs).
-pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Starts one worker per device. Rank 0's protocol lines arrive on the returned receiver in
 /// order; the channel closes after the last rank's output has been read.
 pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedReceiver<WorkerLine>), LaunchError> {
-    let port = free_port().map_err(LaunchError::Port)?;
+    let port = brats_cli::free_port().map_err(LaunchError::Port)?;
     let world = spec.devices.len();
     let parent = std::process::id() as libc::pid_t;
     let mut children = Vec::with_capacity(world);

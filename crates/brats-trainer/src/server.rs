@@ -27,6 +27,9 @@ pub fn settings(cfg: &TrainerConfig) -> anyhow::Result<ServiceSettings> {
         store_root: StoreUri::parse(&cfg.store_root).context("store_root")?,
         registry: StoreUri::parse(&cfg.registry).context("registry")?,
         preprocess_endpoint: (!cfg.preprocess_endpoint.is_empty()).then(|| cfg.preprocess_endpoint.clone()),
+        preprocess_client: cfg.server.client.clone(),
+        uris: brats_service::security::tenants::UriPolicy::new(&cfg.server.tenants)?,
+        audit: brats_service::security::audit::AuditLog::disabled(),
         cpu_slots: cfg.cpu_slots.max(1),
         max_queue: cfg.max_queue,
         cancel_grace: Duration::from_secs(cfg.cancel_grace_s),
@@ -47,7 +50,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     cfg.validate()?;
     let stores = Arc::new(Stores::new(cfg.store.clone()));
-    let settings = settings(&cfg)?;
+    let mut settings = settings(&cfg)?;
     let metrics = Metrics::new();
     info!(
         store_root = %settings.store_root,
@@ -57,14 +60,15 @@ pub async fn serve(
         preprocess = if settings.preprocess_endpoint.is_some() { "remote" } else { "in-process" },
         "trainer starting"
     );
-    let service = TrainerService::new(stores, settings, metrics.clone());
-
     let grpc = GrpcServer::<TrainerServer<TrainerService>>::bind(
         &cfg.server,
         ServingStatus::NotServing,
         metrics.registry.clone(),
     )
     .await?;
+    settings.uris = grpc.uri_policy();
+    settings.audit = grpc.audit();
+    let service = TrainerService::new(stores, settings, metrics.clone());
     grpc.announce(bound);
     info!(addr = %grpc.addr(), "trainer service listening; recovering jobs");
 

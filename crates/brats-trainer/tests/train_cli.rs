@@ -17,6 +17,15 @@ fn trainer() -> Command {
     c
 }
 
+/// `brats-trainer train` on CPU with 16³ crops and validation windows, the flags every small
+/// run here shares; tests add what they vary.
+fn train_16(datalist: &Path, epochs: &str, out: &Path) -> Command {
+    let mut c = trainer();
+    c.args(["train", "--datalist"]).arg(datalist).args(["--epochs", epochs]);
+    c.args(["--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu", "--out"]).arg(out);
+    c
+}
+
 fn dataset(dir: &Path, shape: [usize; 3], training: usize, validation: usize) -> PathBuf {
     brats_preprocess::synthetic::write_dataset(dir, shape, 100, training, validation).unwrap()
 }
@@ -84,26 +93,21 @@ fn learns_synthetic_brats_to_dice_above_0_8() {
 fn two_gloo_ranks_equal_one_process_on_the_concatenated_batch() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [24, 24, 24], 4, 0);
-    let common = |c: &mut Command, out: &Path, batch: &str| {
-        c.args(["train", "--datalist"])
-            .arg(&datalist)
-            .args(["--epochs", "1", "--max-steps-per-epoch", "1", "--lr", "1e-5", "--crop", "16,16,16"])
-            .args(["--val-roi", "16,16,16", "--devices", "cpu", "--seed", "3", "--model", SMALL_NO_DROPOUT])
-            .args(["--batch-size", batch, "--out"])
-            .arg(out)
+    let common = |out: &Path, batch: &str| {
+        let mut c = train_16(&datalist, "1", out);
+        c.args(["--max-steps-per-epoch", "1", "--lr", "1e-5", "--seed", "3", "--model", SMALL_NO_DROPOUT])
+            .args(["--batch-size", batch])
             .env("OMP_NUM_THREADS", "1");
+        c
     };
     let single = dir.path().join("single");
-    let mut c = trainer();
-    common(&mut c, &single, "2");
-    ok(&c.output().unwrap());
+    ok(&common(&single, "2").output().unwrap());
 
     let ddp = dir.path().join("ddp");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
-            let mut c = trainer();
-            common(&mut c, &ddp, "1");
+            let mut c = common(&ddp, "1");
             c.env("MASTER_ADDR", "127.0.0.1")
                 .env("MASTER_PORT", port.to_string())
                 .env("WORLD_SIZE", "2")
@@ -163,16 +167,7 @@ fn rerun_resumes_from_the_latest_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
     let out = dir.path().join("run");
-    let run = |epochs: &str| {
-        trainer()
-            .args(["train", "--datalist"])
-            .arg(&datalist)
-            .args(["--epochs", epochs, "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu"])
-            .args(["--model", SMALL, "--out"])
-            .arg(&out)
-            .output()
-            .unwrap()
-    };
+    let run = |epochs: &str| train_16(&datalist, epochs, &out).args(["--model", SMALL]).output().unwrap();
     ok(&run("2"));
     assert_eq!(metrics(&out).len(), 2);
     let text = ok(&run("3"));
@@ -188,13 +183,9 @@ fn warmup_cosine_moves_the_rate_per_step() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
     let out = dir.path().join("run");
-    let o = trainer()
-        .args(["train", "--datalist"])
-        .arg(&datalist)
-        .args(["--epochs", "4", "--lr", "1e-2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "4"])
-        .args(["--crop", "16,16,16", "--val-roi", "16,16,16", "--val-interval", "4", "--devices", "cpu"])
-        .args(["--model", SMALL, "--out"])
-        .arg(&out)
+    let o = train_16(&datalist, "4", &out)
+        .args(["--lr", "1e-2", "--lr-schedule", "warmup-cosine", "--warmup-steps", "4", "--val-interval", "4"])
+        .args(["--model", SMALL])
         .output()
         .unwrap();
     let text = ok(&o);
@@ -211,12 +202,8 @@ fn streamed_cases_train_like_cases_in_memory() {
     let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 3, 1);
     let run = |cache: &str| {
         let out = dir.path().join(cache);
-        let o = trainer()
-            .args(["train", "--datalist"])
-            .arg(&datalist)
-            .args(["--epochs", "2", "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu", "--seed", "3"])
-            .args(["--case-cache", cache, "--model", SMALL_NO_DROPOUT, "--out"])
-            .arg(&out)
+        let o = train_16(&datalist, "2", &out)
+            .args(["--seed", "3", "--case-cache", cache, "--model", SMALL_NO_DROPOUT])
             .output()
             .unwrap();
         (ok(&o), checkpoint_weights(&out))
@@ -277,12 +264,8 @@ fn local_world_size_starts_cpu_ranks_that_train_together() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
     let out = dir.path().join("run");
-    let o = trainer()
-        .args(["train", "--datalist"])
-        .arg(&datalist)
-        .args(["--epochs", "1", "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu"])
-        .args(["--model", SMALL, "--out"])
-        .arg(&out)
+    let o = train_16(&datalist, "1", &out)
+        .args(["--model", SMALL])
         .env("LOCAL_WORLD_SIZE", "2")
         .env("OMP_NUM_THREADS", "1")
         .output()
@@ -300,12 +283,8 @@ fn a_dead_rank_ends_an_offline_multi_rank_run_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
     let started = std::time::Instant::now();
-    let parent = trainer()
-        .args(["train", "--datalist"])
-        .arg(&datalist)
-        .args(["--epochs", "500", "--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu"])
-        .args(["--model", SMALL, "--out"])
-        .arg(dir.path().join("run"))
+    let parent = train_16(&datalist, "500", &dir.path().join("run"))
+        .args(["--model", SMALL])
         .env("LOCAL_WORLD_SIZE", "2")
         .env("OMP_NUM_THREADS", "1")
         .env_remove("BRATS_DIST_TIMEOUT_S")

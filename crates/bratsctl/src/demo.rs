@@ -10,7 +10,6 @@ use brats_cli::free_port;
 use brats_proto::v1 as pb;
 use brats_proto::v1::trainer_client::TrainerClient;
 use rustix::process::{Pid, Signal, kill_process};
-use tonic::transport::Channel;
 
 use crate::commands::health::serving;
 use crate::commands::segment::{print_segmentation, segment_stream};
@@ -133,12 +132,26 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let files = brats_synthetic::write_case(&held_out, &dir.join("held-out"), &format!("synth-{held_out_seed:05}"))?;
     println!("   datalist {} ({:.1} s)", datalist.display(), t.elapsed().as_secs_f64());
 
+    let security = crate::demo_security::set_up(&dir)?;
+    println!(
+        "   security (throwaway, in {}): a private CA; a certificate per service (TLS 1.3 on its port, and its \
+         identity for mutual TLS to the others); an API key for you (demo.apikey; roles train, segment, viewer; \
+         only its hash in api-keys.toml); tenant 'demo' confined to {}; audit logs in {}",
+        security.dir.display(),
+        dir.display(),
+        dir.join("audit").display()
+    );
+    crate::commands::set_security(security.client.clone());
+    let [preprocess_config, trainer_config, inference_config] = security.configs.clone();
+
     let store = dir.join("store");
     let paddr_port = free_port()?;
-    let paddr = format!("http://127.0.0.1:{paddr_port}");
+    let paddr = format!("https://127.0.0.1:{paddr_port}");
     println!("2. starting the preprocessing service on {paddr} (store file://{})", store.display());
     let pargs = vec![
         "serve".to_string(),
+        "--config".into(),
+        preprocess_config.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{paddr_port}"),
         "--metrics-listen".into(),
@@ -150,11 +163,13 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         start_service("brats-preprocess", &pargs, &dir.join("preprocess.log"), "brats.v1.Preprocessor", &paddr).await?;
 
     let tport = free_port()?;
-    let taddr = format!("http://127.0.0.1:{tport}");
+    let taddr = format!("https://127.0.0.1:{tport}");
     let registry = format!("file://{}", store.join("models").display());
     println!("3. starting the trainer service on {taddr} (datasets prepared by the preprocessing service)");
     let targs = vec![
         "serve".to_string(),
+        "--config".into(),
+        trainer_config.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{tport}"),
         "--metrics-listen".into(),
@@ -201,7 +216,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         labels: [("owner".to_string(), "demo".to_string())].into(),
         ..Default::default()
     };
-    let mut trainer = TrainerClient::connect(taddr.clone()).await?;
+    let mut trainer = TrainerClient::new(crate::commands::connect(&taddr).await?);
     let job = trainer
         .start_job(pb::StartJobRequest { spec: Some(spec), request_id: format!("demo-{seed}"), ..Default::default() })
         .await
@@ -216,12 +231,14 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     println!("   trained in {:.0} s", t.elapsed().as_secs_f64());
 
     let iport = free_port()?;
-    let iaddr = format!("http://127.0.0.1:{iport}");
+    let iaddr = format!("https://127.0.0.1:{iport}");
     println!(
         "5. starting the inference service on {iaddr} (its default model, brats_mri_segmentation@production, from the registry; ONNX Runtime, CPU)"
     );
     let iargs = vec![
         "serve".to_string(),
+        "--config".into(),
+        inference_config.display().to_string(),
         "--listen".into(),
         format!("127.0.0.1:{iport}"),
         "--metrics-listen".into(),
@@ -241,7 +258,7 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         "6. SegmentStream on the held-out case: upload the 4 modalities in checked chunks, segment, download the label map"
     );
     let out = dir.join("seg.nii.gz");
-    let channel = Channel::from_shared(iaddr)?.connect().await?;
+    let channel = crate::commands::connect(&iaddr).await?;
     let t = Instant::now();
     let r = segment_stream(channel, &files.images, &out, None, format!("demo-{seed}"), false).await?;
     print_segmentation(&r, &out);
@@ -260,7 +277,20 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
         dices.iter().map(|(n, d)| format!("{n} {d:.3}")).collect::<Vec<_>>().join("  ")
     );
     println!(
-        "8. done; job artefacts under {}, service logs in {}",
+        "8. audit: every call above was authenticated, authorised and recorded; the hash chains verify: {}",
+        security
+            .audit_logs
+            .iter()
+            .zip(crate::demo_security::SERVICES)
+            .map(|(log, service)| match brats_cli::audit_chain::verify_file(log) {
+                Ok(r) => format!("{service} {} records", r.records),
+                Err(e) => format!("{service} BROKEN ({e})"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "9. done; job artefacts under {}, service logs in {}",
         store.join("jobs").join(&job.id).display(),
         dir.display()
     );

@@ -5,13 +5,17 @@
 
 mod commands;
 mod demo;
+mod demo_security;
 
 use clap::{Parser, Subcommand};
-use commands::{health, models, preprocess, segment, train};
+use commands::{audit, health, keys, models, preprocess, segment, train};
 
 #[derive(Parser)]
 #[command(name = "bratsctl", version, about = "Client of the BraTS segmentation platform")]
 struct Cli {
+    /// TLS and credentials for every command (also from BRATS_CA, BRATS_CERT, …).
+    #[command(flatten)]
+    security: brats_cli::ClientSecurity,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -42,11 +46,24 @@ enum Cmd {
     /// `brats_mri_segmentation@production`, start the inference service, segment the held-out case through
     /// it and print the Dice against its label.
     Demo(demo::DemoArgs),
+    /// Audit logs written by the services: `audit verify FILE...` checks their hash chains.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCmd,
+    },
+    /// API keys: `keys new` mints one for a caller (the key to a file, its hashed entry for the
+    /// services' api_keys_file to stdout).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCmd,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    commands::set_security(cli.security);
+    let result = match cli.command {
         Cmd::Health(a) => health::run(a).await,
         Cmd::Preprocess(a) => preprocess::run_case(a).await,
         Cmd::PreprocessDataset(a) => preprocess::run_dataset(a).await,
@@ -54,6 +71,8 @@ async fn main() -> std::process::ExitCode {
         Cmd::Models(a) => models::run(a).await,
         Cmd::Train { command } => train::run(command).await,
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Audit { command } => audit::run(command),
+        Cmd::Keys { command } => keys::run(command),
     };
     brats_cli::exit_with(result, 2)
 }

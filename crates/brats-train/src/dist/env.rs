@@ -122,18 +122,4 @@ mod tests {
             DistEnv { master_addr: "node0".into(), master_port: 29500, world_size: 4, rank: 3, local_rank: 0 }
         );
     }
-
-    #[test]
-    fn local_rank_is_taken_when_set() {
-        let env = DistEnv::from_lookup(lookup(&[
-            ("MASTER_ADDR", "node0"),
-            ("MASTER_PORT", "29500"),
-            ("WORLD_SIZE", "4"),
-            ("RANK", "3"),
-            ("LOCAL_RANK", "1"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!(env.local_rank, 1);
-    }
 }

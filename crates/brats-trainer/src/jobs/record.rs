@@ -6,7 +6,8 @@ use brats_proto::v1 as pb;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use brats_train::events::{EventKind, JobEvent, JobState, dice_to_proto, timestamp};
+use brats_proto::timestamp_from_ms as timestamp;
+use brats_train::events::{EventKind, JobEvent, JobState, dice_to_proto};
 use brats_train::metric::DiceScores;
 use brats_train::spec::{Device, TrainConfig};
 
@@ -17,6 +18,13 @@ pub struct ModelRef {
     pub name: String,
     /// Version.
     pub version: String,
+}
+
+/// The tenant of jobs started without one (in-process, or before tenants existed).
+pub(crate) const DEFAULT_TENANT: &str = "default";
+
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
 }
 
 /// Everything the trainer knows about a job; stored as `jobs/<id>/job.json`.
@@ -71,6 +79,13 @@ pub struct JobRecord {
     pub registered_model: Option<ModelRef>,
     /// Seed used (the spec's or the drawn one).
     pub seed: u64,
+    /// The tenant of the caller that started it; callers of other tenants cannot see it.
+    /// Records from before tenants existed belong to `default`.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Who started it (the caller's subject; empty when started in-process).
+    #[serde(default)]
+    pub owner: String,
     /// Devices the job runs on (resolved at creation: an empty spec list means every CUDA
     /// device the trainer had then, or the CPU).
     pub devices: Vec<Device>,
@@ -147,6 +162,8 @@ impl JobRecord {
             eta_seconds: 0.0,
             request_id: request_id.to_string(),
             manifest_uri: String::new(),
+            tenant: default_tenant(),
+            owner: String::new(),
         }
     }
 

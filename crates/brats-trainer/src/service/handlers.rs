@@ -2,6 +2,7 @@
 //! service's request logic ([`super::requests`]).
 
 use brats_proto::v1 as pb;
+use brats_service::security::Principal;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
@@ -10,39 +11,45 @@ use super::*;
 #[tonic::async_trait]
 impl pb::trainer_server::Trainer for TrainerService {
     async fn start_job(&self, request: Request<pb::StartJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
         let span = info_span!("start_job", job_id = %req.job_id);
-        let r = TrainerService::start_job(self, req).instrument(span).await;
+        let r = TrainerService::start_job(self, req, caller.as_ref()).instrument(span).await;
         self.observe("StartJob", &r);
         r.map(Response::new)
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
         let r = info_span!("get_job", job_id = %req.job_id)
-            .in_scope(|| self.lookup(&req.job_id).map(|j| j.snapshot().to_proto()));
+            .in_scope(|| self.lookup(&req.job_id, caller.as_ref()).map(|j| j.snapshot().to_proto()));
         self.observe("GetJob", &r);
         r.map(Response::new)
     }
 
     async fn list_jobs(&self, request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let r = info_span!("list_jobs").in_scope(|| TrainerService::list_jobs(self, request.into_inner()));
+        let caller = request.extensions().get::<Principal>().cloned();
+        let r =
+            info_span!("list_jobs").in_scope(|| TrainerService::list_jobs(self, request.into_inner(), caller.as_ref()));
         self.observe("ListJobs", &r);
         r.map(Response::new)
     }
 
     async fn cancel_job(&self, request: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
         let span = info_span!("cancel_job", job_id = %req.job_id);
-        let r = TrainerService::cancel_job(self, req).instrument(span).await;
+        let r = TrainerService::cancel_job(self, req, caller.as_ref()).instrument(span).await;
         self.observe("CancelJob", &r);
         r.map(Response::new)
     }
 
     async fn resume_job(&self, request: Request<pb::ResumeJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let caller = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
         let span = info_span!("resume_job", job_id = %req.job_id);
-        let r = TrainerService::resume_job(self, req).instrument(span).await;
+        let r = TrainerService::resume_job(self, req, caller.as_ref()).instrument(span).await;
         self.observe("ResumeJob", &r);
         r.map(Response::new)
     }
@@ -50,7 +57,8 @@ impl pb::trainer_server::Trainer for TrainerService {
     type WatchJobStream = WatchStream;
 
     async fn watch_job(&self, request: Request<pb::WatchJobRequest>) -> Result<Response<WatchStream>, Status> {
-        let r = TrainerService::watch_job(self, request.into_inner()).await;
+        let caller = request.extensions().get::<Principal>().cloned();
+        let r = TrainerService::watch_job(self, request.into_inner(), caller.as_ref()).await;
         self.observe("WatchJob", &r);
         r.map(Response::new)
     }

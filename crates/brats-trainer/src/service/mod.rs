@@ -52,6 +52,12 @@ pub struct ServiceSettings {
     pub registry: StoreUri,
     /// Preprocessing service endpoint (None = in-process).
     pub preprocess_endpoint: Option<String>,
+    /// TLS and credentials for calling it (`[server.client]`).
+    pub preprocess_client: brats_cli::ClientSecurity,
+    /// Where callers may point a job's URIs (`[server.tenants]`; default: anywhere).
+    pub uris: brats_service::security::tenants::UriPolicy,
+    /// Where job state changes and registrations are recorded (default: nowhere).
+    pub audit: brats_service::security::audit::AuditLog,
     /// Concurrent CPU jobs.
     pub cpu_slots: usize,
     /// QUEUED jobs before RESOURCE_EXHAUSTED.
@@ -209,6 +215,32 @@ impl TrainerService {
             runners: Mutex::new(Vec::new()),
             token_key,
         }))
+    }
+
+    /// Records a job's state change in the audit log (the job id is ours; nothing of the
+    /// spec is recorded). A failing audit sink is logged, not fatal: the change has happened.
+    fn audit_job(
+        &self,
+        job_id: &str,
+        action: brats_service::security::audit::Action,
+        outcome: brats_service::security::audit::Outcome,
+        reason: &str,
+        caller: Option<&brats_service::security::Principal>,
+    ) {
+        let event = brats_service::security::audit::AuditEvent {
+            rpc: "job",
+            action,
+            outcome,
+            grpc_code: tonic::Code::Ok,
+            reason,
+            principal: caller,
+            source_ip: None,
+            resource: Some(brats_service::security::audit::Resource { kind: "job", id: job_id }),
+            latency_ms: None,
+        };
+        if let Err(e) = self.settings.audit.record(event) {
+            warn!(job_id, error = %e, "audit record of a job state change could not be written");
+        }
     }
 
     /// The job store.
@@ -478,6 +510,15 @@ impl TrainerService {
             JobState::Failed => warn!(reason = %reason, code, "job failed"),
             _ => info!(state = state_name(to), "job ended"),
         }
+        use brats_service::security::audit::{Action, Outcome};
+        let (action, outcome) = match to {
+            JobState::Succeeded => (Action::JobFinished, Outcome::Succeeded),
+            JobState::Cancelled => (Action::JobCancelled, Outcome::Succeeded),
+            _ => (Action::JobFinished, Outcome::Failed),
+        };
+        // The reason is our own text (worker errors), not the caller's: it can carry a path,
+        // so only the code goes to the audit log.
+        self.audit_job(&job.id, action, outcome, if code.is_empty() { state_name(to) } else { code }, None);
     }
 
     /// Keeps writing a finished job's record and events until the store takes them (otherwise

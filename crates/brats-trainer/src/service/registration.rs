@@ -50,6 +50,31 @@ impl TrainerService {
         let body = Bytes::from(serde_json::to_vec_pretty(&metadata).expect("metadata serialises"));
         let (version, dir) = self.registry.register_next(&reg.model_name, onnx, Some(body), alias).await?;
         info!(model = %reg.model_name, version = %version, promoted = alias.is_some(), "model registered");
+        {
+            use brats_service::security::audit::{Action, AuditEvent, Outcome, Resource};
+            let id = format!("{}/{version}", reg.model_name);
+            let actions: &[(Action, &str)] = if alias.is_some() {
+                &[(Action::ModelRegistered, "registered"), (Action::AliasMoved, "production")]
+            } else {
+                &[(Action::ModelRegistered, "registered")]
+            };
+            for &(action, reason) in actions {
+                let event = AuditEvent {
+                    rpc: "registry",
+                    action,
+                    outcome: Outcome::Succeeded,
+                    grpc_code: tonic::Code::Ok,
+                    reason,
+                    principal: None,
+                    source_ip: None,
+                    resource: Some(Resource { kind: "model_version", id: &id }),
+                    latency_ms: None,
+                };
+                if let Err(e) = self.settings.audit.record(event) {
+                    tracing::warn!(error = %e, "audit record of a registration could not be written");
+                }
+            }
+        }
         let mut inner = job.inner.lock().await;
         let event = EventKind::ModelRegistered {
             name: reg.model_name.clone(),

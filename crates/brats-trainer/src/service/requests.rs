@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use brats_core::store::StoreUri;
 use brats_proto::v1 as pb;
+use brats_service::security::Principal;
+use brats_service::security::audit::{Action, Outcome};
 use brats_service::{code_name, field_status};
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -18,6 +20,16 @@ use brats_train::spec::{self, Device, TrainConfig};
 
 use super::*;
 
+/// Whether `caller` may see the job: its own tenant's jobs, or every job for an admin and
+/// for in-process callers (no principal).
+fn visible(record: &JobRecord, caller: Option<&Principal>) -> bool {
+    caller.is_none_or(|c| {
+        record.tenant == c.tenant
+            || (c.has_role(brats_service::security::authz::ADMIN)
+                && c.method != brats_service::security::AuthMethod::Anonymous)
+    })
+}
+
 impl TrainerService {
     pub(super) fn check_ready(&self) -> Result<(), Status> {
         if self.ready.load(Ordering::SeqCst) {
@@ -27,13 +39,52 @@ impl TrainerService {
         }
     }
 
-    pub(super) fn lookup(&self, id: &str) -> Result<Arc<Job>, Status> {
+    /// The job `id`, if `caller` may see it: a job of another tenant is NOT_FOUND, exactly as
+    /// a job that does not exist (its existence is not revealed).
+    pub(super) fn lookup(&self, id: &str, caller: Option<&Principal>) -> Result<Arc<Job>, Status> {
         self.check_ready()?;
         if id.is_empty() {
             return Err(Status::invalid_argument("job_id: required"));
         }
         validate_job_id(id).map_err(|m| Status::invalid_argument(format!("job_id: {m}")))?;
-        self.job(id).ok_or_else(|| Status::not_found(format!("job_id: no job '{id}' on this trainer")))
+        self.job(id)
+            .filter(|j| visible(&j.snapshot(), caller))
+            .ok_or_else(|| Status::not_found(format!("job_id: no job '{id}' on this trainer")))
+    }
+
+    /// Checks every location a job will read lies inside the caller's tenant: the spec's
+    /// URIs and, through the datalist, every case's files.
+    async fn check_locations(&self, config: &TrainConfig, caller: Option<&Principal>) -> Result<(), Status> {
+        let uris = &self.settings.uris;
+        if !uris.enforced() || caller.is_none() {
+            return Ok(());
+        }
+        uris.check(caller, "spec.datalist_uri", &config.datalist_uri)?;
+        for (field, uri) in [
+            ("spec.base_uri", Some(&config.base_uri).filter(|u| !u.is_empty())),
+            ("spec.init_weights_uri", config.init_weights_uri.as_ref()),
+            ("spec.resume_from", config.resume_from.as_ref()),
+        ] {
+            if let Some(uri) = uri {
+                uris.check(caller, field, uri)?;
+            }
+        }
+        let datalist = StoreUri::parse(&config.datalist_uri).map_err(|e| field_status("spec.datalist_uri", e))?;
+        let base = if config.base_uri.is_empty() {
+            datalist.parent()
+        } else {
+            StoreUri::parse(&config.base_uri).map_err(|e| field_status("spec.base_uri", e))?
+        };
+        let bytes = self.stores.get(&datalist).await.map_err(|e| field_status("spec.datalist_uri", e))?;
+        let sections = [config.data.train_section.clone(), config.data.validation_section.clone()];
+        let cases = brats_preprocess::jobs::parse_datalist(&bytes, &base, &sections, &datalist.file_name())
+            .map_err(|e| field_status("spec.datalist_uri", e))?;
+        for case in &cases {
+            for uri in case.images.iter().chain(case.label.iter()) {
+                uris.check(caller, "spec.datalist_uri (a case's image or label)", &uri.to_string())?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn observe<T>(&self, method: &str, r: &Result<T, Status>) {
@@ -74,7 +125,11 @@ impl TrainerService {
         }
     }
 
-    pub(super) async fn start_job(&self, req: pb::StartJobRequest) -> Result<pb::Job, Status> {
+    pub(super) async fn start_job(
+        &self,
+        req: pb::StartJobRequest,
+        caller: Option<&Principal>,
+    ) -> Result<pb::Job, Status> {
         self.check_ready()?;
         let spec = req.spec.ok_or_else(|| Status::invalid_argument("spec: required (at least spec.datalist_uri)"))?;
         if req.request_id.len() > 256 {
@@ -83,7 +138,7 @@ impl TrainerService {
         if !req.job_id.is_empty() {
             validate_job_id(&req.job_id).map_err(|m| Status::invalid_argument(format!("job_id: {m}")))?;
         }
-        if let Some(existing) = self.existing(&req.request_id, &req.job_id, &spec).await? {
+        if let Some(existing) = self.existing(&req.request_id, &req.job_id, &spec, caller).await? {
             return Ok(existing);
         }
         let seed = spec.seed.unwrap_or_else(rand::random);
@@ -105,12 +160,13 @@ impl TrainerService {
                 )));
             }
         }
+        self.check_locations(&config, caller).await?;
         let cases = self.check_datalist(&config).await?;
         self.check_exists("spec.resume_from", &config.resume_from).await?;
         self.check_exists("spec.init_weights_uri", &config.init_weights_uri).await?;
 
         let _serial = self.create_lock.lock().await;
-        if let Some(existing) = self.existing(&req.request_id, &req.job_id, &spec).await? {
+        if let Some(existing) = self.existing(&req.request_id, &req.job_id, &spec, caller).await? {
             return Ok(existing);
         }
         if self.queued_count() >= self.settings.max_queue {
@@ -131,6 +187,10 @@ impl TrainerService {
             req.job_id.clone()
         };
         let mut record = JobRecord::new(&id, spec, &config, self.store.job_uri(&id), &req.request_id, now);
+        if let Some(caller) = caller {
+            record.tenant = caller.tenant.clone();
+            record.owner = caller.subject.clone();
+        }
         let mut log = EventLog::empty();
         let created = log.push(
             &id,
@@ -152,6 +212,7 @@ impl TrainerService {
         lock(&self.jobs).insert(id.clone(), job);
         self.update_gauges();
         info!(job_id = %id, cases, devices = ?config.devices, epochs = config.epochs, "job queued");
+        self.audit_job(&id, Action::JobStarted, Outcome::Succeeded, "queued", caller);
         self.wake.notify_one();
         Ok(record.to_proto())
     }
@@ -163,10 +224,12 @@ impl TrainerService {
         request_id: &str,
         job_id: &str,
         spec: &pb::JobSpec,
+        caller: Option<&Principal>,
     ) -> Result<Option<pb::Job>, Status> {
         if !request_id.is_empty()
             && let Some(id) = self.store.find_request(request_id).await.map_err(store_status)?
             && let Some(job) = self.job(&id)
+            && visible(&job.snapshot(), caller)
         {
             return Ok(Some(job.snapshot().to_proto()));
         }
@@ -174,7 +237,7 @@ impl TrainerService {
             && let Some(job) = self.job(job_id)
         {
             let r = job.snapshot();
-            if &r.spec == spec {
+            if &r.spec == spec && visible(&r, caller) {
                 return Ok(Some(r.to_proto()));
             }
             return Err(Status::invalid_argument(format!(
@@ -184,8 +247,13 @@ impl TrainerService {
         Ok(None)
     }
 
-    pub(super) async fn cancel_job(&self, req: pb::CancelJobRequest) -> Result<pb::Job, Status> {
-        let job = self.lookup(&req.job_id)?;
+    pub(super) async fn cancel_job(
+        &self,
+        req: pb::CancelJobRequest,
+        caller: Option<&Principal>,
+    ) -> Result<pb::Job, Status> {
+        let job = self.lookup(&req.job_id, caller)?;
+        self.audit_job(&job.id, Action::JobCancelled, Outcome::Succeeded, "cancel requested", caller);
         let mut inner = job.inner.lock().await;
         let reason = req.reason.trim().chars().take(1000).collect::<String>();
         match inner.record.state {
@@ -217,8 +285,12 @@ impl TrainerService {
         Ok(inner.record.to_proto())
     }
 
-    pub(super) async fn resume_job(&self, req: pb::ResumeJobRequest) -> Result<pb::Job, Status> {
-        let job = self.lookup(&req.job_id)?;
+    pub(super) async fn resume_job(
+        &self,
+        req: pb::ResumeJobRequest,
+        caller: Option<&Principal>,
+    ) -> Result<pb::Job, Status> {
+        let job = self.lookup(&req.job_id, caller)?;
         let mut inner = job.inner.lock().await;
         match inner.record.state {
             JobState::Cancelled | JobState::Failed => {}
@@ -248,7 +320,11 @@ impl TrainerService {
         Ok(inner.record.to_proto())
     }
 
-    pub(super) fn list_jobs(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse, Status> {
+    pub(super) fn list_jobs(
+        &self,
+        req: pb::ListJobsRequest,
+        caller: Option<&Principal>,
+    ) -> Result<pb::ListJobsResponse, Status> {
         self.check_ready()?;
         if req.page_size > 1000 {
             return Err(Status::invalid_argument(format!("page_size: {} is above 1000", req.page_size)));
@@ -269,6 +345,7 @@ impl TrainerService {
             .all_jobs()
             .iter()
             .map(|j| j.snapshot())
+            .filter(|r| visible(r, caller))
             .filter(|r| states.is_empty() || states.contains(&r.state))
             .filter(|r| after.as_ref().is_none_or(|(ms, id)| (r.created_ms, &r.id) < (*ms, id)))
             .collect();
@@ -331,8 +408,12 @@ impl TrainerService {
         Ok((events, terminal, last))
     }
 
-    pub(super) async fn watch_job(&self, req: pb::WatchJobRequest) -> Result<WatchStream, Status> {
-        let job = self.lookup(&req.job_id)?;
+    pub(super) async fn watch_job(
+        &self,
+        req: pb::WatchJobRequest,
+        caller: Option<&Principal>,
+    ) -> Result<WatchStream, Status> {
+        let job = self.lookup(&req.job_id, caller)?;
         let mut seq = job.sequence.subscribe();
         let (_, _, last) = self.events_from(&job, u64::MAX).await?;
         if req.from_sequence > last + 1 {

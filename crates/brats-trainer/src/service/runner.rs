@@ -50,7 +50,9 @@ impl TrainerService {
             let _ = self.emit(&job, &mut inner, note, Durability::Now).await;
             drop(inner);
             let preprocessor = match &self.settings.preprocess_endpoint {
-                Some(e) => Preprocessor::Remote(e.clone()),
+                Some(e) => {
+                    Preprocessor::Remote { endpoint: e.clone(), client: self.settings.preprocess_client.clone() }
+                }
                 None => Preprocessor::InProcess,
             };
             let started = Instant::now();

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use tonic::transport::Channel;
+use brats_cli::AuthChannel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -86,11 +86,13 @@ pub(crate) async fn serving(server: &str, service: &str) -> bool {
     }
 }
 
-async fn connect(server: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(server.to_string())?.connect_timeout(Duration::from_secs(2)).connect().await?)
+async fn connect(server: &str) -> anyhow::Result<AuthChannel> {
+    let security = super::security();
+    let channel = security.endpoint(server)?.connect_timeout(Duration::from_secs(2)).connect().await?;
+    Ok(AuthChannel::new(channel, security.credentials()?))
 }
 
-async fn check(channel: &Channel, service: &str) -> anyhow::Result<Answer> {
+async fn check(channel: &AuthChannel, service: &str) -> anyhow::Result<Answer> {
     let mut client = HealthClient::new(channel.clone());
     match client.check(HealthCheckRequest { service: service.to_string() }).await {
         Ok(r) => Ok(Answer::Status(r.into_inner().status())),
@@ -101,7 +103,7 @@ async fn check(channel: &Channel, service: &str) -> anyhow::Result<Answer> {
 
 /// The default: every `brats.v1` service reflection lists, those the server does not serve
 /// left out (said on stderr) when another is SERVING; the overall status without reflection.
-async fn check_served(channel: &Channel) -> anyhow::Result<Vec<(String, Answer)>> {
+async fn check_served(channel: &AuthChannel) -> anyhow::Result<Vec<(String, Answer)>> {
     let listed: Vec<String> = match list_services(channel).await {
         Ok(names) => names.into_iter().filter(|n| n.starts_with(PACKAGE)).collect(),
         Err(e) => {
@@ -139,7 +141,7 @@ fn served(answers: Vec<(String, Answer)>) -> Vec<(String, Answer)> {
 }
 
 /// The services the server lists through `grpc.reflection.v1`.
-async fn list_services(channel: &Channel) -> anyhow::Result<Vec<String>> {
+async fn list_services(channel: &AuthChannel) -> anyhow::Result<Vec<String>> {
     let mut client = ServerReflectionClient::new(channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),

@@ -1,6 +1,5 @@
 //! `bratsctl models`: the models an inference service knows.
 
-use anyhow::Context;
 use brats_proto::v1 as pb;
 use brats_proto::v1::inference_client::InferenceClient;
 
@@ -17,7 +16,7 @@ pub(crate) struct ModelsArgs {
 /// Prints each model with its versions (the loaded ones marked) and aliases.
 pub(crate) async fn run(a: ModelsArgs) -> anyhow::Result<()> {
     let server = a.server;
-    let mut c = InferenceClient::connect(server.clone()).await.with_context(|| format!("connect {server}"))?;
+    let mut c = InferenceClient::new(super::connect(&server).await?);
     for m in c.list_models(pb::ListModelsRequest::default()).await.map_err(|s| status_line(&s))?.into_inner().models {
         let aliases: Vec<String> = m.aliases.iter().map(|(a, v)| format!("{a}→{v}")).collect();
         println!(

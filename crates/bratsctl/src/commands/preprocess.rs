@@ -1,6 +1,5 @@
 //! `bratsctl preprocess` and `bratsctl preprocess-dataset`: jobs on a preprocessing service.
 
-use anyhow::Context;
 use brats_cli::to_uri;
 use brats_proto::v1 as pb;
 use brats_proto::v1::preprocessor_client::PreprocessorClient;
@@ -44,8 +43,8 @@ pub(crate) struct PreprocessDatasetArgs {
     out: Option<String>,
 }
 
-async fn client(server: &str) -> anyhow::Result<PreprocessorClient<tonic::transport::Channel>> {
-    PreprocessorClient::connect(server.to_string()).await.with_context(|| format!("connect {server}"))
+async fn client(server: &str) -> anyhow::Result<PreprocessorClient<brats_cli::AuthChannel>> {
+    Ok(PreprocessorClient::new(super::connect(server).await?))
 }
 
 /// Preprocesses one case and prints what came out.

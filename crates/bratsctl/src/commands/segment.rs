@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use brats_proto::v1 as pb;
 use brats_proto::v1::inference_client::InferenceClient;
-use tonic::transport::Channel;
 
 use super::{join, status_line};
 
@@ -33,7 +32,7 @@ pub(crate) struct SegmentArgs {
 /// Segments the case and prints the volumes and timings.
 pub(crate) async fn run(a: SegmentArgs) -> anyhow::Result<()> {
     let SegmentArgs { server, image, out, model_version, request_id } = a;
-    let channel = Channel::from_shared(server.clone())?.connect().await.with_context(|| format!("connect {server}"))?;
+    let channel = super::connect(&server).await?;
     let model = model_version.map(|v| pb::ModelSelector { version: v, ..Default::default() });
     let r = segment_stream(channel, &image, &out, model, request_id.unwrap_or_default(), true).await?;
     print_segmentation(&r, &out);
@@ -43,7 +42,7 @@ pub(crate) async fn run(a: SegmentArgs) -> anyhow::Result<()> {
 /// Uploads `images` through SegmentStream with a progress bar, writes the returned label map to
 /// `out` after checking every chunk's CRC-32C and the file's SHA-256.
 pub(crate) async fn segment_stream(
-    channel: Channel,
+    channel: brats_cli::AuthChannel,
     images: &[PathBuf],
     out: &Path,
     model: Option<pb::ModelSelector>,

@@ -3,16 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use brats_proto::v1 as pb;
 use brats_proto::v1::trainer_client::TrainerClient;
-use tonic::transport::Channel;
 
 use super::status_line;
 
 /// A client of the trainer service at `server`.
-pub(crate) async fn trainer(server: &str) -> anyhow::Result<TrainerClient<Channel>> {
-    TrainerClient::connect(server.to_string()).await.with_context(|| format!("connect {server}"))
+pub(crate) async fn trainer(server: &str) -> anyhow::Result<TrainerClient<brats_cli::AuthChannel>> {
+    Ok(TrainerClient::new(super::connect(server).await?))
 }
 
 /// A job state's name without its prefix: `RUNNING`.
@@ -99,9 +98,9 @@ pub(crate) async fn watch_job(server: &str, job: &str, from: u64) -> anyhow::Res
     let mut retry_in = Duration::from_millis(250);
     loop {
         let attempt: Result<(), tonic::Status> = async {
-            let mut client = TrainerClient::connect(server.to_string())
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("connect {server}: {e}")))?;
+            let mut client = TrainerClient::new(
+                super::connect(server).await.map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?,
+            );
             if total_epochs == 0 {
                 total_epochs = client.get_job(pb::GetJobRequest { job_id: job.to_string() }).await?.into_inner().total_epochs;
             }

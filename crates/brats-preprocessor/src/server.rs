@@ -24,15 +24,14 @@ pub async fn serve(
     let root = StoreUri::parse(&cfg.output_root).context("output_root")?;
     let metrics = Metrics::new();
     let limits = ReadLimits { max_axis: cfg.max_axis, max_voxels: cfg.max_voxels };
-    let service =
-        PreprocessService::new(stores, root.clone(), limits, cfg.max_parallel, cfg.max_queue, metrics.clone());
-
     let grpc = GrpcServer::<PreprocessorServer<PreprocessService>>::bind(
         &cfg.server,
         ServingStatus::Serving,
         metrics.registry.clone(),
     )
     .await?;
+    let service = PreprocessService::new(stores, root.clone(), limits, cfg.max_parallel, cfg.max_queue, metrics)
+        .with_uri_policy(grpc.uri_policy());
     info!(addr = %grpc.addr(), output_root = %root, max_parallel = cfg.max_parallel, "preprocess service listening");
     grpc.announce(bound);
 

@@ -1,13 +1,15 @@
-//! The `brats.v1.Preprocessor` gRPC service: a thin shell over [`crate::jobs`] that checks
+//! The `brats.v1.Preprocessor` gRPC service: a thin shell over [`brats_preprocess::jobs`] that checks
 //! request fields, maps errors to status codes, bounds concurrency and records metrics.
 
-use crate::dataset::{CaseOutcome, Counts, DatasetEvent, DatasetPlan, DatasetSpec};
-use crate::jobs::{self, CaseJob, CaseOutput};
-use crate::pipeline::{CropMode, Options};
 use brats_core::labels::LabelConvention;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
+use brats_preprocess::dataset::{CaseOutcome, Counts, DatasetEvent, DatasetPlan, DatasetSpec};
+use brats_preprocess::jobs::{self, CaseJob, CaseOutput};
+use brats_preprocess::pipeline::{CropMode, Options};
 use brats_proto::v1 as pb;
+use brats_service::security::Principal;
+use brats_service::security::tenants::UriPolicy;
 use futures::StreamExt;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use std::pin::Pin;
@@ -78,6 +80,7 @@ impl Default for Metrics {
 }
 
 /// Shared state of the service.
+#[derive(Clone)]
 pub struct ServiceState {
     stores: Arc<Stores>,
     root: StoreUri,
@@ -86,6 +89,7 @@ pub struct ServiceState {
     max_waiting: usize,
     max_parallel: usize,
     metrics: Metrics,
+    uris: UriPolicy,
 }
 
 /// The gRPC handler: a cheap handle on the shared [`ServiceState`].
@@ -117,7 +121,16 @@ impl PreprocessService {
             max_waiting: max_queue,
             max_parallel: max_parallel.max(1),
             metrics,
+            uris: UriPolicy::default(),
         }))
+    }
+
+    /// The same service with request URIs checked against the callers' tenants
+    /// (`[server.tenants]`); before any request is served.
+    pub fn with_uri_policy(self, uris: UriPolicy) -> Self {
+        let mut state = Arc::try_unwrap(self.0).unwrap_or_else(|shared| ServiceState::clone(&shared));
+        state.uris = uris;
+        PreprocessService(Arc::new(state))
     }
 }
 
@@ -265,7 +278,14 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         request: Request<pb::PreprocessCaseRequest>,
     ) -> Result<Response<pb::PreprocessCaseResponse>, Status> {
         let started = Instant::now();
+        let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
+        self.uris.check_all(principal.as_ref(), "image_uris", &req.image_uris)?;
+        for (field, uri) in [("label_uri", &req.label_uri), ("output_uri", &req.output_uri)] {
+            if !uri.is_empty() {
+                self.uris.check(principal.as_ref(), field, uri)?;
+            }
+        }
         let case_id = if req.case_id.is_empty() { "case".to_string() } else { req.case_id.clone() };
         let span = info_span!("preprocess_case", case_id = %case_id, images = req.image_uris.len());
         let result = async {
@@ -284,7 +304,7 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
                 .collect::<Result<Vec<_>, _>>()?;
             let label = if req.label_uri.is_empty() { None } else { Some(parse_uri("label_uri", &req.label_uri)?) };
             let output = if req.output_uri.is_empty() { None } else { Some(parse_uri("output_uri", &req.output_uri)?) };
-            let seed = req.seed.unwrap_or_else(|| crate::pipeline::case_seed(&case_id));
+            let seed = req.seed.unwrap_or_else(|| brats_preprocess::pipeline::case_seed(&case_id));
             let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), seed)?;
             let job = CaseJob { case_id: case_id.clone(), images, label, options, output, force: req.force };
             let out = self.run_in_slot(job, &self.root).await?;
@@ -314,9 +334,23 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         request: Request<pb::PreprocessDatasetRequest>,
     ) -> Result<Response<ProgressStream>, Status> {
         let started = Instant::now();
+        let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
+        for (field, uri) in
+            [("datalist_uri", &req.datalist_uri), ("base_uri", &req.base_uri), ("output_uri", &req.output_uri)]
+        {
+            if !uri.is_empty() {
+                self.uris.check(principal.as_ref(), field, uri)?;
+            }
+        }
         let span = info_span!("preprocess_dataset");
-        let plan = plan_dataset(&self.stores, &req, &self.root).instrument(span.clone()).await;
+        let plan = plan_dataset(&self.stores, &req, &self.root).instrument(span.clone()).await.and_then(|plan| {
+            // The datalist names the cases' files: each must lie inside the tenant too.
+            for uri in plan.input_uris() {
+                self.uris.check(principal.as_ref(), "datalist_uri (a case's image or label)", &uri.to_string())?;
+            }
+            Ok(plan)
+        });
         self.observe("PreprocessDataset", started, &plan);
         let parallel =
             if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
