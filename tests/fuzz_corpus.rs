@@ -51,3 +51,30 @@ fn pt_corpus_replays() {
         entry::pt,
     );
 }
+
+#[test]
+fn upload_framing_corpus_replays() {
+    replay("upload_framing", &[], entry::upload_framing);
+}
+
+/// The seeds `fuzz/seed.sh` writes still mean what their names say: the valid uploads assemble,
+/// each broken one is refused.
+#[test]
+fn upload_framing_seeds_assemble_or_are_refused_as_named() {
+    for (name, bytes) in entry::upload_framing_seeds() {
+        let result = brats_inference::upload::assemble(entry::upload_messages(&bytes));
+        assert_eq!(result.is_ok(), name.starts_with("valid-"), "{name}: {:?}", result.err());
+    }
+}
+
+/// Writes the `upload_framing` seeds into `fuzz/corpus/upload_framing/` (`seed-<name>`); run by
+/// `fuzz/seed.sh`, not by `make test`.
+#[test]
+#[ignore = "writes the fuzz seeds; run by fuzz/seed.sh"]
+fn write_upload_framing_seeds() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/upload_framing");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, bytes) in entry::upload_framing_seeds() {
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).unwrap();
+    }
+}

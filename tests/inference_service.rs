@@ -1,10 +1,12 @@
-//! The inference service end to end on loopback: models from a registry in a real directory
+//! The inference service end to end on loopback (secured by the harness: TLS, an admin's API
+//! key, mutual TLS to the preprocessing service): models from a registry in a real directory
 //! store, warm-up before SERVING, `Segment` by URI, `SegmentStream` with chunked, checksummed
 //! transfers, hot reload when the alias moves, and every kind of bad input and fault.
 
 mod common;
 
 use brats_artifacts::registry::{DEFAULT_MODEL_NAME, Registry};
+use brats_cli::AuthChannel;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
@@ -16,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::Code;
-use tonic::transport::Channel;
 
 const ROI: [usize; 3] = TEST_ROI;
 
@@ -121,7 +122,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 async fn upload(
-    client: &mut InferenceClient<Channel>,
+    client: &mut InferenceClient<AuthChannel>,
     images: &[PathBuf],
     corrupt_sha: bool,
     stop_after_chunks: Option<usize>,
@@ -210,11 +211,12 @@ async fn segment_stream_uploads_and_downloads_in_checked_chunks() {
     assert_eq!(t.checksums[0].sha256, hex(&label));
     assert_eq!(hex(&label), result.label_map_sha256);
 
-    // A corrupted upload is DATA_LOSS naming the file; a client that gives up mid-upload costs
+    // A corrupted upload is DATA_LOSS naming the file by its header field, not by the caller's
+    // file name; a client that gives up mid-upload costs
     // nothing; the service keeps serving.
     let e = upload(&mut client, &images, true, None).await.unwrap_err();
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
-    assert!(e.message().contains("m2.nii.gz"), "{}", e.message());
+    assert!(e.message().starts_with("header.files[2].name: sha256"), "{}", e.message());
     let e = upload(&mut client, &images, false, Some(3)).await.unwrap_err();
     assert_eq!(e.code(), Code::Cancelled, "{e:?}");
     assert!(client.segment(segment_request(&images)).await.is_ok());
@@ -280,7 +282,7 @@ async fn bad_models_inputs_and_faults_get_clear_statuses() {
                 svc.dir.path().join("gone.nii.gz"),
             ]),
             Code::NotFound,
-            "gone.nii.gz",
+            "image_uris[3]",
         ),
         (
             "bad roi",
@@ -351,8 +353,11 @@ async fn preprocessing_through_the_preprocessing_service_gives_the_same_result()
         ..Default::default()
     })
     .await;
+    // Mutual TLS between the two: inference calls with its client certificate, which the
+    // preprocessing service's security (shared here) knows as a service identity.
     let endpoint = prep.url();
-    let svc = InferenceServer::start(move |c| c.preprocess_endpoint = endpoint).await;
+    let security = prep.security.clone().unwrap();
+    let svc = InferenceServer::start_with(security, move |c| c.preprocess_endpoint = endpoint).await;
     let onnx = segresnet_onnx();
     svc.registry.register(DEFAULT_MODEL_NAME, "1", onnx.clone().into(), None, Some("production")).await.unwrap();
     svc.wait_serving().await;

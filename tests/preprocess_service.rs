@@ -1,8 +1,10 @@
-//! The preprocessing service end to end: real gRPC on loopback, real NIfTI files, a local
-//! directory store and a real S3-compatible server (moto), and every kind of bad input.
+//! The preprocessing service end to end: real gRPC on loopback (TLS, an admin's API key, as
+//! the harness secures every service), real NIfTI files, a local directory store and a real
+//! S3-compatible server (moto), and every kind of bad input.
 
 mod common;
 
+use brats_cli::AuthChannel;
 use brats_core::nifti_io::{ReadLimits, write_nifti};
 use brats_core::store::{StoreUri, Stores};
 use brats_core::tensors::CaseTensors;
@@ -108,6 +110,7 @@ async fn unset_seed_is_the_case_seed_and_zero_is_a_seed() {
     let options = Options { crop: pipeline::CropMode::Random, crop_size: [16, 16, 16], seed: 0, ..Options::default() };
     let offline = pipeline::preprocess(&imgs, Some(&read(&label)), &options, &ReadLimits::default()).unwrap().0;
     assert_eq!(zero, offline.image, "seed 0 draws as the offline pipeline with seed 0");
+    svc.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,7 +144,7 @@ async fn case_through_s3_store() {
     assert_eq!(got.label, want.label);
     assert!(client.preprocess_case(req).await.unwrap().into_inner().reused);
 
-    // A missing object in S3 is NOT_FOUND, naming it.
+    // A missing object in S3 is NOT_FOUND, naming its field (never the URI).
     let missing = pb::PreprocessCaseRequest {
         case_id: "s2".into(),
         image_uris: vec![uris[0].clone(), uris[1].clone(), uris[2].clone(), "s3://brats/raw/nope.nii.gz".into()],
@@ -149,7 +152,7 @@ async fn case_through_s3_store() {
     };
     let e = client.preprocess_case(missing).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
-    assert!(e.message().contains("nope.nii.gz"), "{}", e.message());
+    assert!(e.message().contains("image_uris[3]") && !e.message().contains("nope"), "{}", e.message());
     svc.stop().await.unwrap();
 }
 
@@ -291,11 +294,11 @@ async fn bad_inputs_get_clear_statuses_and_leave_nothing_behind() {
         v
     };
     let cases: Vec<(&str, pb::PreprocessCaseRequest, Code, &str)> = vec![
-        ("mismatched shape", request(&with(2, &other[2]), &label, "e1"), Code::InvalidArgument, "o-t2w.nii.gz"),
+        ("mismatched shape", request(&with(2, &other[2]), &label, "e1"), Code::InvalidArgument, "image_uris[2]"),
         ("mismatched affine", request(&with(1, &shifted), &label, "e2"), Code::InvalidArgument, "affine"),
         ("three modalities", request(&images[..3], &label, "e3"), Code::InvalidArgument, "image_uris"),
         ("2D data", request(&with(0, &flat), &label, "e4"), Code::InvalidArgument, "3D"),
-        ("truncated gzip", request(&with(3, &truncated_gz), &label, "e5"), Code::InvalidArgument, "truncated.nii.gz"),
+        ("truncated gzip", request(&with(3, &truncated_gz), &label, "e5"), Code::InvalidArgument, "image_uris[3]"),
         (
             "truncated body",
             request(&with(0, &truncated_body), &label, "e6"),
@@ -303,10 +306,15 @@ async fn bad_inputs_get_clear_statuses_and_leave_nothing_behind() {
             "truncated NIfTI body",
         ),
         ("NaN voxels", request(&with(0, &nan), &label, "e7"), Code::InvalidArgument, "NaN"),
-        ("absurd dimensions", request(&with(0, &absurd), &label, "e8"), Code::InvalidArgument, "absurd.nii"),
+        ("absurd dimensions", request(&with(0, &absurd), &label, "e8"), Code::InvalidArgument, "image_uris[0]"),
         ("unsupported dtype", request(&with(0, &complex), &label, "e9"), Code::InvalidArgument, "complex64"),
         ("label out of convention", request(&images, &bad_label, "e10"), Code::InvalidArgument, "brats2018"),
-        ("missing object", request(&with(0, &input.join("nope.nii.gz")), &label, "e11"), Code::NotFound, "nope.nii.gz"),
+        (
+            "missing object",
+            request(&with(0, &input.join("nope.nii.gz")), &label, "e11"),
+            Code::NotFound,
+            "image_uris[0]",
+        ),
         ("bad case id", request(&images, &label, "../x"), Code::InvalidArgument, "case_id"),
     ];
     for (what, req, code, needle) in cases {
@@ -347,7 +355,7 @@ async fn unreachable_store_is_unavailable_and_service_survives() {
     };
     let e = client.preprocess_case(req).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("s3://gone/"), "{}", e.message());
+    assert!(e.message().contains("image_uris[") && !e.message().contains("s3://gone/"), "{}", e.message());
     // Local output, unreachable S3 output prefix: the case fails UNAVAILABLE, nothing local written.
     let mut to_s3 = request(&images, &label, "u2");
     to_s3.output_uri = "s3://gone/out".into();
@@ -366,7 +374,7 @@ async fn health_reflection_metrics_backpressure_and_graceful_shutdown() {
     cfg.max_queue = 0;
     let svc = Service::start(cfg).await;
 
-    let channel = tonic::transport::Channel::from_shared(svc.url()).unwrap().connect().await.unwrap();
+    let channel = svc.channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Preprocessor".into() })
@@ -420,13 +428,13 @@ async fn health_reflection_metrics_backpressure_and_graceful_shutdown() {
     assert!(body.contains("brats_preprocess_stage_seconds_bucket"), "{body}");
 
     // Graceful shutdown: the server returns cleanly and stops answering.
-    let url = svc.url();
+    let (url, admin) = (svc.url(), svc.admin());
     svc.stop().await.unwrap();
-    assert!(brats_proto::v1::preprocessor_client::PreprocessorClient::connect(url).await.is_err());
+    assert!(admin.connect(&url).await.is_err());
 }
 
 /// The sorted service names a server lists through `grpc.reflection.v1` and `v1alpha`.
-async fn reflection_services(channel: tonic::transport::Channel) -> (Vec<String>, Vec<String>) {
+async fn reflection_services(channel: AuthChannel) -> (Vec<String>, Vec<String>) {
     use tonic_reflection::pb::{v1, v1alpha};
     let req = v1::ServerReflectionRequest {
         host: String::new(),
@@ -459,7 +467,7 @@ async fn reflection_services(channel: tonic::transport::Channel) -> (Vec<String>
 }
 
 /// Whether `grpc.reflection.v1alpha` answers `FileContainingSymbol(symbol)` with descriptors.
-async fn reflection_v1alpha_resolves(channel: tonic::transport::Channel, symbol: &str) -> bool {
+async fn reflection_v1alpha_resolves(channel: AuthChannel, symbol: &str) -> bool {
     use tonic_reflection::pb::v1alpha;
     let req = v1alpha::ServerReflectionRequest {
         host: String::new(),

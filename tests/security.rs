@@ -220,9 +220,10 @@ async fn a_key_file_readable_by_others_is_refused() {
     assert!(text.contains("key_file") && text.contains("chmod 600"), "{text}");
 }
 
-/// Nothing secret or patient-identifying reaches the logs (at debug level) or the audit trail
-/// of the real service binary: not an API key's secret, not a bearer token, not a path with a
-/// patient's name in it, whether the call is refused or fails inside the service.
+/// Nothing secret or patient-identifying reaches the logs (at debug level), the audit trail
+/// or the error messages of the real service binary: not an API key's secret, not a bearer
+/// token, not a path with a patient's name in it, whether the call is refused or fails inside
+/// the service (a missing file: NOT_FOUND; a file that is no NIfTI: a decode error).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_or_patient_name_reaches_the_logs_or_the_audit_trail() {
     const PATIENT: &str = "DOE^JOHN-MARKER";
@@ -268,7 +269,10 @@ async fn no_secret_or_patient_name_reaches_the_logs_or_the_audit_trail() {
     };
     let inside = vec![file_uri(&root.join(PATIENT).join("t1c.nii.gz")); 4];
     let outside = vec![format!("file:///srv/{PATIENT}/t1c.nii.gz"); 4];
+    let garbled = root.join(PATIENT).join(format!("{PATIENT}-t1c.nii"));
+    std::fs::write(&garbled, b"the caller's bytes, not a NIfTI-1 volume").unwrap();
     errors.push(call(s.with_key("preprocess"), inside.clone()).await);
+    errors.push(call(s.with_key("preprocess"), vec![file_uri(&garbled); 4]).await);
     errors.push(call(s.with_key("preprocess"), outside).await);
     errors.push(call(s.with_key("segment"), inside.clone()).await);
     let token = s.dir.path().join("token");
@@ -282,7 +286,14 @@ async fn no_secret_or_patient_name_reaches_the_logs_or_the_audit_trail() {
     let codes: Vec<Code> = errors.iter().map(|e| e.code()).collect();
     assert_eq!(
         codes,
-        [Code::NotFound, Code::PermissionDenied, Code::PermissionDenied, Code::Unauthenticated, Code::Unauthenticated]
+        [
+            Code::NotFound,
+            Code::InvalidArgument,
+            Code::PermissionDenied,
+            Code::PermissionDenied,
+            Code::Unauthenticated,
+            Code::Unauthenticated
+        ]
     );
     let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
     child.wait().unwrap();
@@ -302,8 +313,11 @@ async fn no_secret_or_patient_name_reaches_the_logs_or_the_audit_trail() {
             assert!(!text.contains(m.as_str()), "{name} contains the marker {m}:\n{text}");
         }
     }
-    // Refusals name the field and the fix, not the caller's path or credential.
-    for e in &errors[1..] {
+    // Errors and refusals name the field and the fix, not the caller's path or credential.
+    for e in &errors[..2] {
+        assert!(e.message().contains("image_uris[0]"), "the field is not named: {}", e.message());
+    }
+    for e in &errors {
         for m in &markers {
             assert!(!e.message().contains(m.as_str()), "{:?}: {}", e.code(), e.message());
         }

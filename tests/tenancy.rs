@@ -181,22 +181,21 @@ async fn jwt_callers_are_checked_against_the_providers_jwks() {
 /// them and do not see them listed, and cannot start a job on the first tenant's data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_of_another_tenant_are_not_found() {
-    let s = setup();
+    let s = std::sync::Arc::new(setup());
     let data = s.dir.path().join("data");
     let datalist = dataset(&data, 2, 1);
     let (store, onco) = (s.dir.path().join("store"), s.dir.path().join("onco"));
     std::fs::create_dir_all(&onco).unwrap();
     let extra = format!(
-        "[server.auth]\nenabled = true\napi_keys_file = \"{}\"\n[server.audit]\nfile = \"{}\"\n\
-         [server.tenants.default]\nallowed_prefixes = [\"{}\"]\n[server.tenants.onco]\nallowed_prefixes = [\"{}\"]\n",
-        s.dir.path().join("api-keys.toml").display(),
-        s.audit.display(),
+        "[server.tenants.default]\nallowed_prefixes = [\"{}\"]\n[server.tenants.onco]\nallowed_prefixes = [\"{}\"]\n",
         file_uri(&data),
         file_uri(&onco),
     );
-    let t = Trainer::start(s.dir.path(), &store, real_worker().as_deref(), &extra).await;
+    let (store_root, registry) = (file_uri(&store), file_uri(&store.join("models")));
+    let t =
+        Trainer::start_with(s.clone(), s.dir.path(), &store_root, &registry, real_worker().as_deref(), &extra).await;
     let client = |name: &str| {
-        let who = ClientSecurity { api_key_file: Some(s.keys[name].clone()), ..ClientSecurity::default() };
+        let who = s.with_key(name);
         let url = t.url.clone();
         async move { TrainerClient::new(who.connect(&url).await.unwrap()) }
     };
@@ -230,13 +229,12 @@ async fn jobs_of_another_tenant_are_not_found() {
     std::fs::write(onco.join("datalist.json"), absolute).unwrap();
     let e = theirs.start_job(start_req(spec(&file_uri(&onco.join("datalist.json")), 1))).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "a datalist naming another tenant's files: {e:?}");
-    let anonymous = TrainerClient::new(ClientSecurity::default().connect(&t.url).await.unwrap())
-        .list_jobs(pb::ListJobsRequest::default())
-        .await;
+    let anonymous =
+        TrainerClient::new(s.client().connect(&t.url).await.unwrap()).list_jobs(pb::ListJobsRequest::default()).await;
     assert_eq!(anonymous.unwrap_err().code(), Code::Unauthenticated);
     t.stop();
 
-    let records = audit_records(&s.audit);
+    let records = audit_records(&s.audit_log(ServiceKind::Trainer));
     let started = records.iter().find(|r| r["action"] == "job_started").expect("the job's start is audited");
     assert_eq!(
         (started["resource"]["type"].as_str(), started["resource"]["id"].as_str()),

@@ -7,6 +7,7 @@ mod common;
 mod trainer_harness;
 
 use brats_proto::v1 as pb;
+use common::secured::bratsctl_flags;
 use common::*;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -177,9 +178,9 @@ async fn bratsctl_starts_watches_lists_gets_and_cancels_jobs() {
     let datalist = data.join("datalist.json").display().to_string();
     let store = dir.path().join("store");
     let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), "").await;
-    let url = t.url.clone();
+    let (url, security) = (t.url.clone(), bratsctl_flags(&t.admin()));
     let ctl = move |args: &[&str]| {
-        let out = Command::new(bratsctl_exe()).args(args).args(["--server", &url]).output().unwrap();
+        let out = Command::new(bratsctl_exe()).args(&security).args(args).args(["--server", &url]).output().unwrap();
         let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         (out.status, text(&out.stdout), text(&out.stderr))
     };

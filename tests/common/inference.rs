@@ -1,14 +1,17 @@
 //! An inference service in-process on a loopback port, over a registry and output folder in
-//! its own temporary directory: the one way the root tests start one.
+//! its own temporary directory, secured by the harness ([`Setup::secure`]): the one way the
+//! root tests start one.
 
 use super::file_uri;
+use super::secured::{ServiceKind, Setup, assert_audit_chain_verifies, setup};
 use brats_artifacts::registry::Registry;
+use brats_cli::AuthChannel;
 use brats_inference::config::InferenceConfig;
 use brats_proto::v1::inference_client::InferenceClient;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The window every root test's tiny models were made for.
@@ -22,14 +25,25 @@ pub(crate) struct InferenceServer {
     pub registry: Registry,
     /// Its scratch directory: `models/` (the default registry) and `predictions/`.
     pub dir: tempfile::TempDir,
+    /// The security it runs with; its clients connect as the admin.
+    pub security: Arc<Setup>,
+    /// Its audit file, checked when it stops.
+    audit_log: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl InferenceServer {
     /// Starts a server with the defaults (model, alias) except where it listens, its folders, a
-    /// 32³ window warmed at start, a 1 s registry poll and two threads; `tweak` changes the rest.
+    /// 32³ window warmed at start, a 1 s registry poll, two threads and a fresh [`Setup`]'s
+    /// security; `tweak` changes the rest.
     pub(crate) async fn start(tweak: impl FnOnce(&mut InferenceConfig)) -> InferenceServer {
+        InferenceServer::start_with(Arc::new(setup()), tweak).await
+    }
+
+    /// [`InferenceServer::start`] secured by `security`: the one a preprocessing service it
+    /// calls (`preprocess_endpoint`) runs with, so each trusts the other's certificates.
+    pub(crate) async fn start_with(security: Arc<Setup>, tweak: impl FnOnce(&mut InferenceConfig)) -> InferenceServer {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = InferenceConfig {
             server: brats_service::ServerConfig::new("127.0.0.1:0", "", 60),
@@ -41,7 +55,9 @@ impl InferenceServer {
             intra_threads: 2,
             ..InferenceConfig::default()
         };
+        security.secure(&mut cfg.server, ServiceKind::Inference);
         tweak(&mut cfg);
+        let audit_log = PathBuf::from(&cfg.server.audit.file);
         let registry = Registry::new(
             Arc::new(brats_core::Stores::new(cfg.store.clone())),
             brats_core::StoreUri::parse(&cfg.registry).unwrap(),
@@ -56,23 +72,27 @@ impl InferenceServer {
             Some(addr_tx),
         ));
         let addr = addr_rx.await.unwrap();
-        InferenceServer { addr, registry, dir, stop: Some(stop_tx), handle }
+        InferenceServer { addr, registry, dir, security, audit_log, stop: Some(stop_tx), handle }
     }
 
-    /// `http://ADDR`.
+    /// `http://ADDR` (spoken to as `https://` by a client given the CA).
     pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    /// A client on a fresh connection.
-    pub(crate) async fn client(&self) -> InferenceClient<Channel> {
-        InferenceClient::connect(self.url()).await.unwrap()
+    /// A channel as the admin, over TLS, on a fresh connection.
+    pub(crate) async fn channel(&self) -> AuthChannel {
+        self.security.admin().connect(&self.url()).await.unwrap()
+    }
+
+    /// A client as the admin, on a fresh connection.
+    pub(crate) async fn client(&self) -> InferenceClient<AuthChannel> {
+        InferenceClient::new(self.channel().await)
     }
 
     /// What the health service says of `brats.v1.Inference`.
     pub(crate) async fn health(&self) -> ServingStatus {
-        let channel = Channel::from_shared(self.url()).unwrap().connect().await.unwrap();
-        let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut h = tonic_health::pb::health_client::HealthClient::new(self.channel().await);
         h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Inference".into() })
             .await
             .unwrap()
@@ -89,9 +109,10 @@ impl InferenceServer {
         }
     }
 
-    /// Stops the server and asserts it shut down without error.
+    /// Stops the server and asserts it shut down without error and its audit log verifies.
     pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
         self.handle.await.unwrap().unwrap();
+        assert_audit_chain_verifies(&self.audit_log);
     }
 }

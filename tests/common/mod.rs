@@ -1,5 +1,7 @@
 //! Test harness: real servers on loopback (our services in-process, moto as the S3-compatible
-//! store in a child process) and synthetic cases written as real NIfTI files.
+//! store in a child process) and synthetic cases written as real NIfTI files. The services run
+//! secured, as in production ([`secured::Setup::secure`]): TLS with a test CA, API keys, an
+//! audit log that must verify when they stop.
 #![allow(dead_code)]
 
 mod inference;
@@ -8,10 +10,14 @@ pub(crate) mod secured;
 #[allow(unused_imports)] // each test binary uses its own part of the harness
 pub(crate) use inference::{InferenceServer, TEST_ROI};
 
+use brats_cli::{AuthChannel, ClientSecurity};
 use brats_preprocessor::config::ServiceConfig;
+use brats_proto::v1::preprocessor_client::PreprocessorClient;
+use secured::{ServiceKind, Setup, setup};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -103,15 +109,34 @@ pub(crate) async fn http(method: &str, port: u16, path: &str) -> std::io::Result
 pub(crate) struct Service {
     pub addr: SocketAddr,
     pub metrics_port: u16,
+    /// The security the harness secured it with, whose admin [`Service::client`] connects as
+    /// (shared with a service that calls this one, e.g. [`InferenceServer::start_with`]);
+    /// `None` when its configuration brought its own (the security tests').
+    pub security: Option<Arc<Setup>>,
+    /// Its audit file, checked when it stops.
+    audit_log: Option<PathBuf>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Service {
+    /// Starts the service secured by a fresh [`Setup`] (TLS, API keys, audit), unless `cfg`
+    /// already names a certificate: the security tests bring their own roles, tenants and
+    /// audit expectations (from [`Setup::config`]), which are kept as they are.
     pub(crate) async fn start(mut cfg: ServiceConfig) -> Service {
+        if cfg.server.tls.enabled() {
+            return Service::spawn(cfg, None).await;
+        }
+        let security = Arc::new(setup());
+        security.secure(&mut cfg.server, ServiceKind::Preprocess);
+        Service::spawn(cfg, Some(security)).await
+    }
+
+    async fn spawn(mut cfg: ServiceConfig, security: Option<Arc<Setup>>) -> Service {
         let metrics_port = free_port();
         cfg.server.listen = "127.0.0.1:0".into();
         cfg.server.metrics_listen = format!("127.0.0.1:{metrics_port}");
+        let audit_log = Some(&cfg.server.audit.file).filter(|f| !f.is_empty()).map(PathBuf::from);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
         let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
         let handle = tokio::spawn(brats_preprocessor::server::serve(
@@ -122,23 +147,37 @@ impl Service {
             Some(addr_tx),
         ));
         let addr = addr_rx.await.expect("service bound");
-        Service { addr, metrics_port, stop: Some(stop_tx), handle: Some(handle) }
+        Service { addr, metrics_port, security, audit_log, stop: Some(stop_tx), handle: Some(handle) }
     }
 
+    /// `http://ADDR` (spoken to as `https://` by a client given the CA).
     pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub(crate) async fn client(
-        &self,
-    ) -> brats_proto::v1::preprocessor_client::PreprocessorClient<tonic::transport::Channel> {
-        brats_proto::v1::preprocessor_client::PreprocessorClient::connect(self.url()).await.unwrap()
+    /// How the harness connects: the admin of [`Service::security`].
+    pub(crate) fn admin(&self) -> ClientSecurity {
+        self.security.as_ref().expect("a service started with its own security: connect with its Setup's keys").admin()
     }
 
-    /// Graceful shutdown; returns the server's result.
+    /// A channel as the admin, over TLS.
+    pub(crate) async fn channel(&self) -> AuthChannel {
+        self.admin().connect(&self.url()).await.unwrap()
+    }
+
+    /// A client connected as the admin.
+    pub(crate) async fn client(&self) -> PreprocessorClient<AuthChannel> {
+        PreprocessorClient::new(self.channel().await)
+    }
+
+    /// Graceful shutdown; returns the server's result, after checking its audit log verifies.
     pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.take().unwrap().send(());
-        self.handle.take().unwrap().await.unwrap()
+        let result = self.handle.take().unwrap().await.unwrap();
+        if let Some(audit_log) = &self.audit_log {
+            secured::assert_audit_chain_verifies(audit_log);
+        }
+        result
     }
 }
 

@@ -1,17 +1,20 @@
 //! Harness of the trainer end-to-end tests (`trainer_service.rs`, `trainer_jobs.rs`): the real
-//! `brats-trainer serve` process ([`Trainer`]), tiny dataset and spec builders, and helpers that
-//! poll and watch jobs through the RPC API or read their stored event logs.
+//! `brats-trainer serve` process ([`Trainer`], secured by the harness as every service is),
+//! tiny dataset and spec builders, and helpers that poll and watch jobs through the RPC API or
+//! read their stored event logs.
 // Shared by two test crates, each using a subset.
 #![allow(dead_code)]
 
+use crate::common::secured::{ServiceKind, Setup, assert_audit_chain_verifies, setup};
 use crate::common::*;
+use brats_cli::{AuthChannel, ClientSecurity};
 use brats_proto::v1 as pb;
 use brats_proto::v1::trainer_client::TrainerClient;
+use brats_service::ServerConfig;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 /// The `brats-trainer` binary: `BRATS_TEST_TRAINER_EXE`, else built by [`workspace_exe`].
 pub(crate) fn trainer_exe() -> PathBuf {
@@ -28,6 +31,10 @@ pub(crate) struct Trainer {
     child: Child,
     pub(crate) url: String,
     pub(crate) metrics_port: u16,
+    /// The security it runs with; the harness's clients connect as its admin.
+    pub(crate) security: Arc<Setup>,
+    /// Its audit file (`[server.audit] file`), checked when it stops.
+    audit_log: PathBuf,
     log: PathBuf,
 }
 
@@ -48,7 +55,7 @@ impl Trainer {
         Trainer::start_on(dir, &file_uri(store), &file_uri(&store.join("models")), worker, extra).await
     }
 
-    /// [`Trainer::start`] on any store and registry root.
+    /// [`Trainer::start`] on any store and registry root, secured by a fresh [`Setup`].
     pub(crate) async fn start_on(
         dir: &Path,
         store_root: &str,
@@ -56,6 +63,21 @@ impl Trainer {
         worker: Option<&Path>,
         extra: &str,
     ) -> Trainer {
+        Trainer::start_with(Arc::new(setup()), dir, store_root, registry, worker, extra).await
+    }
+
+    /// [`Trainer::start_on`] secured by `security` ([`Setup::secure`]); `extra` is TOML merged
+    /// into the configuration section by section (`[store]`, `[server.tenants.x]`, a key of
+    /// `[server.auth]`), its values winning.
+    pub(crate) async fn start_with(
+        security: Arc<Setup>,
+        dir: &Path,
+        store_root: &str,
+        registry: &str,
+        worker: Option<&Path>,
+        extra: &str,
+    ) -> Trainer {
+        let extra: toml::Table = toml::from_str(extra).expect("extra trainer configuration is TOML");
         // A port that was free when picked can be taken by a trainer of a test running beside
         // this one before ours binds it; ours then exits, and a health check would reach the
         // other trainer. So SERVING counts only after our own process logged that it listens,
@@ -64,17 +86,17 @@ impl Trainer {
             let port = free_port();
             let metrics_port = free_port();
             let config = dir.join(format!("trainer-{port}.toml"));
+            let mut server = ServerConfig::new(&format!("127.0.0.1:{port}"), &format!("127.0.0.1:{metrics_port}"), 20);
+            security.secure(&mut server, ServiceKind::Trainer);
+            let mut table = toml::Table::new();
+            table.insert("store_root".into(), store_root.into());
+            table.insert("registry".into(), registry.into());
             let worker_exe = worker.map(|w| w.display().to_string()).unwrap_or_default();
-            std::fs::write(
-                &config,
-                // `extra` may add sections, [server.auth] and the like included.
-                format!(
-                    "store_root = \"{store_root}\"\nregistry = \"{registry}\"\nworker_exe = \"{worker_exe}\"\n\
-                     [server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n\
-                     shutdown_grace_s = 20\n{extra}\n",
-                ),
-            )
-            .unwrap();
+            table.insert("worker_exe".into(), worker_exe.into());
+            table.insert("server".into(), toml::Value::try_from(&server).unwrap());
+            merge_toml(&mut table, extra.clone());
+            let audit_log = PathBuf::from(table["server"]["audit"]["file"].as_str().unwrap());
+            std::fs::write(&config, toml::to_string(&table).unwrap()).unwrap();
             let log = dir.join(format!("trainer-{port}.log"));
             let child = Command::new(trainer_exe())
                 .args(["serve", "--config"])
@@ -84,7 +106,8 @@ impl Trainer {
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .expect("start brats-trainer serve");
-            let mut t = Trainer { child, url: format!("http://127.0.0.1:{port}"), metrics_port, log };
+            let url = format!("http://127.0.0.1:{port}");
+            let mut t = Trainer { child, url, metrics_port, security: security.clone(), audit_log, log };
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 if let Ok(Some(status)) = t.child.try_wait() {
@@ -104,29 +127,37 @@ impl Trainer {
         panic!("brats-trainer serve lost the race for a free port three times");
     }
 
+    /// Whether it answers SERVING for `brats.v1.Trainer`, over TLS.
     pub(crate) async fn serving(&self) -> bool {
-        let Ok(channel) = Channel::from_shared(self.url.clone()).unwrap().connect().await else { return false };
+        let Ok(channel) = self.admin().connect(&self.url).await else { return false };
         let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
         h.check(tonic_health::pb::HealthCheckRequest { service: "brats.v1.Trainer".into() }).await.is_ok_and(|r| {
             r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         })
     }
 
-    pub(crate) async fn client(&self) -> TrainerClient<Channel> {
-        TrainerClient::connect(self.url.clone()).await.unwrap()
+    /// How the harness connects: the test CA and the admin's API key.
+    pub(crate) fn admin(&self) -> ClientSecurity {
+        self.security.admin()
+    }
+
+    /// A client connected as the admin.
+    pub(crate) async fn client(&self) -> TrainerClient<AuthChannel> {
+        TrainerClient::new(self.admin().connect(&self.url).await.unwrap())
     }
 
     pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait for a clean exit.
+    /// SIGTERM, then wait for a clean exit; its audit log must verify.
     pub(crate) fn stop(mut self) {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 assert!(status.success(), "the trainer exited with {status} on SIGTERM:\n{}", self.log_text());
+                assert_audit_chain_verifies(&self.audit_log);
                 return;
             }
             assert!(Instant::now() < deadline, "the trainer did not stop within 30 s of SIGTERM");
@@ -138,6 +169,19 @@ impl Trainer {
     pub(crate) fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Adds `extra`'s keys to `base`, table by table: a table in both gets the keys of both,
+/// `extra`'s value winning where both set one.
+fn merge_toml(base: &mut toml::Table, extra: toml::Table) {
+    for (key, value) in extra {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(extra)) => merge_toml(base, extra),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -183,7 +227,7 @@ pub(crate) fn start_req(spec: pb::JobSpec) -> pb::StartJobRequest {
     pb::StartJobRequest { spec: Some(spec), ..Default::default() }
 }
 
-pub(crate) async fn get(client: &mut TrainerClient<Channel>, id: &str) -> pb::Job {
+pub(crate) async fn get(client: &mut TrainerClient<AuthChannel>, id: &str) -> pb::Job {
     client.get_job(pb::GetJobRequest { job_id: id.into() }).await.unwrap().into_inner()
 }
 
@@ -209,7 +253,7 @@ pub(crate) async fn wait_state(t: &Trainer, id: &str, state: pb::JobState, secs:
 
 /// Every event of a job from `from` until the stream ends (or `secs` pass).
 pub(crate) async fn watch_all(
-    client: &mut TrainerClient<Channel>,
+    client: &mut TrainerClient<AuthChannel>,
     id: &str,
     from: u64,
     secs: u64,
@@ -282,7 +326,7 @@ pub(crate) fn launched_pid(message: &str) -> Option<i32> {
 /// returns them; panics if the stream ends first or `secs` pass (a running job's stream does not
 /// end by itself).
 pub(crate) async fn watch_until(
-    client: &mut TrainerClient<Channel>,
+    client: &mut TrainerClient<AuthChannel>,
     id: &str,
     from: u64,
     secs: u64,
@@ -305,14 +349,14 @@ pub(crate) async fn watch_until(
 }
 
 /// Every event of a job that exists now.
-pub(crate) async fn events_so_far(client: &mut TrainerClient<Channel>, id: &str) -> Vec<pb::JobEvent> {
+pub(crate) async fn events_so_far(client: &mut TrainerClient<AuthChannel>, id: &str) -> Vec<pb::JobEvent> {
     let last = get(client, id).await.last_sequence;
     watch_until(client, id, 0, 30, |events| events.last().is_some_and(|e| e.sequence >= last)).await
 }
 
 /// Waits for the first training step reported at or after event `from`: the worker is past
 /// start-up and really training.
-pub(crate) async fn wait_step_after(client: &mut TrainerClient<Channel>, id: &str, from: u64) {
+pub(crate) async fn wait_step_after(client: &mut TrainerClient<AuthChannel>, id: &str, from: u64) {
     let is_step = |events: &[pb::JobEvent]| matches!(events.last().unwrap().event, Some(pb::job_event::Event::Step(_)));
     watch_until(client, id, from, 120, is_step).await;
 }

@@ -42,10 +42,20 @@
 //! can forge a consistent tail, and cutting records off the end leaves a valid shorter chain.
 //! Both show only against a copy kept elsewhere (the stdout stream shipped to a SIEM, a
 //! write-once store) by comparing the last `seq` and line hash.
+//!
+//! # Segments
+//!
+//! In an object store a log is a folder of immutable *segments*, each a JSON Lines file of
+//! consecutive records named after its first record's `seq` with 12 zero-padded digits
+//! ([`segment_name`]: `000000000001.jsonl`, `000000000101.jsonl`, …), so names sort in chain
+//! order. The segments of one folder continue one chain: [`verify_segments`] reads them in
+//! `seq` order and checks them as one log, and also that each segment starts where the one
+//! before ended, so a removed segment is named as missing. Cutting the last segments off
+//! leaves a valid shorter chain, as with a file.
 
 use std::io::BufRead;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -360,43 +370,226 @@ impl VerifyError {
     }
 }
 
+/// Checks a chain record by record, across any number of readers that continue it (the
+/// segments of a log in an object store), stopping at the first line at fault.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    head: ChainHead,
+    report: VerifyReport,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        ChainVerifier { head: ChainHead::genesis(), report: VerifyReport::default() }
+    }
+}
+
+impl ChainVerifier {
+    /// A verifier expecting a chain's first record (`seq` 1, [`GENESIS_HASH`]).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks every line of `reader` as the chain's continuation: each line on its own
+    /// ([`parse_line`]), `seq` one more than the record before and `prev_hash` the hash of the
+    /// line before. Errors number lines from 1 within `reader`.
+    pub fn feed<R: BufRead>(&mut self, mut reader: R) -> Result<(), VerifyError> {
+        let mut buf = Vec::new();
+        let mut line = 0u64;
+        loop {
+            buf.clear();
+            let n =
+                reader.read_until(b'\n', &mut buf).map_err(|source| VerifyError::Read { line: line + 1, source })?;
+            if n == 0 {
+                return Ok(());
+            }
+            line += 1;
+            let fail = |problem| VerifyError::Record { line, problem };
+            let bytes = buf.strip_suffix(b"\n").ok_or_else(|| fail(Problem::Truncated))?;
+            let record = parse_line(bytes).map_err(fail)?;
+            if record.seq != self.head.next_seq {
+                return Err(fail(Problem::Sequence { found: record.seq, expected: self.head.next_seq }));
+            }
+            if record.prev_hash != self.head.prev_hash {
+                return Err(fail(Problem::PrevHash));
+            }
+            self.head = ChainHead { next_seq: record.seq.saturating_add(1), prev_hash: line_hash(bytes) };
+            if self.report.records == 0 {
+                self.report.first_seq = record.seq;
+            }
+            self.report.records += 1;
+            self.report.last_seq = record.seq;
+        }
+    }
+
+    /// The `seq` the next record must have.
+    pub fn next_seq(&self) -> u64 {
+        self.head.next_seq
+    }
+
+    /// What has verified so far.
+    pub fn report(&self) -> VerifyReport {
+        self.report.clone()
+    }
+}
+
 /// Verifies a whole log from its first record: every line on its own ([`parse_line`]), `seq`
 /// counting 1, 2, 3, … and each `prev_hash` the hash of the line before ([`GENESIS_HASH`] on
 /// the first). Stops at the first line at fault. An empty log verifies with no records.
-pub fn verify<R: BufRead>(mut reader: R) -> Result<VerifyReport, VerifyError> {
-    let mut head = ChainHead::genesis();
-    let mut report = VerifyReport::default();
-    let mut buf = Vec::new();
-    let mut line = 0u64;
-    loop {
-        buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|source| VerifyError::Read { line: line + 1, source })?;
-        if n == 0 {
-            return Ok(report);
-        }
-        line += 1;
-        let fail = |problem| VerifyError::Record { line, problem };
-        let bytes = buf.strip_suffix(b"\n").ok_or_else(|| fail(Problem::Truncated))?;
-        let record = parse_line(bytes).map_err(fail)?;
-        if record.seq != head.next_seq {
-            return Err(fail(Problem::Sequence { found: record.seq, expected: head.next_seq }));
-        }
-        if record.prev_hash != head.prev_hash {
-            return Err(fail(Problem::PrevHash));
-        }
-        head = ChainHead { next_seq: record.seq.saturating_add(1), prev_hash: line_hash(bytes) };
-        if report.records == 0 {
-            report.first_seq = record.seq;
-        }
-        report.records += 1;
-        report.last_seq = record.seq;
-    }
+pub fn verify<R: BufRead>(reader: R) -> Result<VerifyReport, VerifyError> {
+    let mut verifier = ChainVerifier::new();
+    verifier.feed(reader)?;
+    Ok(verifier.report())
 }
 
 /// [`verify`] on the file at `path`.
 pub fn verify_file(path: &Path) -> Result<VerifyReport, VerifyError> {
     let file = std::fs::File::open(path).map_err(VerifyError::Open)?;
     verify(std::io::BufReader::new(file))
+}
+
+/// The name ending every segment.
+pub const SEGMENT_SUFFIX: &str = ".jsonl";
+
+/// The name of the segment whose first record has `seq` `first_seq`: at least 12 digits,
+/// zero-padded, then [`SEGMENT_SUFFIX`] (`000000000101.jsonl`).
+pub fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:012}{SEGMENT_SUFFIX}")
+}
+
+/// The first `seq` a segment's name announces, or `None` for a name that is not a segment's.
+pub fn segment_first_seq(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() < 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A folder of segments that verified as one chain.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SegmentsReport {
+    /// How many segments it holds.
+    pub segments: u64,
+    /// The chain they hold together.
+    pub chain: VerifyReport,
+}
+
+/// Why a folder of segments did not verify; each names the segment at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentsError {
+    /// The folder could not be listed.
+    #[error("cannot list: {0}")]
+    List(std::io::Error),
+    /// The folder holds no segment.
+    #[error("holds no audit segments (files named like 000000000001.jsonl)")]
+    NoSegments,
+    /// Segments are missing: the next one present starts past where the chain stands.
+    #[error(
+        "{segment}: segments are missing before it: the chain continues at seq {expected}, this one starts at {named}"
+    )]
+    Missing {
+        /// The first segment present after the gap.
+        segment: String,
+        /// The `seq` its name announces.
+        named: u64,
+        /// The `seq` the chain needed next.
+        expected: u64,
+    },
+    /// A segment starts before the previous one ended: names were changed, or segments were
+    /// copied in from another log.
+    #[error("{segment}: it starts at seq {named} but the previous segment ends at {}", expected - 1)]
+    Overlap {
+        /// The segment.
+        segment: String,
+        /// The `seq` its name announces.
+        named: u64,
+        /// The `seq` the chain needed next.
+        expected: u64,
+    },
+    /// A segment with no record in it (the services never write one).
+    #[error("{segment}: holds no records")]
+    EmptySegment {
+        /// The segment.
+        segment: String,
+    },
+    /// A line of a segment is wrong, or the segment could not be read.
+    #[error("{segment}: {source}")]
+    Segment {
+        /// The segment.
+        segment: String,
+        /// What is wrong, by line number within the segment.
+        source: VerifyError,
+    },
+}
+
+/// The segments of the folder `dir` (not below it), in `seq` order, by first `seq`.
+fn segments_of(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(first_seq) = entry.file_name().to_str().and_then(segment_first_seq) else { continue };
+        if entry.file_type()?.is_file() {
+            segments.push((first_seq, entry.path()));
+        }
+    }
+    segments.sort();
+    Ok(segments)
+}
+
+/// Verifies the segments of the folder `dir` as one chain from its first record (see the
+/// module's docs): each segment must start at the `seq` where the one before ended (a missing
+/// segment is named), hold at least one record, and every line must verify as in [`verify`].
+/// Files whose names are not segment names are ignored.
+pub fn verify_segments(dir: &Path) -> Result<SegmentsReport, SegmentsError> {
+    let segments = segments_of(dir).map_err(SegmentsError::List)?;
+    if segments.is_empty() {
+        return Err(SegmentsError::NoSegments);
+    }
+    let mut verifier = ChainVerifier::new();
+    for (named, path) in &segments {
+        let segment = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let expected = verifier.next_seq();
+        if *named > expected {
+            return Err(SegmentsError::Missing { segment, named: *named, expected });
+        }
+        if *named < expected {
+            return Err(SegmentsError::Overlap { segment, named: *named, expected });
+        }
+        let file = std::fs::File::open(path)
+            .map_err(|e| SegmentsError::Segment { segment: segment.clone(), source: VerifyError::Open(e) })?;
+        verifier
+            .feed(std::io::BufReader::new(file))
+            .map_err(|source| SegmentsError::Segment { segment: segment.clone(), source })?;
+        if verifier.next_seq() == expected {
+            return Err(SegmentsError::EmptySegment { segment });
+        }
+    }
+    Ok(SegmentsReport { segments: segments.len() as u64, chain: verifier.report() })
+}
+
+/// The folders at or below `root` that hold segments (one log each: a service instance's
+/// folder under an audit prefix), sorted.
+pub fn segment_folders(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut folders = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let mut holds_segments = false;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() && entry.file_name().to_str().and_then(segment_first_seq).is_some() {
+                holds_segments = true;
+            }
+        }
+        if holds_segments {
+            folders.push(dir);
+        }
+    }
+    folders.sort();
+    Ok(folders)
 }
 
 #[cfg(test)]
@@ -493,6 +686,68 @@ mod tests {
         lines[0] = forged.line;
         let err = check(&lines).unwrap_err();
         assert_eq!((err.line(), err.problem()), (Some(2), Some(&Problem::PrevHash)));
+    }
+
+    /// Writes `lines` as segments of `per_segment` records each into a fresh folder.
+    fn write_segments(dir: &Path, lines: &[String], per_segment: usize) {
+        for (i, chunk) in lines.chunks(per_segment).enumerate() {
+            let text: String = chunk.iter().map(|l| format!("{l}\n")).collect();
+            std::fs::write(dir.join(segment_name((i * per_segment) as u64 + 1)), text).unwrap();
+        }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("audit-chain-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn segment_names_sort_in_chain_order_and_parse_back() {
+        assert_eq!(segment_name(1), "000000000001.jsonl");
+        assert_eq!(segment_first_seq("000000000101.jsonl"), Some(101));
+        assert_eq!(segment_first_seq(&segment_name(1_000_000_000_001)), Some(1_000_000_000_001));
+        for bad in ["1.jsonl", "00000000000a.jsonl", "000000000001.json", "audit.jsonl"] {
+            assert_eq!(segment_first_seq(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn segments_verify_as_one_chain_and_a_missing_or_edited_one_is_named() {
+        let dir = scratch("segments");
+        let lines = chain(7);
+        write_segments(&dir, &lines, 3);
+        std::fs::write(dir.join("README"), "not a segment").unwrap();
+        let report = verify_segments(&dir).unwrap();
+        assert_eq!(
+            report,
+            SegmentsReport { segments: 3, chain: VerifyReport { records: 7, first_seq: 1, last_seq: 7 } }
+        );
+        assert_eq!(segment_folders(&dir).unwrap(), std::slice::from_ref(&dir));
+
+        std::fs::remove_file(dir.join(segment_name(4))).unwrap();
+        let err = verify_segments(&dir).unwrap_err();
+        assert!(matches!(err, SegmentsError::Missing { named: 7, expected: 4, .. }), "{err}");
+        assert!(err.to_string().starts_with("000000000007.jsonl: segments are missing"), "{err}");
+
+        write_segments(&dir, &lines, 3);
+        let second = dir.join(segment_name(4));
+        let text = std::fs::read_to_string(&second).unwrap().replacen("r4", "r9", 1);
+        std::fs::write(&second, text).unwrap();
+        let err = verify_segments(&dir).unwrap_err();
+        assert!(err.to_string().starts_with("000000000004.jsonl: line 2: hash mismatch"), "{err}");
+
+        // A segment renamed to close the gap of a removed one overlaps its predecessor.
+        write_segments(&dir, &lines, 3);
+        std::fs::rename(dir.join(segment_name(7)), dir.join(segment_name(3))).unwrap();
+        let err = verify_segments(&dir).unwrap_err();
+        assert!(matches!(err, SegmentsError::Overlap { named: 3, expected: 4, .. }), "{err}");
+
+        let empty = scratch("no-segments");
+        assert!(matches!(verify_segments(&empty), Err(SegmentsError::NoSegments)));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&empty);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! TLS is used when a CA is given (an `http://` address is then spoken to as `https://`);
 //! a client certificate and key make it mutual TLS; a token or API key read from a file is
 //! sent with every request. Secrets come from files only (never flags, which `ps` shows),
-//! and a secret file readable by group or others is refused.
+//! and a secret file other accounts can read is refused (`crate::secret_file`).
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ pub struct ClientSecurity {
     /// PEM client certificate for mutual TLS (with --key).
     #[arg(long = "cert", env = "BRATS_CERT", global = true, value_name = "PEM", requires = "key_file")]
     pub cert_file: Option<PathBuf>,
-    /// PEM private key of --cert (must not be readable by group or others).
+    /// PEM private key of --cert (must not be readable by other accounts; see `secret_file`).
     #[arg(long = "key", env = "BRATS_KEY", global = true, value_name = "PEM", requires = "cert_file")]
     pub key_file: Option<PathBuf>,
     /// Name to verify in the server's certificate, when it differs from the address's host.
@@ -104,20 +104,9 @@ fn file_err(flag: &'static str, path: &Path, message: impl Into<String>) -> Clie
     ClientError::File { flag, path: path.display().to_string(), message: message.into() }
 }
 
-/// Reads a secret file, refusing one that group or others can read.
+/// Reads a secret file, refusing one that other accounts can read ([`crate::secret_file`]).
 fn read_secret(flag: &'static str, path: &Path) -> Result<String, ClientError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path).map_err(|e| file_err(flag, path, e.to_string()))?.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(file_err(
-                flag,
-                path,
-                format!("is readable by group or others (mode {:o}); run chmod 600 on it", mode & 0o777),
-            ));
-        }
-    }
+    crate::secret_file::check_secret_file(path).map_err(|e| file_err(flag, path, e.to_string()))?;
     let text = std::fs::read_to_string(path).map_err(|e| file_err(flag, path, e.to_string()))?;
     Ok(text.trim().to_string())
 }

@@ -12,7 +12,8 @@
 //!   `--cert`, `--key`, `--token-file`, `--api-key-file`), connecting as [`AuthChannel`];
 //! - [`audit_chain`]: the audit log's record format and hash chain, written by the services and
 //!   checked by `bratsctl audit verify`;
-//! - [`api_key`]: API keys minted by `bratsctl` and the demo, hashed into the services' keys file.
+//! - [`api_key`]: API keys minted by `bratsctl` and the demo, hashed into the services' keys file;
+//! - [`secret_file`]: the one rule on who may read a file holding a secret.
 #![deny(missing_docs)]
 
 pub mod api_key;
@@ -21,6 +22,7 @@ mod client;
 mod job_spec;
 mod parse;
 mod report;
+pub mod secret_file;
 
 pub use client::{AuthChannel, ClientError, ClientSecurity, Credentials};
 pub use job_spec::{CaseCacheArg, JobSpecArgs, LrScheduleArg, SpecError};

@@ -20,7 +20,7 @@ use std::time::Duration;
 /// How to reach S3-compatible stores. Unset fields fall back to the standard `AWS_*`
 /// environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 /// `AWS_REGION`), then to defaults.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Endpoint URL, e.g. `http://127.0.0.1:9000` for MinIO/Garage/moto; empty means AWS.
@@ -31,6 +31,11 @@ pub struct StoreConfig {
     pub s3_access_key_id: Option<String>,
     /// Secret access key (never logged).
     pub s3_secret_access_key: Option<String>,
+    /// A file holding the secret access key (a Docker or Kubernetes secret, e.g.
+    /// `/run/secrets/s3_secret_access_key`), so that no secret sits in a configuration file or
+    /// the environment; read when a bucket's client is built, surrounding whitespace trimmed.
+    /// `s3_secret_access_key` wins when both are set.
+    pub s3_secret_access_key_file: Option<String>,
     /// Seconds before one request is abandoned; default 30.
     pub request_timeout_s: Option<u64>,
     /// Retries of a failed request; default 2 (so an unreachable store fails fast).
@@ -40,6 +45,22 @@ pub struct StoreConfig {
 impl StoreConfig {
     fn env(name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+
+    /// The secret access key: the key itself, else the file's contents, else `AWS_SECRET_ACCESS_KEY`.
+    fn secret_access_key(&self) -> Result<Option<String>> {
+        if let Some(k) = &self.s3_secret_access_key {
+            return Ok(Some(k.clone()));
+        }
+        if let Some(file) = &self.s3_secret_access_key_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                CoreError::invalid(format!(
+                    "store.s3_secret_access_key_file: cannot read {file} ({e}); mount the secret there or unset the key"
+                ))
+            })?;
+            return Ok(Some(text.trim().to_string()));
+        }
+        Ok(StoreConfig::env("AWS_SECRET_ACCESS_KEY"))
     }
 }
 
@@ -215,7 +236,7 @@ impl Stores {
                 if let Some(k) = c.s3_access_key_id.clone().or_else(|| StoreConfig::env("AWS_ACCESS_KEY_ID")) {
                     b = b.with_access_key_id(k);
                 }
-                if let Some(k) = c.s3_secret_access_key.clone().or_else(|| StoreConfig::env("AWS_SECRET_ACCESS_KEY")) {
+                if let Some(k) = c.secret_access_key()? {
                     b = b.with_secret_access_key(k);
                 }
                 let s: Arc<dyn ObjectStore> = Arc::new(

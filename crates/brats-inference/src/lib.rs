@@ -26,5 +26,6 @@ pub mod segment;
 pub mod server;
 pub mod service;
 pub mod stream;
+pub mod upload;
 
 pub use runtime::{InferenceError, SegmentationModel, SessionOptions};

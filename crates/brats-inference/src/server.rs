@@ -22,7 +22,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let stores = Arc::new(Stores::new(cfg.store.clone()));
     let providers = cfg.providers.iter().map(|p| Provider::parse(p)).collect::<Result<Vec<_>, _>>()?;
-    let settings = ServiceSettings {
+    let mut settings = ServiceSettings {
         registry: StoreUri::parse(&cfg.registry).context("registry")?,
         output_root: StoreUri::parse(&cfg.output_root).context("output_root")?,
         model: cfg.model.clone(),
@@ -39,7 +39,8 @@ pub async fn serve(
         window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, mirror: false },
         max_concurrent: cfg.max_concurrent,
         max_queue: cfg.max_queue,
-        uris: brats_service::security::tenants::UriPolicy::new(&cfg.server.tenants)?,
+        // `[server.tenants]` is parsed once, by the server shell below.
+        uris: Default::default(),
         preprocessor: if cfg.preprocess_endpoint.is_empty() {
             None
         } else {
@@ -47,14 +48,14 @@ pub async fn serve(
         },
     };
     let metrics = Metrics::new();
-    let service = InferenceService::new(stores, settings, metrics.clone());
-
     let grpc = GrpcServer::<InferenceServer<InferenceService>>::bind(
         &cfg.server,
         ServingStatus::NotServing,
         metrics.registry.clone(),
     )
     .await?;
+    settings.uris = grpc.uri_policy();
+    let service = InferenceService::new(stores, settings, metrics.clone());
     grpc.announce(bound);
     info!(addr = %grpc.addr(), registry = %cfg.registry, model = %cfg.model, alias = %cfg.alias, "inference service listening; loading the model");
 

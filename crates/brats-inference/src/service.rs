@@ -13,6 +13,7 @@ use brats_core::store::{StoreUri, Stores};
 use brats_preprocess::jobs::fetch_all;
 use brats_preprocess::pipeline::InputFile;
 use brats_proto::v1 as pb;
+use brats_service::redact::RequestUris;
 use brats_service::security::Principal;
 use brats_service::security::tenants::UriPolicy;
 use bytes::Bytes;
@@ -498,13 +499,44 @@ type ResponseStream = Pin<Box<dyn futures::Stream<Item = Result<pb::SegmentStrea
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceService {
     async fn segment(&self, request: Request<pb::SegmentRequest>) -> Result<Response<pb::SegmentResponse>, Status> {
-        let started = Instant::now();
         let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
-        self.uris.check_all(principal.as_ref(), "image_uris", &req.image_uris)?;
-        if !req.output_uri.is_empty() {
-            self.uris.check(principal.as_ref(), "output_uri", &req.output_uri)?;
-        }
+        let locations = RequestUris::new().with_each("image_uris", &req.image_uris).with("output_uri", &req.output_uri);
+        self.segment_unredacted(req, principal.as_ref()).await.map(Response::new).map_err(|s| locations.status(s))
+    }
+
+    type SegmentStreamStream = ResponseStream;
+
+    async fn segment_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::SegmentStreamRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
+        crate::stream::segment_stream(self.clone(), request.into_inner(), principal).await
+    }
+
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        crate::catalog::list_models(&self.models, &request.into_inner()).await.map(Response::new)
+    }
+
+    async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
+        crate::catalog::get_model(&self.models, &request.into_inner().name).await.map(Response::new)
+    }
+}
+
+impl InferenceService {
+    /// `Segment` with its statuses not yet redacted.
+    async fn segment_unredacted(
+        &self,
+        req: pb::SegmentRequest,
+        principal: Option<&Principal>,
+    ) -> Result<pb::SegmentResponse, Status> {
+        let started = Instant::now();
+        self.uris.check_all(principal, "image_uris", &req.image_uris)?;
+        self.uris.check_fields(principal, &[("output_uri", &req.output_uri)])?;
         let request_id = self.request_id(&req.request_id)?;
         let span = info_span!("segment", request_id = %request_id);
         let result = async {
@@ -550,32 +582,9 @@ impl pb::inference_server::Inference for InferenceService {
                 self.observe("Segment", s.code(), None)
             }
         }
-        result.map(Response::new)
+        result
     }
 
-    type SegmentStreamStream = ResponseStream;
-
-    async fn segment_stream(
-        &self,
-        request: Request<tonic::Streaming<pb::SegmentStreamRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let principal = request.extensions().get::<Principal>().cloned();
-        crate::stream::segment_stream(self.clone(), request.into_inner(), principal).await
-    }
-
-    async fn list_models(
-        &self,
-        request: Request<pb::ListModelsRequest>,
-    ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        crate::catalog::list_models(&self.models, &request.into_inner()).await.map(Response::new)
-    }
-
-    async fn get_model(&self, request: Request<pb::GetModelRequest>) -> Result<Response<pb::Model>, Status> {
-        crate::catalog::get_model(&self.models, &request.into_inner().name).await.map(Response::new)
-    }
-}
-
-impl InferenceService {
     /// Runs a request whose inputs arrived over a stream (see [`crate::stream`]).
     pub(crate) async fn run_streamed(
         &self,

@@ -4,13 +4,14 @@
 //! Request stream: a header (files, options), chunks (`file_index`, `offset`, `data`,
 //! optional `crc32c`) in order per file, then a trailer with each file's SHA-256. Response stream:
 //! progress, the result, the list of output files, their chunks, and a trailer with their
-//! SHA-256. A client that disconnects before its trailer leaves nothing behind.
+//! SHA-256. A client that disconnects before its trailer leaves nothing behind. The framing
+//! checks are [`crate::upload`]'s; this module moves messages between the network and them.
 
 use crate::service::InferenceService;
-use brats_preprocess::pipeline::InputFile;
+use crate::upload::{Step, Upload, UploadAssembler};
 use brats_proto::v1 as pb;
-use bytes::{Bytes, BytesMut};
-use pb::segment_stream_request::Msg as In;
+use brats_service::redact::RequestUris;
+use bytes::Bytes;
 use pb::segment_stream_response::Msg as Out;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
@@ -19,8 +20,6 @@ use tokio::sync::mpsc;
 use tonic::{Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
-/// Largest accepted input file (a float64 240×240×155 volume is ~71 MB).
-pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Default size of the response chunks.
 pub const DEFAULT_CHUNK: usize = 1 << 20;
 
@@ -36,77 +35,29 @@ fn progress(stage: pb::SegmentStage, started: Instant) -> pb::SegmentStreamRespo
     }
 }
 
-/// Receives the upload completely and checks it; returns the header and the files.
+/// Receives the rest of an upload whose header `upload` holds, message by message, reporting
+/// progress on `tx`; every check is [`UploadAssembler`]'s.
 async fn receive(
+    mut upload: UploadAssembler,
     input: &mut Streaming<pb::SegmentStreamRequest>,
     tx: &mpsc::Sender<Result<pb::SegmentStreamResponse, Status>>,
     started: Instant,
-) -> Result<(pb::SegmentStreamHeader, Vec<InputFile>), Status> {
-    let first = input.message().await?.ok_or_else(|| Status::invalid_argument("the stream ended before its header"))?;
-    let Some(In::Header(header)) = first.msg else {
-        return Err(Status::invalid_argument("the first message must be the header (files, options)"));
-    };
-    if header.files.len() != 4 && header.files.len() != 1 {
-        return Err(Status::invalid_argument(format!(
-            "header.files: {} files declared; send 4 (T1c, T1, T2, FLAIR in that order) or one 4D file",
-            header.files.len()
-        )));
-    }
-    for (i, f) in header.files.iter().enumerate() {
-        if f.size_bytes == 0 || f.size_bytes > MAX_FILE_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "header.files[{i}] ({}): size_bytes {} must be in 1..={MAX_FILE_BYTES}",
-                f.name, f.size_bytes
-            )));
-        }
-    }
-    let mut buffers: Vec<BytesMut> =
-        header.files.iter().map(|f| BytesMut::with_capacity(f.size_bytes as usize)).collect();
-    let mut received = 0u64;
-    let total: u64 = header.files.iter().map(|f| f.size_bytes).sum();
+) -> Result<Upload, Status> {
     let mut last_report = 0u64;
-    let trailer = loop {
-        let msg = input.message().await.map_err(|s| {
+    loop {
+        let message = input.message().await.map_err(|s| {
             Status::cancelled(format!(
-                "the upload broke off after {received} of {total} bytes ({}); nothing was kept",
+                "the upload broke off after {} of {} bytes ({}); nothing was kept",
+                upload.received(),
+                upload.total(),
                 s.message()
             ))
         })?;
-        let Some(msg) = msg else {
-            return Err(Status::cancelled(format!(
-                "the upload ended after {received} of {total} bytes without a trailer; nothing was kept"
-            )));
-        };
-        match msg.msg {
-            Some(In::Chunk(c)) => {
-                let i = c.file_index as usize;
-                let (Some(buf), Some(decl)) = (buffers.get_mut(i), header.files.get(i)) else {
-                    return Err(Status::invalid_argument(format!("chunk.file_index {i} is not a declared file")));
-                };
-                if c.offset != buf.len() as u64 {
-                    return Err(Status::invalid_argument(format!(
-                        "chunk for {} at offset {}: expected offset {} (send each file's chunks in order)",
-                        decl.name,
-                        c.offset,
-                        buf.len()
-                    )));
-                }
-                if buf.len() as u64 + c.data.len() as u64 > decl.size_bytes {
-                    return Err(Status::invalid_argument(format!(
-                        "{}: more data than its declared size_bytes {}",
-                        decl.name, decl.size_bytes
-                    )));
-                }
-                if let Some(crc) = c.crc32c
-                    && crc32c::crc32c(&c.data) != crc
-                {
-                    return Err(Status::data_loss(format!(
-                        "{}: chunk at offset {} fails its CRC-32C; resend",
-                        decl.name, c.offset
-                    )));
-                }
-                buf.extend_from_slice(&c.data);
-                received += c.data.len() as u64;
+        let Some(message) = message else { return Err(upload.ended_early()) };
+        match upload.push(message)? {
+            Step::Trailer(trailer) => return upload.finish(&trailer),
+            Step::Chunk => {
+                let (received, total) = (upload.received(), upload.total());
                 if received - last_report >= (8 << 20) || received == total {
                     last_report = received;
                     let mut p = progress(pb::SegmentStage::Receiving, started);
@@ -117,42 +68,20 @@ async fn receive(
                     let _ = tx.try_send(Ok(p));
                 }
             }
-            Some(In::Trailer(t)) => break t,
-            Some(In::Header(_)) => {
-                return Err(Status::invalid_argument("a second header arrived; send one header per stream"));
-            }
-            None => return Err(Status::invalid_argument("empty message")),
-        }
-    };
-    for (i, (buf, decl)) in buffers.iter().zip(&header.files).enumerate() {
-        if buf.len() as u64 != decl.size_bytes {
-            return Err(Status::data_loss(format!(
-                "{}: received {} bytes of the declared {}",
-                decl.name,
-                buf.len(),
-                decl.size_bytes
-            )));
-        }
-        let sum = trailer.checksums.iter().find(|c| c.file_index as usize == i).ok_or_else(|| {
-            Status::invalid_argument(format!(
-                "trailer.checksums: no entry for file {i} ({}); send its sha256",
-                decl.name
-            ))
-        })?;
-        let got = hex::encode(Sha256::digest(buf));
-        if !got.eq_ignore_ascii_case(&sum.sha256) {
-            return Err(Status::data_loss(format!(
-                "{}: sha256 of the received bytes is {got}, the trailer says {}; resend",
-                decl.name, sum.sha256
-            )));
         }
     }
-    let files = buffers
-        .into_iter()
-        .zip(&header.files)
-        .map(|(b, f)| InputFile { name: f.name.clone(), bytes: b.freeze() })
-        .collect();
-    Ok((header, files))
+}
+
+/// The locations an upload's header names (its output and the caller's file names), for
+/// redacting the statuses the stream is answered with.
+fn header_locations(header: &pb::SegmentStreamHeader) -> RequestUris {
+    header
+        .files
+        .iter()
+        .enumerate()
+        .fold(RequestUris::new().with("header.output_uri", &header.output_uri), |uris, (i, file)| {
+            uris.with(format!("header.files[{i}].name"), &file.name)
+        })
 }
 
 fn send_file(out: &mut Vec<pb::SegmentStreamResponse>, index: u32, data: &Bytes, chunk: usize) {
@@ -179,11 +108,12 @@ pub async fn segment_stream(
     let span = info_span!("segment_stream");
     tokio::spawn(
         async move {
+            let mut locations = RequestUris::new();
             let result = async {
-                let (header, files) = receive(&mut input, &tx, started).await?;
-                if !header.output_uri.is_empty() {
-                    service.uris.check(principal.as_ref(), "header.output_uri", &header.output_uri)?;
-                }
+                let upload = UploadAssembler::start(input.message().await?)?;
+                locations = header_locations(upload.header());
+                let Upload { header, files } = receive(upload, &mut input, &tx, started).await?;
+                service.uris.check_fields(principal.as_ref(), &[("header.output_uri", &header.output_uri)])?;
                 let _ = tx.send(Ok(progress(pb::SegmentStage::Queued, started))).await;
                 let ptx = tx.clone();
                 let report = Box::new(move |done: usize, total: usize| {
@@ -246,7 +176,7 @@ pub async fn segment_stream(
                 }
                 Err(s) => {
                     warn!(code = ?s.code(), "segment stream failed");
-                    let _ = tx.send(Err(s)).await;
+                    let _ = tx.send(Err(locations.status(s))).await;
                 }
             }
         }

@@ -8,6 +8,7 @@ use brats_preprocess::dataset::{CaseOutcome, Counts, DatasetEvent, DatasetPlan, 
 use brats_preprocess::jobs::{self, CaseJob, CaseOutput};
 use brats_preprocess::pipeline::{CropMode, Options};
 use brats_proto::v1 as pb;
+use brats_service::redact::RequestUris;
 use brats_service::security::Principal;
 use brats_service::security::tenants::UriPolicy;
 use futures::StreamExt;
@@ -163,6 +164,56 @@ impl ServiceState {
         result.map_err(to_status)
     }
 
+    /// `PreprocessCase` with its statuses not yet redacted.
+    async fn preprocess_case_unredacted(
+        &self,
+        req: pb::PreprocessCaseRequest,
+        principal: Option<&Principal>,
+    ) -> Result<Response<pb::PreprocessCaseResponse>, Status> {
+        let started = Instant::now();
+        self.uris.check_all(principal, "image_uris", &req.image_uris)?;
+        self.uris.check_fields(principal, &[("label_uri", &req.label_uri), ("output_uri", &req.output_uri)])?;
+        let case_id = if req.case_id.is_empty() { "case".to_string() } else { req.case_id.clone() };
+        let span = info_span!("preprocess_case", case_id = %case_id, images = req.image_uris.len());
+        let result = async {
+            jobs::validate_case_id(&case_id).map_err(|e| field_err("case_id", e))?;
+            if req.image_uris.len() != 4 && req.image_uris.len() != 1 {
+                return Err(Status::invalid_argument(format!(
+                    "image_uris: {} URIs given; give 4 (T1c, T1, T2, FLAIR in that order) or one 4D file",
+                    req.image_uris.len()
+                )));
+            }
+            let images = req
+                .image_uris
+                .iter()
+                .enumerate()
+                .map(|(i, u)| parse_uri(&format!("image_uris[{i}]"), u))
+                .collect::<Result<Vec<_>, _>>()?;
+            let label = if req.label_uri.is_empty() { None } else { Some(parse_uri("label_uri", &req.label_uri)?) };
+            let output = if req.output_uri.is_empty() { None } else { Some(parse_uri("output_uri", &req.output_uri)?) };
+            let seed = req.seed.unwrap_or_else(|| brats_preprocess::pipeline::case_seed(&case_id));
+            let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), seed)?;
+            let job = CaseJob { case_id: case_id.clone(), images, label, options, output, force: req.force };
+            let out = self.run_in_slot(job, &self.root).await?;
+            info!(reused = out.reused, seconds = started.elapsed().as_secs_f64(), "case done");
+            Ok(Response::new(pb::PreprocessCaseResponse {
+                case_id: out.case_id,
+                tensors_uri: out.tensors_uri.to_string(),
+                metadata_uri: out.metadata_uri.to_string(),
+                metadata: Some(metadata_to_pb(&out.metadata)),
+                reused: out.reused,
+                timings: out.timings.iter().map(|(s, v)| pb::StageTiming { stage: s.clone(), seconds: *v }).collect(),
+            }))
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(s) = &result {
+            span.in_scope(|| warn!(code = ?s.code(), "request failed"));
+        }
+        self.observe("PreprocessCase", started, &result);
+        result
+    }
+
     fn observe<T>(&self, method: &str, started: Instant, r: &Result<T, Status>) {
         let code = match r {
             Ok(_) => tonic::Code::Ok,
@@ -277,54 +328,10 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         &self,
         request: Request<pb::PreprocessCaseRequest>,
     ) -> Result<Response<pb::PreprocessCaseResponse>, Status> {
-        let started = Instant::now();
         let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
-        self.uris.check_all(principal.as_ref(), "image_uris", &req.image_uris)?;
-        for (field, uri) in [("label_uri", &req.label_uri), ("output_uri", &req.output_uri)] {
-            if !uri.is_empty() {
-                self.uris.check(principal.as_ref(), field, uri)?;
-            }
-        }
-        let case_id = if req.case_id.is_empty() { "case".to_string() } else { req.case_id.clone() };
-        let span = info_span!("preprocess_case", case_id = %case_id, images = req.image_uris.len());
-        let result = async {
-            jobs::validate_case_id(&case_id).map_err(|e| field_err("case_id", e))?;
-            if req.image_uris.len() != 4 && req.image_uris.len() != 1 {
-                return Err(Status::invalid_argument(format!(
-                    "image_uris: {} URIs given; give 4 (T1c, T1, T2, FLAIR in that order) or one 4D file",
-                    req.image_uris.len()
-                )));
-            }
-            let images = req
-                .image_uris
-                .iter()
-                .enumerate()
-                .map(|(i, u)| parse_uri(&format!("image_uris[{i}]"), u))
-                .collect::<Result<Vec<_>, _>>()?;
-            let label = if req.label_uri.is_empty() { None } else { Some(parse_uri("label_uri", &req.label_uri)?) };
-            let output = if req.output_uri.is_empty() { None } else { Some(parse_uri("output_uri", &req.output_uri)?) };
-            let seed = req.seed.unwrap_or_else(|| brats_preprocess::pipeline::case_seed(&case_id));
-            let options = options(req.label_convention, req.crop.as_ref(), req.augmentation.as_ref(), seed)?;
-            let job = CaseJob { case_id: case_id.clone(), images, label, options, output, force: req.force };
-            let out = self.run_in_slot(job, &self.root).await?;
-            info!(reused = out.reused, seconds = started.elapsed().as_secs_f64(), "case done");
-            Ok(Response::new(pb::PreprocessCaseResponse {
-                case_id: out.case_id,
-                tensors_uri: out.tensors_uri.to_string(),
-                metadata_uri: out.metadata_uri.to_string(),
-                metadata: Some(metadata_to_pb(&out.metadata)),
-                reused: out.reused,
-                timings: out.timings.iter().map(|(s, v)| pb::StageTiming { stage: s.clone(), seconds: *v }).collect(),
-            }))
-        }
-        .instrument(span.clone())
-        .await;
-        if let Err(s) = &result {
-            span.in_scope(|| warn!(code = ?s.code(), "request failed"));
-        }
-        self.observe("PreprocessCase", started, &result);
-        result
+        let locations = case_locations(&req);
+        self.preprocess_case_unredacted(req, principal.as_ref()).await.map_err(|s| locations.status(s))
     }
 
     type PreprocessDatasetStream = ProgressStream;
@@ -336,13 +343,13 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         let started = Instant::now();
         let principal = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
-        for (field, uri) in
-            [("datalist_uri", &req.datalist_uri), ("base_uri", &req.base_uri), ("output_uri", &req.output_uri)]
-        {
-            if !uri.is_empty() {
-                self.uris.check(principal.as_ref(), field, uri)?;
-            }
-        }
+        let locations = dataset_locations(&req);
+        self.uris
+            .check_fields(
+                principal.as_ref(),
+                &[("datalist_uri", &req.datalist_uri), ("base_uri", &req.base_uri), ("output_uri", &req.output_uri)],
+            )
+            .map_err(|s| locations.status(s))?;
         let span = info_span!("preprocess_dataset");
         let plan = plan_dataset(&self.stores, &req, &self.root).instrument(span.clone()).await.and_then(|plan| {
             // The datalist names the cases' files: each must lie inside the tenant too.
@@ -355,11 +362,11 @@ impl pb::preprocessor_server::Preprocessor for PreprocessService {
         let parallel =
             if req.max_parallel == 0 { self.max_parallel } else { (req.max_parallel as usize).min(self.max_parallel) };
         let this = self.clone();
-        let events = plan?.run(self.stores.clone(), parallel, move |job, root| {
+        let events = plan.map_err(|s| locations.status(s))?.run(self.stores.clone(), parallel, move |job, root| {
             let this = this.clone();
             async move { this.run_in_slot(job, &root).await }
         });
-        Ok(Response::new(progress_stream(events, span)))
+        Ok(Response::new(progress_stream(events, span, locations)))
     }
 }
 
@@ -386,16 +393,35 @@ pub async fn preprocess_dataset_in_process(
     req: &pb::PreprocessDatasetRequest,
     parallel: usize,
 ) -> Result<ProgressStream, Status> {
-    let default_root = parse_uri("output_uri", &req.output_uri)?;
-    let plan = plan_dataset(&stores, req, &default_root).await?;
+    let locations = dataset_locations(req);
+    let default_root = parse_uri("output_uri", &req.output_uri).map_err(|s| locations.status(s))?;
+    let plan = plan_dataset(&stores, req, &default_root).await.map_err(|s| locations.status(s))?;
     let parallel = if req.max_parallel == 0 { parallel } else { (req.max_parallel as usize).min(parallel) };
     let events = plan.run_local(stores, parallel).map(|e| map_event(e, to_status));
-    Ok(progress_stream(events, info_span!("preprocess_dataset")))
+    Ok(progress_stream(events, info_span!("preprocess_dataset"), locations))
+}
+
+/// The locations a `PreprocessCase` request names, for redacting its statuses.
+fn case_locations(req: &pb::PreprocessCaseRequest) -> RequestUris {
+    RequestUris::new()
+        .with_each("image_uris", &req.image_uris)
+        .with("label_uri", &req.label_uri)
+        .with("output_uri", &req.output_uri)
+}
+
+/// The locations a `PreprocessDataset` request names, for redacting its statuses and the
+/// errors of its cases.
+fn dataset_locations(req: &pb::PreprocessDatasetRequest) -> RequestUris {
+    RequestUris::new()
+        .with("datalist_uri", &req.datalist_uri)
+        .with("base_uri", &req.base_uri)
+        .with("output_uri", &req.output_uri)
 }
 
 /// The progress messages of a running dataset, driven by a task of their own (so a slow
 /// reader never stalls the cases; a reader that goes away stops new cases from starting).
-fn progress_stream<S>(events: S, span: tracing::Span) -> ProgressStream
+/// Every error message, a case's or the dataset's, is redacted of the request's `locations`.
+fn progress_stream<S>(events: S, span: tracing::Span, locations: RequestUris) -> ProgressStream
 where
     S: futures::Stream<Item = DatasetEvent<Status>> + Send + 'static,
 {
@@ -404,7 +430,7 @@ where
         async move {
             let mut events = std::pin::pin!(events);
             while let Some(event) = events.next().await {
-                let (message, done) = progress_pb(event);
+                let (message, done) = progress_pb(event, &locations);
                 if tx.send(message).await.is_err() {
                     info!("client went away; cases finished so far are kept and reused next time");
                     return;
@@ -434,8 +460,12 @@ fn map_event<E>(e: DatasetEvent<E>, f: impl Fn(E) -> Status) -> DatasetEvent<Sta
     }
 }
 
-/// One event as the proto's progress message; true for the last.
-fn progress_pb(event: DatasetEvent<Status>) -> (Result<pb::PreprocessDatasetProgress, Status>, bool) {
+/// One event as the proto's progress message, its error messages redacted of `locations`;
+/// true for the last.
+fn progress_pb(
+    event: DatasetEvent<Status>,
+    locations: &RequestUris,
+) -> (Result<pb::PreprocessDatasetProgress, Status>, bool) {
     let progress = |c: Counts| pb::PreprocessDatasetProgress {
         total: c.total,
         completed: c.completed,
@@ -458,7 +488,7 @@ fn progress_pb(event: DatasetEvent<Status>) -> (Result<pb::PreprocessDatasetProg
                 Err(s) => pb::CaseOutcome {
                     case_id,
                     section,
-                    error: s.message().to_string(),
+                    error: locations.redact(s.message()),
                     error_code: code_name(s.code()).to_string(),
                     seconds,
                     ..Default::default()
@@ -473,7 +503,7 @@ fn progress_pb(event: DatasetEvent<Status>) -> (Result<pb::PreprocessDatasetProg
                 manifest_uri: uri.to_string(),
                 ..progress(c)
             });
-            (message.map_err(to_status), true)
+            (message.map_err(|e| locations.status(to_status(e))), true)
         }
     }
 }

@@ -147,6 +147,24 @@ fn instance() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// Reloads `tls` as its files change (or on SIGHUP), recording each reload in `audit` as
+/// `rpc` (`tls` for the gRPC port, `metrics_tls` for `/metrics`).
+fn reload_audited(tls: &Arc<ServerTls>, audit: &AuditLog, rpc: &'static str) {
+    let audit = audit.clone();
+    tls.spawn_reloader(move |result| {
+        let (outcome, reason) = match result {
+            Ok(()) => (Outcome::Succeeded, String::new()),
+            Err(e) => (Outcome::Failed, e.to_string()),
+        };
+        let mut event = AuditEvent::new(rpc, Action::CertificateReloaded, outcome, tonic::Code::Ok);
+        event.reason = &reason;
+        let _ = audit.record(event);
+    });
+}
+
+/// How long shutdown waits for the audit store to take the last records.
+const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A bound gRPC listener for service `S` with health (`grpc.health.v1`), reflection and
 /// `/metrics` already set up, so a service only adds its own start-up before [`Self::serve`].
 pub struct GrpcServer<S> {
@@ -174,6 +192,14 @@ impl<S: NamedService> GrpcServer<S> {
         health.reporter.set_service_status(S::NAME, initial).await;
         let (reflection_v1, reflection_v1alpha) = crate::reflection(S::NAME).map_err(ServerError::Reflection)?;
         let audit = AuditLog::open(&server.audit, S::NAME, &instance()).map_err(ServerError::Audit)?;
+        // Reach the audit store (and continue its chain) before serving: with "deny", a store
+        // that cannot be written stops the start like an unwritable audit file does.
+        if let Err(e) = audit.flush().await {
+            if audit.fail_closed() {
+                return Err(ServerError::Audit(e));
+            }
+            warn!(error = %e, "the audit store cannot be written; records wait in memory (on_failure = \"log\")");
+        }
         let uris = UriPolicy::new(&server.tenants)?;
         if !server.auth.enabled {
             warn!(
@@ -192,34 +218,24 @@ impl<S: NamedService> GrpcServer<S> {
         let security = Security::new(authenticator, audit.clone(), server.failed_auth_per_minute);
         let tls = if server.tls.enabled() {
             let tls = ServerTls::load(&server.tls)?;
-            tls.spawn_reloader(move |result| {
-                let (outcome, reason) = match result {
-                    Ok(()) => (Outcome::Succeeded, String::new()),
-                    Err(e) => (Outcome::Failed, e.to_string()),
-                };
-                let _ = audit.record(AuditEvent {
-                    rpc: "tls",
-                    action: Action::CertificateReloaded,
-                    outcome,
-                    grpc_code: tonic::Code::Ok,
-                    reason: &reason,
-                    principal: None,
-                    source_ip: None,
-                    resource: None,
-                    latency_ms: None,
-                });
-            });
+            reload_audited(&tls, &audit, "tls");
             Some(tls)
         } else {
             None
         };
+        let metrics_tls = ServerTls::load_for_metrics(&server.tls, &server.metrics_tls)?;
+        if let Some(metrics_tls) = &metrics_tls {
+            reload_audited(metrics_tls, &audit, "metrics_tls");
+        } else if server.tls.enabled() && !server.metrics_listen.is_empty() {
+            warn!("/metrics is served in plaintext ([server.metrics_tls] enabled = false)");
+        }
 
         let listen = &server.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| ServerError::Bind { listen: listen.to_string(), source })?;
         let addr = listener.local_addr().map_err(ServerError::LocalAddr)?;
-        crate::spawn_metrics_endpoint(&server.metrics_listen, metrics).await?;
+        crate::spawn_metrics_endpoint(&server.metrics_listen, metrics, metrics_tls).await?;
 
         let router = transport(server, &security)
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
@@ -278,7 +294,7 @@ impl<S: NamedService> GrpcServer<S> {
             + 'static,
         S::Future: Send + 'static,
     {
-        let Self { listener, health, router, tls, .. } = self;
+        let Self { listener, health, router, tls, security, .. } = self;
         let (grace, cleanup) = match drain.0 {
             DrainKind::Grace { period, abandon_message } => (Some((period, abandon_message)), None),
             DrainKind::Complete { cleanup } => (None, Some(cleanup)),
@@ -320,6 +336,13 @@ impl<S: NamedService> GrpcServer<S> {
                 server.await.map_err(ServerError::Transport)?;
                 stopper.await.map_err(ServerError::ShutdownTask)?;
             }
+        }
+        // The records of the last requests (and of the cleanup) into the audit store.
+        let audit = security.audit();
+        match tokio::time::timeout(AUDIT_FLUSH_TIMEOUT, audit.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, unflushed = audit.unflushed(), "audit records lost at shutdown"),
+            Err(_) => warn!(unflushed = audit.unflushed(), "audit records lost at shutdown: the store did not answer"),
         }
         info!("stopped");
         Ok(())

@@ -1,9 +1,11 @@
 //! The shell every gRPC service of the platform shares, so each service crate holds only its
 //! own logic: configuration layering (TOML file, then environment), mapping of core errors to
 //! gRPC statuses, the reflection service, the Prometheus `/metrics` endpoint, shutdown
-//! signals, and the server shell itself ([`GrpcServer`]: health, reflection, metrics, drain).
+//! signals, the server shell itself ([`GrpcServer`]: health, reflection, metrics, drain), and
+//! the redaction of a request's locations from the statuses it is answered with ([`redact`]).
 
 mod grpc;
+pub mod redact;
 pub mod security;
 mod server_config;
 
@@ -94,9 +96,14 @@ pub fn reflection(
     Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }
 
-/// Serves `registry` as Prometheus text on `http://<listen>/metrics` in the background; an
-/// empty `listen` disables it.
-pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry) -> Result<(), ServerError> {
+/// Serves `registry` as Prometheus text on `http://<listen>/metrics` in the background, or on
+/// `https://<listen>/metrics` with `tls` (`[server.metrics_tls]`: plaintext is then refused);
+/// an empty `listen` disables it.
+pub async fn spawn_metrics_endpoint(
+    listen: &str,
+    registry: prometheus::Registry,
+    tls: Option<std::sync::Arc<security::tls::ServerTls>>,
+) -> Result<(), ServerError> {
     if listen.is_empty() {
         return Ok(());
     }
@@ -116,8 +123,18 @@ pub async fn spawn_metrics_endpoint(listen: &str, registry: prometheus::Registry
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServerError::MetricsBind { listen: listen.to_string(), source })?;
-    info!(addr = %listener.local_addr().map_err(ServerError::LocalAddr)?, "metrics on /metrics");
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let addr = listener.local_addr().map_err(ServerError::LocalAddr)?;
+    match tls {
+        Some(tls) => {
+            info!(%addr, "metrics on /metrics over HTTPS");
+            let listener = security::tls::MetricsListener::new(listener, tls).map_err(ServerError::LocalAddr)?;
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+        None => {
+            info!(%addr, "metrics on /metrics");
+            tokio::spawn(async move { axum::serve(listener, app).await });
+        }
+    }
     Ok(())
 }
 

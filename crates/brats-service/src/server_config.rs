@@ -12,7 +12,7 @@ use crate::security::audit::AuditConfig;
 use crate::security::auth::AuthConfig;
 use crate::security::layer::DEFAULT_FAILED_AUTH_PER_MINUTE;
 use crate::security::tenants::TenantConfig;
-use crate::security::tls::TlsConfig;
+use crate::security::tls::{MetricsTlsConfig, TlsConfig};
 use std::collections::BTreeMap;
 
 /// The `[server]` section of a service's configuration. Each service gives its own defaults
@@ -30,6 +30,9 @@ pub struct ServerConfig {
     /// `[server.tls]`: the certificate, key and client CA (TLS is off until `cert_file` is set).
     #[serde(default)]
     pub tls: TlsConfig,
+    /// `[server.metrics_tls]`: `/metrics` over HTTPS with the `[server.tls]` certificate.
+    #[serde(default)]
+    pub metrics_tls: MetricsTlsConfig,
     /// `[server.auth]`: who may call (JWT issuers, API keys, service identities).
     #[serde(default)]
     pub auth: AuthConfig,
@@ -75,6 +78,7 @@ impl ServerConfig {
             metrics_listen: metrics_listen.into(),
             shutdown_grace_s,
             tls: TlsConfig::default(),
+            metrics_tls: MetricsTlsConfig::default(),
             auth: AuthConfig::default(),
             audit: AuditConfig::default(),
             tenants: BTreeMap::new(),
@@ -110,5 +114,8 @@ mod tests {
         assert_eq!(s.tenants["neuro"].allowed_prefixes.len(), 2);
         assert_eq!(s.auth.services["trainer.brats.internal"].roles, ["service"]);
         assert!(s.client.tls());
+        assert!(s.metrics_tls.enabled && s.metrics_tls.require_client_cert);
+        assert_eq!(s.audit.store_uri, "s3://brats-audit/neuro/");
+        assert_eq!((s.audit.segment_records, s.audit.flush_interval_s), (100, 5));
     }
 }

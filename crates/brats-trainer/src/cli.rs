@@ -346,7 +346,7 @@ impl ProgressPrinter {
 }
 
 /// `brats-trainer worker`: one rank of a service job. Exit 0 = finished, 3 = cancelled,
-/// 1 = failed (the reason is the last stderr line).
+/// 75 = the store could not be reached, 1 = failed (the reason is the last stderr line).
 pub(crate) fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
     let cancel = cancel_flag(true);
     match run_worker(job_uri, manifest_uri, &cancel) {
@@ -356,9 +356,19 @@ pub(crate) fn worker(job_uri: &str, manifest_uri: &str) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{}", brats_cli::error_line(&e));
-            ExitCode::from(1)
+            ExitCode::from(if is_transient(&e) { brats_train::train::EXIT_UNAVAILABLE } else { 1 })
         }
     }
+}
+
+/// Whether the failure is the store being unreachable, which `ResumeJob` fixes once it is back.
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause.downcast_ref::<TrainError>().is_some_and(TrainError::is_unavailable)
+            || cause
+                .downcast_ref::<brats_core::CoreError>()
+                .is_some_and(|c| c.kind() == brats_core::ErrorKind::Unavailable)
+    })
 }
 
 fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow::Result<()> {

@@ -173,8 +173,9 @@ impl RankStatus {
         s
     }
 
-    /// The gRPC code name that fits the failure: out-of-memory is RESOURCE_EXHAUSTED, a signal
-    /// ABORTED, anything else INTERNAL.
+    /// The gRPC code name that fits the failure: out-of-memory is RESOURCE_EXHAUSTED, an
+    /// unreachable store UNAVAILABLE (the worker's exit code says so), a signal ABORTED,
+    /// anything else INTERNAL.
     pub fn failure_code(&self) -> &'static str {
         let oom = self.stderr_tail.iter().any(|l| {
             let l = l.to_ascii_lowercase();
@@ -182,6 +183,7 @@ impl RankStatus {
         });
         match self.exit {
             _ if oom => "RESOURCE_EXHAUSTED",
+            RankExit::Code(c) if c == i32::from(brats_train::train::EXIT_UNAVAILABLE) => "UNAVAILABLE",
             RankExit::Signal(_) => "ABORTED",
             _ => "INTERNAL",
         }

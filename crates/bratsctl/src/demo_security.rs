@@ -6,12 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use brats_cli::ClientSecurity;
-use brats_cli::api_key::{hash_api_key, new_api_key};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-};
+use brats_cli::api_key::new_api_key;
+
+use crate::pki::{Pki, api_key_entry, write_file as write};
 
 /// The services, by the name their configuration and certificate take.
 pub(crate) const SERVICES: [&str; 3] = ["preprocess", "trainer", "inference"];
@@ -28,29 +26,14 @@ pub(crate) struct DemoSecurity {
     pub audit_logs: [PathBuf; 3],
 }
 
-/// Writes `text` to `path`, readable by the owner only when `private`.
-fn write(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::write(path, text).with_context(|| format!("write {}", path.display()))?;
-    let mode = if private { 0o600 } else { 0o644 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(())
-}
-
 /// Makes the CA, certificates, API key and service configurations under `<dir>/security`;
 /// every location the services may touch is under `dir`.
 pub(crate) fn set_up(dir: &Path) -> anyhow::Result<DemoSecurity> {
     let sec = dir.join("security");
     std::fs::create_dir_all(&sec)?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.distinguished_name.push(DnType::CommonName, "brats demo CA (throwaway)");
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let pki = Pki::new("brats demo CA (throwaway)")?;
     let ca_file = sec.join("ca.pem");
-    write(&ca_file, &ca_cert.pem(), false)?;
-    let issuer = Issuer::new(ca_params, ca_key);
+    write(&ca_file, &pki.ca_pem, false)?;
 
     let key = new_api_key("demo");
     let key_file = sec.join("demo.apikey");
@@ -59,9 +42,8 @@ pub(crate) fn set_up(dir: &Path) -> anyhow::Result<DemoSecurity> {
     write(
         &keys_toml,
         &format!(
-            "# Hashes only: the key itself is in demo.apikey.\n[[keys]]\nid = \"demo\"\nsha256 = \"{}\"\n\
-             roles = [\"train\", \"segment\", \"viewer\"]\ntenant = \"demo\"\n",
-            hash_api_key(&key)
+            "# Hashes only: the key itself is in demo.apikey.\n{}",
+            api_key_entry("demo", &key, &["train", "segment", "viewer"], "demo")
         ),
         true,
     )?;
@@ -69,14 +51,11 @@ pub(crate) fn set_up(dir: &Path) -> anyhow::Result<DemoSecurity> {
     let mut configs = Vec::new();
     let mut audit_logs = Vec::new();
     for service in SERVICES {
-        let service_key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), format!("{service}.brats.internal")])?;
-        params.distinguished_name.push(DnType::CommonName, format!("{service}.brats.internal"));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&service_key, &issuer)?;
+        let identity = format!("{service}.brats.internal");
+        let issued = pki.issue_service(&identity, vec!["localhost".to_string(), identity.clone()])?;
         let (cert_file, key_file) = (sec.join(format!("{service}.pem")), sec.join(format!("{service}.key")));
-        write(&cert_file, &cert.pem(), false)?;
-        write(&key_file, &service_key.serialize_pem(), true)?;
+        write(&cert_file, &issued.cert_pem, false)?;
+        write(&key_file, &issued.key_pem, true)?;
         let audit = dir.join("audit").join(format!("{service}.jsonl"));
         std::fs::create_dir_all(dir.join("audit"))?;
         let config = sec.join(format!("{service}.toml"));

@@ -6,9 +6,10 @@
 mod commands;
 mod demo;
 mod demo_security;
+mod pki;
 
 use clap::{Parser, Subcommand};
-use commands::{audit, health, keys, models, preprocess, segment, train};
+use commands::{audit, health, keys, models, preprocess, security, segment, train};
 
 #[derive(Parser)]
 #[command(name = "bratsctl", version, about = "Client of the BraTS segmentation platform")]
@@ -57,6 +58,12 @@ enum Cmd {
         #[command(subcommand)]
         command: keys::KeysCmd,
     },
+    /// Deployment security files: `security init` makes a CA, service certificates and an
+    /// operator API key in the layout the compose `tls` variant mounts.
+    Security {
+        #[command(subcommand)]
+        command: security::SecurityCmd,
+    },
 }
 
 #[tokio::main]
@@ -73,6 +80,7 @@ async fn main() -> std::process::ExitCode {
         Cmd::Demo(a) => demo::run(a).await,
         Cmd::Audit { command } => audit::run(command),
         Cmd::Keys { command } => keys::run(command),
+        Cmd::Security { command } => security::run(command),
     };
     brats_cli::exit_with(result, 2)
 }

@@ -105,3 +105,42 @@ fn a_removed_record_and_a_missing_file_fail() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"), "{out:?}");
 }
+
+/// Writes `text`'s records as segments of `per_segment` records each into `dir`.
+fn write_segments(dir: &Path, text: &str, per_segment: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, chunk) in lines.chunks(per_segment).enumerate() {
+        let name = brats_cli::audit_chain::segment_name((i * per_segment) as u64 + 1);
+        std::fs::write(dir.join(name), chunk.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    }
+}
+
+#[test]
+fn a_prefix_of_segments_verifies_per_instance_and_a_missing_segment_is_named() {
+    let root = scratch("segments");
+    let instance = root.join("brats.v1.Trainer").join("host-1");
+    write_segments(&instance, &chain(7), 3);
+    let other = root.join("brats.v1.Trainer").join("host-2");
+    write_segments(&other, &chain(2), 2);
+
+    let uri = format!("file://{}", root.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_bratsctl")).args(["audit", "verify", &uri]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains(&format!("{}: OK, 7 records (seq 1..7) in 3 segments", instance.display())), "{stdout}");
+    assert!(stdout.contains(&format!("{}: OK, 2 records (seq 1..2) in 1 segments", other.display())), "{stdout}");
+
+    std::fs::remove_file(instance.join("000000000004.jsonl")).unwrap();
+    let out = bratsctl(&[&instance]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.starts_with(&format!("error: {}: 000000000007.jsonl: segments are missing", instance.display())),
+        "{stderr}"
+    );
+
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_bratsctl")).args(["audit", "verify", "s3://bucket/audit/"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("aws s3 sync"), "{out:?}");
+}

@@ -130,6 +130,12 @@ impl UriPolicy {
         if inside { Ok(()) } else { Err(denied()) }
     }
 
+    /// [`Self::check`] for each `(field, uri)` of a request's optional URI fields; an empty
+    /// URI is not set and not checked.
+    pub fn check_fields(&self, principal: Option<&Principal>, fields: &[(&str, &str)]) -> Result<(), Status> {
+        fields.iter().filter(|(_, uri)| !uri.is_empty()).try_for_each(|(field, uri)| self.check(principal, field, uri))
+    }
+
     /// [`Self::check`] for every URI of a repeated field.
     pub fn check_all<'a>(
         &self,
@@ -214,5 +220,21 @@ mod tests {
         assert!(p.check(Some(&admin), "output_uri", "file:///anywhere").is_ok());
         assert!(p.check(None, "output_uri", "file:///anywhere").is_ok());
         assert!(UriPolicy::default().check(Some(&caller("x")), "output_uri", "file:///anywhere").is_ok());
+    }
+
+    #[test]
+    fn check_fields_skips_unset_fields_and_names_the_first_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("neuro")).unwrap();
+        let p = policy(&root);
+        let inside = format!("file://{}/neuro/x.nii.gz", root.display());
+        let neuro = caller("neuro");
+        assert!(p.check_fields(Some(&neuro), &[("label_uri", ""), ("output_uri", &inside)]).is_ok());
+        let e = p
+            .check_fields(Some(&neuro), &[("label_uri", &inside), ("output_uri", "file:///etc/"), ("base_uri", "")])
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().starts_with("output_uri: outside"), "{}", e.message());
     }
 }

@@ -7,6 +7,11 @@
 //! tonic's own `ServerTlsConfig` cannot reload, so the shell accepts TCP itself, runs the
 //! handshake here with the configuration current at that moment, and hands finished TLS
 //! streams to tonic (which still exposes the peer's certificates to the request layers).
+//!
+//! The Prometheus `/metrics` endpoint can be served over HTTPS with the same certificate and
+//! key, reloaded the same way (`[server.metrics_tls]`, [`MetricsTlsConfig`]): its own
+//! [`ServerTls`] (ALPN `http/1.1`, scrapers speak HTTP/1.1), optionally requiring a client
+//! certificate from the same client CA, and [`MetricsListener`] feeding axum.
 
 use std::io;
 use std::net::SocketAddr;
@@ -79,6 +84,24 @@ impl TlsConfig {
     }
 }
 
+/// The `[server.metrics_tls]` section: `/metrics` over HTTPS with the `[server.tls]`
+/// certificate and key (and their reload), so scrapes and the figures they carry travel
+/// encrypted and only authorised scrapers can read them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsTlsConfig {
+    /// Serve `/metrics` over HTTPS only (needs `[server.tls] cert_file`).
+    pub enabled: bool,
+    /// Require a client certificate from `[server.tls] client_ca_file` (mutual TLS): only a
+    /// scraper holding one gets the metrics.
+    pub require_client_cert: bool,
+}
+
+/// The ALPN protocol tonic speaks.
+const ALPN_H2: &[u8] = b"h2";
+/// The ALPN protocol Prometheus scrapers speak.
+const ALPN_HTTP1: &[u8] = b"http/1.1";
+
 /// Why TLS could not be set up; each names the file or setting and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -92,6 +115,9 @@ pub enum TlsError {
         /// What is wrong and what to do.
         message: String,
     },
+    /// `[server.metrics_tls]` asks for what `[server.tls]` does not provide.
+    #[error("server.metrics_tls: {0}")]
+    Metrics(&'static str),
     /// A setting is invalid.
     #[error("server.tls.{setting}: {message}")]
     Setting {
@@ -113,6 +139,8 @@ type Stamp = Vec<(PathBuf, Option<SystemTime>, u64)>;
 /// handshake uses a complete (old or new) configuration.
 pub struct ServerTls {
     config: TlsConfig,
+    /// The ALPN protocols offered: `h2` for gRPC, `http/1.1` for `/metrics`.
+    alpn: Vec<u8>,
     current: RwLock<Arc<rustls::ServerConfig>>,
     stamp: Mutex<Stamp>,
 }
@@ -130,12 +158,41 @@ pub fn install_crypto_provider() {
 }
 
 impl ServerTls {
-    /// Loads the files now; errors name the file and the fix.
+    /// Loads the files now for the gRPC port (ALPN `h2`); errors name the file and the fix.
     pub fn load(config: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+        Self::load_with_alpn(config, ALPN_H2)
+    }
+
+    /// Loads the files now for the `/metrics` endpoint (ALPN `http/1.1`): the gRPC port's
+    /// certificate and key; client certificates from its client CA required with
+    /// `require_client_cert`, else not asked for. `None` when `metrics.enabled` is off.
+    pub fn load_for_metrics(
+        config: &TlsConfig,
+        metrics: &MetricsTlsConfig,
+    ) -> Result<Option<Arc<ServerTls>>, TlsError> {
+        if !metrics.enabled {
+            return Ok(None);
+        }
+        if !config.enabled() {
+            return Err(TlsError::Metrics(
+                "enabled = true needs [server.tls] cert_file and key_file: /metrics serves the gRPC port's certificate",
+            ));
+        }
+        if metrics.require_client_cert && config.client_ca_file.is_empty() {
+            return Err(TlsError::Metrics(
+                "require_client_cert = true needs [server.tls] client_ca_file, the CA of the scrapers' certificates",
+            ));
+        }
+        let client_auth = if metrics.require_client_cert { ClientAuth::Required } else { ClientAuth::None };
+        Self::load_with_alpn(&TlsConfig { client_auth, ..config.clone() }, ALPN_HTTP1).map(Some)
+    }
+
+    fn load_with_alpn(config: &TlsConfig, alpn: &[u8]) -> Result<Arc<ServerTls>, TlsError> {
         install_crypto_provider();
-        let (server_config, stamp) = build(config)?;
+        let (server_config, stamp) = build(config, alpn)?;
         Ok(Arc::new(ServerTls {
             config: config.clone(),
+            alpn: alpn.to_vec(),
             current: RwLock::new(Arc::new(server_config)),
             stamp: Mutex::new(stamp),
         }))
@@ -156,7 +213,7 @@ impl ServerTls {
         if !force && *stamp == stamp_of(&self.config) {
             return Ok(false);
         }
-        let (server_config, new_stamp) = build(&self.config)?;
+        let (server_config, new_stamp) = build(&self.config, &self.alpn)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(server_config);
         *stamp = new_stamp;
         Ok(true)
@@ -218,23 +275,10 @@ fn file_err(setting: &'static str, path: &str, message: impl Into<String>) -> Tl
     TlsError::File { setting, path: path.to_string(), message: message.into() }
 }
 
-/// Refuses a secret file that others can read: a key readable by group or others has leaked
-/// to every account on the machine.
+/// Refuses a secret file that other accounts can read (the rule of [`brats_cli::secret_file`]):
+/// a key readable by others has leaked to every account on the machine.
 pub fn check_private_file(setting: &'static str, path: &str) -> Result<(), TlsError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(path).map_err(|e| file_err(setting, path, e.to_string()))?;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(file_err(
-                setting,
-                path,
-                format!("is readable by group or others (mode {:o}); run chmod 600 on it", mode & 0o777),
-            ));
-        }
-    }
-    Ok(())
+    brats_cli::secret_file::check_secret_file(Path::new(path)).map_err(|e| file_err(setting, path, e.to_string()))
 }
 
 fn read_certs(setting: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -248,7 +292,7 @@ fn read_certs(setting: &'static str, path: &str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-fn build(config: &TlsConfig) -> Result<(rustls::ServerConfig, Stamp), TlsError> {
+fn build(config: &TlsConfig, alpn: &[u8]) -> Result<(rustls::ServerConfig, Stamp), TlsError> {
     // Stamp first: a file replaced while we read it is then seen as changed next time.
     let stamp = stamp_of(config);
     if config.key_file.is_empty() {
@@ -295,19 +339,16 @@ fn build(config: &TlsConfig) -> Result<(rustls::ServerConfig, Stamp), TlsError> 
     let mut server_config = builder
         .with_single_cert(certs, key)
         .map_err(|e| file_err("key_file", &config.key_file, format!("does not match cert_file: {e}")))?;
-    server_config.alpn_protocols = vec![b"h2".to_vec()];
+    server_config.alpn_protocols = vec![alpn.to_vec()];
     Ok((server_config, stamp))
 }
 
 /// Accepts TCP connections on `listener` and completes each TLS handshake on its own task
 /// (a slow or silent client delays nobody; it is dropped at the handshake timeout); finished
-/// streams come out of the returned stream, which tonic serves. Ends when the receiver is
-/// dropped (the server stopped), closing the listener.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ServerTls>,
-) -> impl futures::Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<TlsStream<TcpStream>, io::Error>>(64);
+/// streams come out of the returned receiver. Ends when the receiver is dropped (the server
+/// stopped), closing the listener.
+fn accept_handshakes(listener: TcpListener, tls: Arc<ServerTls>) -> tokio::sync::mpsc::Receiver<TlsStream<TcpStream>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<TlsStream<TcpStream>>(64);
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = tokio::select! {
@@ -326,21 +367,66 @@ pub fn incoming(
             let timeout = tls.handshake_timeout();
             let tx = tx.clone();
             tokio::spawn(async move {
+                // Failures are logged with the peer's address only: its ephemeral port
+                // identifies nothing and would only make the lines unique.
                 match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(stream).await;
                     }
-                    Ok(Err(e)) => debug!(peer = %redact_port(peer), error = %e, "TLS handshake failed"),
+                    Ok(Err(e)) => debug!(peer = %peer.ip(), error = %e, "TLS handshake failed"),
                     Err(_) => {
-                        debug!(peer = %redact_port(peer), timeout_s = timeout.as_secs(), "TLS handshake timed out")
+                        debug!(peer = %peer.ip(), timeout_s = timeout.as_secs(), "TLS handshake timed out")
                     }
                 }
             });
         }
     });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    rx
 }
 
-fn redact_port(peer: SocketAddr) -> std::net::IpAddr {
-    peer.ip()
+/// The TLS streams of `listener` for tonic (see [`accept_handshakes`]).
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+) -> impl futures::Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    use futures::StreamExt;
+    tokio_stream::wrappers::ReceiverStream::new(accept_handshakes(listener, tls)).map(Ok)
+}
+
+/// The TLS streams of `listener` as an axum listener, for `/metrics` over HTTPS.
+pub struct MetricsListener {
+    local_addr: SocketAddr,
+    streams: tokio::sync::mpsc::Receiver<TlsStream<TcpStream>>,
+}
+
+impl MetricsListener {
+    /// Runs the handshakes of `listener`'s connections with `tls` (see [`accept_handshakes`]).
+    pub fn new(listener: TcpListener, tls: Arc<ServerTls>) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        Ok(MetricsListener { local_addr, streams: accept_handshakes(listener, tls) })
+    }
+}
+
+impl axum::serve::Listener for MetricsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // The handshake task ends only with this receiver, so the channel stays open.
+            let Some(stream) = self.streams.recv().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match stream.get_ref().0.peer_addr() {
+                Ok(peer) => return (stream, peer),
+                // Gone between the handshake and now: nothing to serve.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local_addr)
+    }
 }

@@ -40,9 +40,10 @@ pub enum TrainError {
     /// Data that cannot be trained on.
     #[error("data: {0}")]
     Data(String),
-    /// The object store failed.
+    /// The object store failed. Not a `source`: the message already holds the store's whole
+    /// sentence, and a source would print it twice in an error chain.
     #[error("store: {0}")]
-    Store(#[from] brats_core::CoreError),
+    Store(brats_core::CoreError),
     /// A tensor operation failed (out of memory included).
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
@@ -66,6 +67,25 @@ pub enum TrainError {
         step: usize,
     },
 }
+
+impl From<brats_core::CoreError> for TrainError {
+    fn from(e: brats_core::CoreError) -> Self {
+        TrainError::Store(e)
+    }
+}
+
+impl TrainError {
+    /// Whether retrying later can succeed without changing anything: the store could not be
+    /// reached. The worker exits with [`EXIT_UNAVAILABLE`] for these, so the job's failure code
+    /// says UNAVAILABLE and `ResumeJob` is the fix.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, TrainError::Store(e) if e.kind() == brats_core::ErrorKind::Unavailable)
+    }
+}
+
+/// Exit code of a worker stopped by a transient failure ([`TrainError::is_unavailable`]):
+/// sysexits' `EX_TEMPFAIL`.
+pub const EXIT_UNAVAILABLE: u8 = 75;
 
 /// Where a run reads and writes.
 pub struct RunEnv {

@@ -2,6 +2,7 @@
 //! service's request logic ([`super::requests`]).
 
 use brats_proto::v1 as pb;
+use brats_service::redact::RequestUris;
 use brats_service::security::Principal;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -13,8 +14,12 @@ impl pb::trainer_server::Trainer for TrainerService {
     async fn start_job(&self, request: Request<pb::StartJobRequest>) -> Result<Response<pb::Job>, Status> {
         let caller = request.extensions().get::<Principal>().cloned();
         let req = request.into_inner();
+        let locations = spec_locations(req.spec.as_ref());
         let span = info_span!("start_job", job_id = %req.job_id);
-        let r = TrainerService::start_job(self, req, caller.as_ref()).instrument(span).await;
+        let r = TrainerService::start_job(self, req, caller.as_ref())
+            .instrument(span)
+            .await
+            .map_err(|s| locations.status(s));
         self.observe("StartJob", &r);
         r.map(Response::new)
     }
@@ -62,4 +67,16 @@ impl pb::trainer_server::Trainer for TrainerService {
         self.observe("WatchJob", &r);
         r.map(Response::new)
     }
+}
+
+/// The locations a job spec names (the only request URIs the trainer takes), for redacting
+/// the statuses `StartJob` answers with.
+fn spec_locations(spec: Option<&pb::JobSpec>) -> RequestUris {
+    spec.map_or_else(RequestUris::new, |spec| {
+        RequestUris::new()
+            .with("spec.datalist_uri", &spec.datalist_uri)
+            .with("spec.base_uri", &spec.base_uri)
+            .with("spec.resume_from", &spec.resume_from)
+            .with("spec.init_weights_uri", &spec.init_weights_uri)
+    })
 }

@@ -60,15 +60,14 @@ impl TrainerService {
             return Ok(());
         }
         uris.check(caller, "spec.datalist_uri", &config.datalist_uri)?;
-        for (field, uri) in [
-            ("spec.base_uri", Some(&config.base_uri).filter(|u| !u.is_empty())),
-            ("spec.init_weights_uri", config.init_weights_uri.as_ref()),
-            ("spec.resume_from", config.resume_from.as_ref()),
-        ] {
-            if let Some(uri) = uri {
-                uris.check(caller, field, uri)?;
-            }
-        }
+        uris.check_fields(
+            caller,
+            &[
+                ("spec.base_uri", &config.base_uri),
+                ("spec.init_weights_uri", config.init_weights_uri.as_deref().unwrap_or_default()),
+                ("spec.resume_from", config.resume_from.as_deref().unwrap_or_default()),
+            ],
+        )?;
         let datalist = StoreUri::parse(&config.datalist_uri).map_err(|e| field_status("spec.datalist_uri", e))?;
         let base = if config.base_uri.is_empty() {
             datalist.parent()

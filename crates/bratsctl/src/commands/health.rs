@@ -27,8 +27,9 @@ const PACKAGE: &str = "brats.v1.";
 /// Arguments of `bratsctl health`.
 #[derive(clap::Args)]
 pub(crate) struct HealthArgs {
-    /// Service address, e.g. http://127.0.0.1:50051.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    /// Service address, e.g. http://127.0.0.1:50051 (a container image sets its own port
+    /// through the environment, so its HEALTHCHECK needs no argument).
+    #[arg(long, env = "BRATS_HEALTH_SERVER", default_value = "http://127.0.0.1:50051")]
     server: String,
     /// The service to check, e.g. brats.v1.Inference (default: every brats.v1 service the
     /// server lists through reflection).

@@ -5,6 +5,7 @@ pub(crate) mod health;
 pub(crate) mod keys;
 pub(crate) mod models;
 pub(crate) mod preprocess;
+pub(crate) mod security;
 pub(crate) mod segment;
 pub(crate) mod train;
 pub(crate) mod watch;

@@ -23,6 +23,11 @@
 //!   the file aside, keeping it as evidence). Only one process may append to a file: give
 //!   each instance its own. `bratsctl audit verify FILE` checks the whole chain.
 //! - `stdout`: each record also as one line on standard output, for a log shipper or SIEM.
+//! - `store_uri`: an object-store prefix (`s3://…`, `file:///…`) under which the records are
+//!   written as immutable, never-overwritten segments of one chain per process
+//!   (`<store_uri>/<service>/<instance>/<first seq>.jsonl`), every `segment_records` records,
+//!   every `flush_interval_s` seconds and at shutdown ([`AuditLog::flush`]); see `store.rs`.
+//!   Its chain is its own (sealed when a segment is cut), separate from the file's.
 //!
 //! # Failures
 //!
@@ -30,7 +35,9 @@
 //! not advance (the next record takes the same `seq`, so a write that failed cleanly leaves no
 //! gap). The caller decides what the failure means: with `on_failure = "deny"`
 //! ([`AuditLog::fail_closed`]) the request is refused with `UNAVAILABLE`; with `"log"` it goes
-//! on and the failure is logged.
+//! on and the failure is logged. The store sink writes in the background, so for it a record
+//! fails when the last segment write failed (with `deny`) or when `max_unflushed_records`
+//! records already wait: what an outage can cost is bounded by that many records.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -40,18 +47,24 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use brats_cli::audit_chain::{AuditRecord, ChainHead, RecordPrincipal, RecordResource};
+use brats_core::StoreConfig;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::{AuthMethod, Principal};
 
-pub use brats_cli::audit_chain::{Action, Outcome, Problem, VerifyError, VerifyReport, verify, verify_file};
+pub use brats_cli::audit_chain::{
+    Action, Outcome, Problem, SegmentsError, SegmentsReport, VerifyError, VerifyReport, verify, verify_file,
+    verify_segments,
+};
+
+mod store;
 
 type HmacSha256 = Hmac<Sha256>;
 
 /// The `[server.audit]` section of a service's configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// Also write each record as one JSON line to standard output.
@@ -65,6 +78,37 @@ pub struct AuditConfig {
     /// ignored; at least 32 of them; readable by its owner only). Empty: a random key per
     /// process, so hashes can be matched within one process's records only.
     pub hmac_key_file: String,
+    /// An object-store prefix (`s3://bucket/audit/`, `file:///var/log/brats/audit/`) under
+    /// which records are written as immutable segments (see the module's docs); empty for none.
+    pub store_uri: String,
+    /// `[server.audit.store]`: how the sink reaches S3 (endpoint, region, credentials; unset
+    /// fields fall back to the `AWS_*` environment), separate from the service's own store so
+    /// the audit bucket can have its own, write-only credentials.
+    pub store: StoreConfig,
+    /// Records per segment: a segment is written as soon as this many wait.
+    pub segment_records: usize,
+    /// Seconds a record waits at most before a (shorter) segment is written.
+    pub flush_interval_s: u64,
+    /// Records held in memory for the store at most; with `on_failure = "deny"` requests are
+    /// refused beyond it (and while the last write failed), with `"log"` records are dropped
+    /// from the store sink.
+    pub max_unflushed_records: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            stdout: false,
+            file: String::new(),
+            on_failure: OnFailure::default(),
+            hmac_key_file: String::new(),
+            store_uri: String::new(),
+            store: StoreConfig::default(),
+            segment_records: 100,
+            flush_interval_s: 5,
+            max_unflushed_records: 1000,
+        }
+    }
 }
 
 /// What a failure to write an audit record means for the request it concerns.
@@ -135,12 +179,12 @@ impl<'a> AuditEvent<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     /// The file sink could not be opened or read (a missing or read-only directory, …).
-    #[error("audit log {}: cannot open: {source}", path.display())]
+    #[error("audit log {}: cannot open: {error}", path.display())]
     Open {
         /// The file.
         path: PathBuf,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, not a `source`, so an error chain says it once).
+        error: std::io::Error,
     },
     /// The file's last record is damaged, so its chain cannot be continued.
     #[error(
@@ -165,12 +209,58 @@ pub enum AuditError {
     #[error("audit log: the system random generator failed")]
     Random,
     /// A record could not be written to a sink.
-    #[error("audit log: writing to {sink} failed: {source}")]
+    #[error("audit log: writing to {sink} failed: {error}")]
     Write {
         /// The sink: `stdout` or the file's path.
         sink: String,
-        /// The error.
-        source: std::io::Error,
+        /// The error (in the message, not a `source`, so an error chain says it once).
+        error: std::io::Error,
+    },
+    /// `store_uri` is not a store location.
+    #[error("server.audit.store_uri: not an s3://bucket/prefix, file:///path or local path")]
+    StoreUri,
+    /// The store sink was configured outside a Tokio runtime, where it cannot write.
+    #[error("server.audit.store_uri: the audit store sink needs a Tokio runtime")]
+    NoRuntime,
+    /// The audit store could not be listed, read or written (its URI left out).
+    #[error("audit store: cannot {operation}: {reason}")]
+    Store {
+        /// `list`, `read` or `write`.
+        operation: &'static str,
+        /// The store's error, the URI replaced by `<audit store>`.
+        reason: String,
+    },
+    /// The store already holds another segment under this segment's name: a second process
+    /// writes under the same instance name.
+    #[error(
+        "audit store: segment {first_seq} exists with other records: another process writes to this instance's folder; give each process its own"
+    )]
+    StoreConflict {
+        /// The segment's first `seq`.
+        first_seq: u64,
+    },
+    /// The folder's last segment is damaged, so its chain cannot be continued.
+    #[error(
+        "audit store: segment {first_seq} cannot be continued ({problem}); check the folder with `bratsctl audit verify` and move it aside"
+    )]
+    StoreChain {
+        /// The segment's first `seq`.
+        first_seq: u64,
+        /// What is wrong with its last line.
+        problem: Problem,
+    },
+    /// With `on_failure = "deny"`: the last segment write failed, so records are refused until
+    /// one succeeds.
+    #[error("audit store: the last segment write failed ({reason}); refusing records until the store takes one")]
+    StoreFailing {
+        /// Why the last write failed.
+        reason: String,
+    },
+    /// `max_unflushed_records` records already wait for the store.
+    #[error("audit store: {records} records wait to be written (max_unflushed_records)")]
+    StoreBacklog {
+        /// How many wait.
+        records: usize,
     },
 }
 
@@ -195,6 +285,8 @@ struct Writer {
     head: ChainHead,
     file: Option<(PathBuf, File)>,
     stdout: bool,
+    /// The object-store sink, with its own chain.
+    store: Option<store::StoreSink>,
     /// The random 80 bits of this process's first ULID; each record adds its `count`.
     id_base: u128,
     count: u64,
@@ -202,16 +294,16 @@ struct Writer {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let file = self
-            .inner
-            .writer
-            .as_ref()
-            .and_then(|w| w.lock().unwrap_or_else(PoisonError::into_inner).file.as_ref().map(|(p, _)| p.clone()));
+        let (file, store) = self.inner.writer.as_ref().map_or((None, false), |w| {
+            let w = w.lock().unwrap_or_else(PoisonError::into_inner);
+            (w.file.as_ref().map(|(p, _)| p.clone()), w.store.is_some())
+        });
         f.debug_struct("AuditLog")
             .field("service", &self.inner.service)
             .field("instance", &self.inner.instance)
             .field("enabled", &self.inner.writer.is_some())
             .field("file", &file)
+            .field("store", &store)
             .field("fail_closed", &self.inner.fail_closed)
             .field("hmac_key", &"<redacted>")
             .finish()
@@ -222,7 +314,9 @@ impl AuditLog {
     /// Opens the sinks `config` names for `service` (`trainer`, …) and its `instance` (host or
     /// pod name), continuing the chain of an existing file (see the module's docs). Fails when
     /// the file cannot be opened for appending (its directory missing or read-only), when its
-    /// last line is damaged, or when the key file is unusable.
+    /// last line is damaged, when the key file is unusable, or when `store_uri` is invalid or
+    /// set outside a Tokio runtime (its writer task runs there). The store is first reached
+    /// by [`flush`](Self::flush), which a server calls at start-up.
     pub fn open(config: &AuditConfig, service: &str, instance: &str) -> Result<AuditLog, AuditError> {
         let mut key = if config.hmac_key_file.is_empty() {
             random_bytes::<64>().ok_or(AuditError::Random)?.to_vec()
@@ -233,7 +327,8 @@ impl AuditLog {
             .map_err(|e| AuditError::Key { path: config.hmac_key_file.clone(), message: e.to_string() });
         key.fill(0);
         let mac = mac?;
-        let writer = if config.file.is_empty() && !config.stdout {
+        let store = store::StoreSink::open(config, service, instance)?;
+        let writer = if config.file.is_empty() && !config.stdout && store.is_none() {
             None
         } else {
             let (head, file) = if config.file.is_empty() {
@@ -244,7 +339,7 @@ impl AuditLog {
                 (head, Some((path, file)))
             };
             let id_base = u128::from_le_bytes(random_bytes::<16>().ok_or(AuditError::Random)?);
-            Some(Mutex::new(Writer { head, file, stdout: config.stdout, id_base, count: 0 }))
+            Some(Mutex::new(Writer { head, file, stdout: config.stdout, store, id_base, count: 0 }))
         };
         Ok(AuditLog {
             inner: Arc::new(Inner {
@@ -272,15 +367,21 @@ impl AuditLog {
         }
     }
 
-    /// Appends one record to every sink, in order, before returning. On an error the record
-    /// may be missing from some sink and the caller decides, by [`fail_closed`](Self::fail_closed),
-    /// whether the request is refused.
+    /// Appends one record to every sink, in order, before returning (to the store sink's
+    /// memory: it is written with its segment). On an error the record may be missing from
+    /// some sink and the caller decides, by [`fail_closed`](Self::fail_closed), whether the
+    /// request is refused; with `deny`, a store sink that refuses records (see the module's
+    /// docs) fails the record before any sink holds it.
     pub fn record(&self, event: AuditEvent<'_>) -> Result<(), AuditError> {
         let Some(writer) = &self.inner.writer else {
             return Ok(());
         };
         let mut guard = writer.lock().unwrap_or_else(PoisonError::into_inner);
         let w = &mut *guard;
+        let fail_closed = self.inner.fail_closed;
+        if fail_closed && let Some(store) = &w.store {
+            store.admit(true)?;
+        }
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let millis = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
         w.count = w.count.wrapping_add(1);
@@ -302,13 +403,14 @@ impl AuditLog {
             latency_ms: event.latency_ms,
             prev_hash: String::new(),
         };
+        let for_store = w.store.as_ref().map(|_| record.clone());
         let sealed = w.head.seal(record);
         let mut bytes = sealed.line.into_bytes();
         bytes.push(b'\n');
         if let Some((path, file)) = &mut w.file {
             file.write_all(&bytes)
                 .and_then(|()| file.flush())
-                .map_err(|source| AuditError::Write { sink: path.display().to_string(), source })?;
+                .map_err(|error| AuditError::Write { sink: path.display().to_string(), error })?;
             // In the file: the chain moves on whatever happens to stdout.
             w.head = sealed.next.clone();
         }
@@ -316,10 +418,33 @@ impl AuditLog {
             let mut out = std::io::stdout().lock();
             out.write_all(&bytes)
                 .and_then(|()| out.flush())
-                .map_err(|source| AuditError::Write { sink: "stdout".into(), source })?;
+                .map_err(|error| AuditError::Write { sink: "stdout".into(), error })?;
         }
         w.head = sealed.next;
-        Ok(())
+        match (&w.store, for_store) {
+            (Some(store), Some(record)) => store.push(record, fail_closed),
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes every record the store sink holds now (at shutdown; at start-up, to reach the
+    /// store and continue its chain before serving). Without a store sink, nothing to do.
+    pub async fn flush(&self) -> Result<(), AuditError> {
+        match self.store() {
+            Some(store) => store.flush().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Records the store sink holds that are not yet in the store (0 without one).
+    pub fn unflushed(&self) -> usize {
+        self.store().map_or(0, |s| s.unflushed())
+    }
+
+    /// A handle on the store sink, taken out of the writer's lock (flushing awaits).
+    fn store(&self) -> Option<store::StoreSink> {
+        let writer = self.inner.writer.as_ref()?;
+        writer.lock().unwrap_or_else(PoisonError::into_inner).store.clone()
     }
 
     /// Whether a record that could not be written must refuse the request (`on_failure =
@@ -363,7 +488,15 @@ fn method_name(m: AuthMethod) -> &'static str {
 /// Opens (or creates, mode 0600) the file for appending, and the chain head its last line
 /// leaves.
 fn open_file(path: &Path) -> Result<(ChainHead, File), AuditError> {
-    let open_err = |source| AuditError::Open { path: path.to_path_buf(), source };
+    let open_err = |error| AuditError::Open { path: path.to_path_buf(), error };
+    // A new volume (a container's, a pod's) has no audit folder yet: make it, private.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(dir).map_err(open_err)?;
+    }
     let mut options = OpenOptions::new();
     options.read(true).append(true).create(true);
     #[cfg(unix)]
@@ -424,23 +557,10 @@ fn last_line(file: &mut File) -> std::io::Result<Option<Vec<u8>>> {
 }
 
 /// Reads the HMAC key: the file's bytes without trailing newlines, at least 32 of them, in a
-/// file only its owner can read.
+/// file other accounts cannot read (`brats_cli::secret_file`).
 fn read_key(path: &str) -> Result<Vec<u8>, AuditError> {
     let key_err = |message: String| AuditError::Key { path: path.to_string(), message };
-    let meta = std::fs::metadata(path).map_err(|e| key_err(e.to_string()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(key_err(format!(
-                "is readable by group or others (mode {:o}); run chmod 600 on it",
-                mode & 0o777
-            )));
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = meta;
+    brats_cli::secret_file::check_secret_file(Path::new(path)).map_err(|e| key_err(e.to_string()))?;
     let mut key = std::fs::read(path).map_err(|e| key_err(e.to_string()))?;
     while key.last().is_some_and(|b| matches!(b, b'\n' | b'\r')) {
         key.pop();

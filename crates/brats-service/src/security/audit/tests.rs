@@ -236,10 +236,24 @@ fn keyed_hash_is_stable_for_a_key_and_differs_between_keys() {
     assert!(matches!(AuditLog::open(&short, "s", "i"), Err(AuditError::Key { .. })));
 }
 
+#[cfg(unix)]
 #[test]
-fn a_file_in_a_missing_directory_fails_to_open() {
+fn a_missing_directory_is_made_private() {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let err = AuditLog::open(&config(&dir.path().join("no/such/dir/audit.jsonl")), "s", "i").unwrap_err();
+    let path = dir.path().join("new/audit/audit.jsonl");
+    let log = AuditLog::open(&config(&path), "s", "i").unwrap();
+    log.record(AuditEvent::new("config", Action::ConfigReloaded, Outcome::Succeeded, tonic::Code::Ok)).unwrap();
+    assert!(path.exists());
+    let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[test]
+fn a_path_under_a_file_fails_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let err = AuditLog::open(&config(&dir.path().join("file/audit.jsonl")), "s", "i").unwrap_err();
     assert!(matches!(err, AuditError::Open { .. }), "{err}");
 }
 
@@ -289,9 +303,17 @@ fn the_config_section_parses() {
             stdout: true,
             file: "/var/log/brats/audit.jsonl".into(),
             on_failure: OnFailure::Log,
-            hmac_key_file: String::new()
+            ..AuditConfig::default()
         }
     );
+    let c: AuditConfig = toml::from_str(
+        "store_uri = \"s3://audit/brats/\"\nsegment_records = 10\nflush_interval_s = 2\nmax_unflushed_records = 50\n[store]\ns3_endpoint = \"http://127.0.0.1:9000\"\n",
+    )
+    .unwrap();
+    assert_eq!((c.store_uri.as_str(), c.segment_records, c.flush_interval_s), ("s3://audit/brats/", 10, 2));
+    assert_eq!((c.max_unflushed_records, c.store.s3_endpoint.as_deref()), (50, Some("http://127.0.0.1:9000")));
+    let d = AuditConfig::default();
+    assert_eq!((d.segment_records, d.flush_interval_s, d.max_unflushed_records), (100, 5, 1000));
     assert_eq!(toml::from_str::<AuditConfig>("").unwrap().on_failure, OnFailure::Deny);
     assert!(toml::from_str::<AuditConfig>("on_failure = \"ignore\"").is_err());
     assert!(toml::from_str::<AuditConfig>("sink = \"s3\"").is_err());
@@ -311,4 +333,148 @@ fn times_and_ids_are_formatted() {
     assert_eq!(ulid(0, 0), "00000000000000000000000000");
     assert_eq!(ulid(u64::MAX, u128::MAX), "7ZZZZZZZZZZZZZZZZZZZZZZZZZ");
     assert!(ulid(1, 0) < ulid(2, 0));
+}
+
+/// A store sink writing to `root` (a `file://` folder), with `segment_records` per segment and
+/// a flush interval long enough that only full segments and explicit flushes write.
+fn store_config(root: &Path, segment_records: usize, on_failure: OnFailure) -> AuditConfig {
+    AuditConfig {
+        store_uri: format!("file://{}", root.display()),
+        segment_records,
+        flush_interval_s: 3600,
+        on_failure,
+        ..AuditConfig::default()
+    }
+}
+
+/// The folder of one service instance's segments under `root`.
+fn instance_folder(root: &Path) -> PathBuf {
+    root.join("brats.v1.Trainer").join("trainer-0")
+}
+
+fn segment_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_sink_writes_segments_of_one_chain_that_continue_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = store_config(dir.path(), 2, OnFailure::Deny);
+    let log = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    log.flush().await.unwrap();
+    record_n(&log, 5, &alice());
+    log.flush().await.unwrap();
+    assert_eq!(log.unflushed(), 0);
+    let folder = instance_folder(dir.path());
+    assert_eq!(segment_names(&folder), ["000000000001.jsonl", "000000000003.jsonl", "000000000005.jsonl"]);
+    let report = verify_segments(&folder).unwrap();
+    assert_eq!((report.segments, report.chain.records, report.chain.last_seq), (3, 5, 5));
+
+    // A restart under the same instance name continues the folder's chain.
+    drop(log);
+    let log = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    log.flush().await.unwrap();
+    record_n(&log, 3, &alice());
+    log.flush().await.unwrap();
+    let report = verify_segments(&folder).unwrap();
+    assert_eq!((report.segments, report.chain.records, report.chain.last_seq), (5, 8, 8));
+    assert!(folder.join("000000000006.jsonl").exists() && folder.join("000000000008.jsonl").exists());
+
+    // An edited record and a removed segment are both found.
+    let second = folder.join("000000000003.jsonl");
+    let original = std::fs::read_to_string(&second).unwrap();
+    std::fs::write(&second, original.replacen("\"subject\":\"alice\"", "\"subject\":\"mallory\"", 1)).unwrap();
+    let err = verify_segments(&folder).unwrap_err();
+    assert!(err.to_string().starts_with("000000000003.jsonl: line 1: hash mismatch"), "{err}");
+    std::fs::remove_file(&second).unwrap();
+    let err = verify_segments(&folder).unwrap_err();
+    assert!(matches!(err, SegmentsError::Missing { named: 5, expected: 3, .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_segment_is_written_without_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(&store_config(dir.path(), 3, OnFailure::Deny), "brats.v1.Trainer", "trainer-0").unwrap();
+    record_n(&log, 3, &alice());
+    let segment = instance_folder(dir.path()).join("000000000001.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !segment.exists() {
+        assert!(std::time::Instant::now() < deadline, "the full segment was never written");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(verify_segments(&instance_folder(dir.path())).unwrap().chain.records, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_deny_an_unwritable_store_refuses_records_and_with_log_they_wait_up_to_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    // A folder under a regular file: no segment can ever be created there, even by root.
+    let blocker = dir.path().join("not-a-folder");
+    std::fs::write(&blocker, "").unwrap();
+    let event = || AuditEvent::new("config", Action::ConfigReloaded, Outcome::Succeeded, tonic::Code::Ok);
+
+    let deny = AuditLog::open(&store_config(&blocker, 2, OnFailure::Deny), "brats.v1.Trainer", "trainer-0").unwrap();
+    let err = deny.flush().await.unwrap_err();
+    assert!(matches!(err, AuditError::Store { operation: "list", .. }), "{err}");
+    assert!(!err.to_string().contains("not-a-folder"), "the store URI is in the error: {err}");
+    let err = deny.record(event()).unwrap_err();
+    assert!(matches!(err, AuditError::StoreFailing { .. }), "{err}");
+    assert_eq!(deny.unflushed(), 0, "a refused record is not held");
+
+    let mut config = store_config(&blocker, 2, OnFailure::Log);
+    config.max_unflushed_records = 3;
+    let log = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    assert!(log.flush().await.is_err());
+    for _ in 0..3 {
+        log.record(event()).unwrap();
+    }
+    assert!(matches!(log.record(event()), Err(AuditError::StoreBacklog { records: 3 })));
+    assert_eq!(log.unflushed(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_deny_records_are_refused_once_the_backlog_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = store_config(dir.path(), 100, OnFailure::Deny);
+    config.max_unflushed_records = 3;
+    let log = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    record_n(&log, 3, &alice());
+    let event = AuditEvent::new("config", Action::ConfigReloaded, Outcome::Succeeded, tonic::Code::Ok);
+    assert!(matches!(log.record(event.clone()), Err(AuditError::StoreBacklog { records: 3 })));
+    log.flush().await.unwrap();
+    log.record(event).unwrap();
+    log.flush().await.unwrap();
+    assert_eq!(verify_segments(&instance_folder(dir.path())).unwrap().chain.records, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_instance_folder_conflict_instead_of_overwriting() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = store_config(dir.path(), 100, OnFailure::Deny);
+    let first = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    let second = AuditLog::open(&config, "brats.v1.Trainer", "trainer-0").unwrap();
+    first.flush().await.unwrap();
+    second.flush().await.unwrap();
+    record_n(&first, 2, &alice());
+    record_n(&second, 1, &alice());
+    first.flush().await.unwrap();
+    let err = second.flush().await.unwrap_err();
+    assert!(matches!(err, AuditError::StoreConflict { first_seq: 1 }), "{err}");
+    assert_eq!(
+        verify_segments(&instance_folder(dir.path())).unwrap().chain.records,
+        2,
+        "the first writer's segment kept"
+    );
+}
+
+#[test]
+fn a_store_sink_needs_a_runtime_and_a_valid_uri() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = store_config(dir.path(), 2, OnFailure::Deny);
+    assert!(matches!(AuditLog::open(&config, "s", "i"), Err(AuditError::NoRuntime)));
+    let bad = AuditConfig { store_uri: "ftp://host/audit".into(), ..AuditConfig::default() };
+    assert!(matches!(AuditLog::open(&bad, "s", "i"), Err(AuditError::StoreUri)));
 }

@@ -220,18 +220,7 @@ fn read_keys_file(path: &Path) -> Result<(HashMap<String, KeyRecord>, Option<Sta
     if !meta.is_file() {
         return Err("is not a regular file".into());
     }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "is accessible to group or others (mode {mode:04o}); run `chmod 600 {}` \
-                 (in Kubernetes, mount the secret with defaultMode: 0400)",
-                path.display()
-            ));
-        }
-    }
+    brats_cli::secret_file::check_secret_file(path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_FILE_BYTES {
         return Err(format!("is larger than {MAX_FILE_BYTES} bytes"));
     }

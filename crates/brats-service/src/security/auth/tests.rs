@@ -404,9 +404,9 @@ async fn keys_file_reloads_when_it_changes() {
     // A broken edit keeps the last good keys.
     write_keys(&path, "[[keys]\nthis is not toml");
     assert!(auth.authenticate_at(&api(&new), None, at(4)).await.is_ok());
-    // Made group-readable: refused on reload, last good keys stay.
+    // Made readable by others: refused on reload, last good keys stay.
     write_keys(&path, &key_entry("ci", &ci, ""));
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
     assert!(auth.authenticate_at(&api(&new), None, at(6)).await.is_ok());
     write_keys(&path, &[key_entry("ci", &ci, ""), key_entry("new", &new, "revoked = true")].concat());
     assert!(auth.authenticate_at(&api(&ci), None, at(8)).await.is_ok());
