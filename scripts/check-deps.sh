@@ -26,7 +26,7 @@ forbid() {
     done
 }
 
-forbid bratsctl brats-preprocess object_store tch torch-sys ort ort-sys
+forbid bratsctl brats-preprocess brats-dicom object_store tch torch-sys ort ort-sys
 forbid brats-preprocess tch torch-sys ort ort-sys tonic brats-service brats-proto
 forbid brats-preprocessor tch torch-sys ort ort-sys
 forbid brats-artifacts tch torch-sys ort ort-sys tonic
@@ -35,6 +35,7 @@ forbid brats-inference brats-preprocessor brats-trainer brats-train tch torch-sy
 forbid brats-trainer brats-preprocessor brats-inference ort ort-sys
 forbid brats-cli tch torch-sys ort ort-sys object_store brats-core
 forbid brats-volume object_store tch torch-sys ort ort-sys
+forbid brats-dicom object_store tonic reqwest tch torch-sys ort ort-sys brats-core
 forbid brats-synthetic object_store brats-core brats-preprocess tch torch-sys ort ort-sys
 
 if [ "$status" -eq 0 ]; then
