@@ -14,7 +14,9 @@
 #                    also makes the NCCL shim (≈200 MB of downloads, almost all of it the NCCL wheel)
 # Every wheel is pinned by sha256. A second run downloads nothing and prints "up to date".
 # Debian packages (install_dicom_tools, skipped with BOOTSTRAP_SKIP_APT=1): dcmtk (dcmdump,
-# storescu, dcmcjpeg, dcmcrle, dcmcjpls) and dicom3tools (dciodvfy), for the DICOM tests.
+# storescu, dcmcjpeg, dcmcrle, dcmcjpls), dicom3tools (dciodvfy), and orthanc + orthanc-dicomweb
+# (the test PACS, run by scripts/dicom/orthanc.py; the system service is stopped and disabled),
+# for the DICOM tests.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps="$root/.deps"
@@ -200,21 +202,35 @@ install_cuda_headers() {
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
 }
 
-install_dicom_tools() { # dcmtk + dicom3tools from Debian, only when a tool is missing
-  command -v dciodvfy >/dev/null && command -v dcmdump >/dev/null && return
-  local sudo=""
+dicom_tools_present() { # Debian installs Orthanc in /usr/sbin (not on a user's PATH)
+  command -v dciodvfy >/dev/null && command -v dcmdump >/dev/null &&
+    { command -v Orthanc >/dev/null || [ -x /usr/sbin/Orthanc ]; } &&
+    [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]
+}
+
+install_dicom_tools() { # dcmtk, dicom3tools, Orthanc + DICOMweb from Debian, only when one is missing
+  dicom_tools_present && return
+  local sudo="" pkgs="dcmtk dicom3tools orthanc orthanc-dicomweb" had_orthanc=0
   if [ "$(id -u)" != 0 ]; then
     if command -v sudo >/dev/null; then sudo="sudo"; else
-      log "dciodvfy/dcmdump missing and not root (no sudo): install dcmtk and dicom3tools by hand; DICOM tests will skip"
+      log "DICOM tools missing and not root (no sudo): apt-get install $pkgs by hand; DICOM tests will skip"
       return 0
     fi
   fi
-  command -v apt-get >/dev/null || { log "dciodvfy/dcmdump missing and no apt-get: install dcmtk and dicom3tools by hand"; return 0; }
-  log "installing dcmtk and dicom3tools (Debian)"
-  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dcmtk dicom3tools >/dev/null 2>&1; then
+  command -v apt-get >/dev/null || { log "DICOM tools missing and no apt-get: install $pkgs by hand"; return 0; }
+  [ -x /usr/sbin/Orthanc ] && had_orthanc=1
+  log "installing $pkgs (Debian)"
+  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs >/dev/null 2>&1; then
     $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dcmtk dicom3tools >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs >/dev/null
   fi
+  # On a host run by systemd the package enables and starts orthanc.service (ports 4242 and 8042,
+  # /var/lib/orthanc). The tests start their own Orthanc (scripts/dicom/orthanc.py) and never use
+  # it: stop and disable the service we just installed. (In containers policy-rc.d stops it anyway.)
+  if [ "$had_orthanc" = 0 ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    $sudo systemctl disable --now orthanc >/dev/null 2>&1 && log "stopped and disabled orthanc.service (tests run their own Orthanc)"
+  fi
+  return 0
 }
 
 pin_hash() { local want=$1 pin; for pin in "${pins[@]}"; do set -- $pin; [ "${1%%==*}" = "$want" ] && { echo "$2"; return; }; done; log "no pin for $want"; exit 1; }
@@ -231,4 +247,4 @@ install_gloo
 [ "${BOOTSTRAP_NCCL:-0}" = 1 ] && install_cuda_headers
 [ "${BOOTSTRAP_SKIP_VENV:-0}" = 1 ] || install_venv
 [ "${BOOTSTRAP_SKIP_APT:-0}" = 1 ] || install_dicom_tools
-log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, gloo headers, $moto_pin, pydicom/highdicom, dcmtk/dicom3tools"
+log "up to date: libtorch 2.11.0, onnxruntime 1.31.0, protoc 30.2, gloo headers, $moto_pin, pydicom/highdicom, dcmtk/dicom3tools/orthanc"

@@ -55,6 +55,13 @@ impl StudyArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway: a DIMSE C-STORE/C-ECHO SCP; each stable study becomes a job whose SEG is
+    /// sent to the configured destinations.
+    Serve {
+        /// TOML configuration (deploy/gateway.toml shows every key).
+        #[arg(long, env = "BRATS_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
     /// Read a study, choose the four series, and write OUT/{t1c,t1n,t2w,t2f}.nii.gz (the arrays
     /// the model sees, with their affine) and OUT/selection.json.
     Volumes {
@@ -121,6 +128,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve { config } => {
+            let config = brats_gateway::config::GatewayConfig::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))?;
+        }
         Command::Volumes { study, out } => {
             let options = study.options()?;
             let loaded = load_study(&study.dicom, &options).map_err(GatewayError::from)?;
@@ -186,6 +197,90 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  timing   {}", stages.join(", "));
         }
     }
+    Ok(())
+}
+
+/// Starts the SCP and the job runner; returns on SIGINT/SIGTERM.
+async fn serve(config: brats_gateway::config::GatewayConfig) -> anyhow::Result<()> {
+    use brats_gateway::{
+        jobs::Runner,
+        scp::{Scp, ScpConfig},
+        spool::Spool,
+    };
+    use std::sync::Arc;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let hasher = brats_dicom::phi::UidHasher::new(&config.salt);
+    let spool = Arc::new(
+        Spool::open(&config.spool_dir, hasher).with_context(|| format!("spool_dir {}", config.spool_dir.display()))?,
+    );
+    let onnx =
+        std::fs::read(&config.model.onnx).with_context(|| format!("model.onnx {}", config.model.onnx.display()))?;
+    let digest = hex::encode(sha2::Sha256::digest(&onnx));
+    let version = config.model.version.clone().unwrap_or_else(|| format!("sha256:{}", &digest[..12]));
+    let session = SessionOptions { intra_threads: config.model.threads, ..Default::default() };
+    let model = Arc::new(
+        SegmentationModel::load(&default_library(), &onnx, &session)
+            .with_context(|| format!("model.onnx {}", config.model.onnx.display()))?,
+    );
+    let stores = Arc::new(brats_core::store::Stores::new(brats_core::store::StoreConfig::default()));
+    let jobs_root = brats_core::store::StoreUri::parse(&config.jobs_root)
+        .with_context(|| format!("jobs_root {}", config.jobs_root))?;
+    let d = &config.dimse;
+    let scp = Arc::new(Scp::new(
+        ScpConfig {
+            ae_title: d.ae_title.clone(),
+            allowed_calling_aes: d.allowed_calling_aes.clone(),
+            max_associations: d.max_associations,
+            max_pdu: d.max_pdu,
+            min_free_bytes: d.min_free_mb << 20,
+            max_instance_bytes: d.max_instance_mb << 20,
+            timeout: std::time::Duration::from_secs(d.timeout_s),
+        },
+        spool.clone(),
+    ));
+    let runner = Arc::new(Runner {
+        spool,
+        stores,
+        jobs_root,
+        model,
+        model_version: version.clone(),
+        window: SlidingWindow {
+            roi: config.model.roi,
+            overlap: config.model.overlap,
+            blend: Blend::Constant,
+            mirror: false,
+        },
+        seg_options: SegOptions {
+            algorithm_name: config.model.name.clone(),
+            algorithm_version: version,
+            software_versions: format!("brats-gateway {}; model sha256:{}", env!("CARGO_PKG_VERSION"), &digest[..12]),
+            ..SegOptions::default()
+        },
+        load_options: LoadOptions { salt: config.salt.clone(), ..LoadOptions::default() },
+        destinations: config.destinations.clone(),
+        calling_ae: d.ae_title.clone(),
+        stable_after: std::time::Duration::from_secs_f64(config.study.stable_after_s),
+        max_wait: std::time::Duration::from_secs_f64(config.study.max_wait_s),
+    });
+    let listener =
+        tokio::net::TcpListener::bind(&d.listen).await.with_context(|| format!("dimse.listen {}", d.listen))?;
+    tracing::info!(address = %listener.local_addr()?, ae_title = %d.ae_title, "DIMSE SCP listening");
+    let scp_task = tokio::spawn(scp.serve(listener));
+    let jobs_task = tokio::spawn(runner.run());
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    scp_task.abort();
+    jobs_task.abort();
     Ok(())
 }
 

@@ -1,0 +1,286 @@
+//! `brats-gateway serve` against dcmtk, on loopback: `echoscu` from an allowed and an unknown
+//! AE; `storescu` sends a study generated from a real BraTS case; the study becomes a job whose
+//! SEG arrives at a dcmtk `storescp` standing in for the PACS, valid (dciodvfy) and equal to the
+//! job's label map in world space (highdicom). The same study sent again is the same job and
+//! sends nothing new; an aborted association starts no job; a study with a missing slice is
+//! REJECTED with its code while the gateway keeps serving; below the free-space watermark
+//! stores are refused with 0xA700. No planted patient marker appears in the gateway's log or
+//! job records.
+//!
+//! Skips (printing SKIP) when `../shared/data/real` is absent.
+
+mod common;
+
+use common::{free_port, workspace_exe};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const CROP: &str = "60:124,70:134,30:100";
+const MARKERS: [&str; 2] = ["PHIMARKER", "PHIMRK"];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn make_study(dir: &Path, variant: &str) -> Value {
+    let case = root().join("../shared/data/real/BraTS-GLI-00001-000");
+    let out = Command::new(root().join(".deps/venv/bin/python"))
+        .arg(root().join("scripts/dicom/make_study.py"))
+        .arg("--case")
+        .arg(case)
+        .arg("--out")
+        .arg(dir)
+        .args(["--variant", variant, "--crop", CROP])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// A running process killed on drop.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Gateway {
+    _process: Running,
+    port: u16,
+    log: PathBuf,
+    jobs: PathBuf,
+}
+
+fn start_gateway(dir: &Path, pacs_port: u16, min_free_mb: u64) -> Gateway {
+    let port = free_port();
+    let jobs = dir.join("jobs");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"spool_dir = "{spool}"
+jobs_root = "file:{jobs}"
+salt = "test-salt"
+[dimse]
+listen = "127.0.0.1:{port}"
+ae_title = "BRATS"
+allowed_calling_aes = ["STORESCU", "ECHOSCU"]
+min_free_mb = {min_free_mb}
+[study]
+stable_after_s = 1.0
+[model]
+onnx = "{model}"
+roi = [64, 64, 64]
+[[destinations]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+"#,
+            spool = dir.join("spool").display(),
+            jobs = jobs.display(),
+            model = root().join("tests/fixtures/onnx/pointwise_head.onnx").display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.join("gateway.log");
+    let child = Command::new(workspace_exe("brats-gateway", "brats-gateway"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "debug,ort=warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let process = Running(child);
+    wait_port(port);
+    Gateway { _process: process, port, log, jobs }
+}
+
+fn dcmtk(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e} (make bootstrap installs dcmtk)"))
+}
+
+fn echo(port: u16, calling: &str, called: &str) -> bool {
+    dcmtk("echoscu", &["-aet", calling, "-aec", called, "127.0.0.1", &port.to_string()]).status.success()
+}
+
+fn store(port: u16, study: &Path, extra: &[&str]) -> Output {
+    let port = port.to_string();
+    let dir = study.join("dicom");
+    let mut args = vec!["-aet", "STORESCU", "-aec", "BRATS", "+sd", "+r"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["127.0.0.1", &port, dir.to_str().unwrap()]);
+    dcmtk("storescu", &args)
+}
+
+fn jobs(dir: &Path) -> Vec<Value> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<Value> = entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("job.json")).ok())
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .collect();
+    out.sort_by_key(|j| j["id"].as_str().unwrap().to_string());
+    out
+}
+
+/// Waits until `count` jobs are in a final state.
+fn wait_jobs(dir: &Path, count: usize, log: &Path) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = jobs(dir);
+        let finished =
+            j.iter().filter(|j| ["DONE", "REJECTED", "FAILED"].contains(&j["state"].as_str().unwrap())).count();
+        if finished >= count {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{count} jobs did not finish: {j:?}\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.path().is_dir() {
+                out.extend(files_under(&e.path()));
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
+    if !root().join("../shared/data/real").is_dir() {
+        println!("SKIP: ../shared/data/real is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // The PACS stand-in.
+    let pacs_port = free_port();
+    let received = tmp.path().join("pacs");
+    std::fs::create_dir_all(&received).unwrap();
+    let _pacs = Running(
+        Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(&received)
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (make bootstrap installs dcmtk)"),
+    );
+    wait_port(pacs_port);
+    let gw = start_gateway(tmp.path(), pacs_port, 1);
+
+    // Echo: allowed, unknown calling AE, wrong called AE.
+    assert!(echo(gw.port, "ECHOSCU", "BRATS"));
+    assert!(!echo(gw.port, "INTRUDER", "BRATS"), "an unknown calling AE was accepted");
+    assert!(!echo(gw.port, "ECHOSCU", "OTHER"), "a wrong called AE was accepted");
+
+    // A study → one job → a SEG at the PACS.
+    let study = tmp.path().join("plain");
+    make_study(&study, "plain");
+    let t = Instant::now();
+    let o = store(gw.port, &study, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sent = t.elapsed();
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    println!("study sent in {:.2} s; job: {}", sent.as_secs_f64(), serde_json::to_string(&j[0]).unwrap());
+    assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
+    assert_eq!(j[0]["exports"][0]["stored"], true);
+    let segs = files_under(&received);
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    let job_dir = gw.jobs.join(j[0]["id"].as_str().unwrap());
+    let check = Command::new(root().join(".deps/venv/bin/python"))
+        .arg(root().join("scripts/dicom/check_seg.py"))
+        .arg("--seg")
+        .arg(&segs[0])
+        .arg("--label")
+        .arg(job_dir.join("label.nii.gz"))
+        .arg("--dciodvfy")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // The same study again: the same job, nothing new sent.
+    assert!(store(gw.port, &study, &[]).status.success());
+    std::thread::sleep(Duration::from_secs(3));
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j.len(), 1, "a re-sent study made a second job: {j:?}");
+    assert_eq!(files_under(&received).len(), 1, "the SEG was sent twice");
+
+    // An aborted association starts no job.
+    let other = tmp.path().join("shuffled");
+    make_study(&other, "shuffled");
+    let _ = store(gw.port, &other, &["--abort"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(jobs(&gw.jobs).len(), 1, "instances of an aborted association made a job");
+
+    // A study with a missing slice: REJECTED with its code; the gateway keeps serving.
+    let bad = tmp.path().join("gap");
+    make_study(&bad, "gap");
+    assert!(store(gw.port, &bad, &[]).status.success());
+    let j = wait_jobs(&gw.jobs, 2, &gw.log);
+    let rejected = j.iter().find(|j| j["state"] == "REJECTED").expect("a REJECTED job");
+    assert_eq!(rejected["error"][0], "gap", "{rejected:?}");
+    assert!(echo(gw.port, "ECHOSCU", "BRATS"));
+    assert_eq!(files_under(&received).len(), 1, "a rejected study sent something");
+
+    // No patient data in the log or the job records.
+    let mut text = std::fs::read_to_string(&gw.log).unwrap();
+    for f in files_under(&gw.jobs).iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        text.push_str(&std::fs::read_to_string(f).unwrap());
+    }
+    for m in MARKERS {
+        assert!(!text.contains(m), "patient data ({m}) in the gateway's log or job records");
+    }
+    assert!(text.contains("association released"), "the log says nothing useful:\n{text}");
+}
+
+#[test]
+fn below_the_free_space_watermark_stores_are_refused_and_no_job_starts() {
+    if !root().join("../shared/data/real").is_dir() {
+        println!("SKIP: ../shared/data/real is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // A watermark no disk meets: 1 EiB free.
+    let gw = start_gateway(tmp.path(), free_port(), 1 << 40);
+    let study = tmp.path().join("plain");
+    make_study(&study, "plain");
+    let o = store(gw.port, &study, &["-v"]);
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("0xa700") || text.contains("Out of Resources") || text.contains("OutOfResources"), "{text}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(jobs(&gw.jobs).is_empty());
+    assert!(files_under(&tmp.path().join("spool")).is_empty(), "refused instances were kept");
+    assert!(echo(gw.port, "ECHOSCU", "BRATS"), "the gateway stopped serving");
+}
