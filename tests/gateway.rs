@@ -65,6 +65,11 @@ struct Gateway {
 }
 
 fn start_gateway(dir: &Path, pacs_port: u16, min_free_mb: u64) -> Gateway {
+    start_gateway_with(dir, pacs_port, min_free_mb, "")
+}
+
+/// Starts the gateway; `extra` is appended to its TOML.
+fn start_gateway_with(dir: &Path, pacs_port: u16, min_free_mb: u64, extra: &str) -> Gateway {
     let port = free_port();
     let jobs = dir.join("jobs");
     let config = dir.join("gateway.toml");
@@ -77,7 +82,7 @@ salt = "test-salt"
 [dimse]
 listen = "127.0.0.1:{port}"
 ae_title = "BRATS"
-allowed_calling_aes = ["STORESCU", "ECHOSCU"]
+allowed_calling_aes = ["STORESCU", "ECHOSCU", "ORTHANC"]
 min_free_mb = {min_free_mb}
 [study]
 stable_after_s = 1.0
@@ -89,6 +94,7 @@ name = "pacs"
 ae_title = "PACS"
 host = "127.0.0.1"
 port = {pacs_port}
+{extra}
 "#,
             spool = dir.join("spool").display(),
             jobs = jobs.display(),
@@ -283,4 +289,179 @@ fn below_the_free_space_watermark_stores_are_refused_and_no_job_starts() {
     assert!(jobs(&gw.jobs).is_empty());
     assert!(files_under(&tmp.path().join("spool")).is_empty(), "refused instances were kept");
     assert!(echo(gw.port, "ECHOSCU", "BRATS"), "the gateway stopped serving");
+}
+
+#[test]
+fn dicom_tls_needs_a_client_certificate_from_the_configured_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = common::pki::Ca::new("test CA");
+    let ca_file = ca.write(tmp.path(), "ca.pem");
+    let server = ca.issue(tmp.path(), "gateway", &["localhost", "127.0.0.1"], false);
+    let client = ca.issue(tmp.path(), "client", &["ECHOSCU"], false);
+    let stranger = common::pki::Ca::new("another CA").issue(tmp.path(), "stranger", &["ECHOSCU"], false);
+    let gw = start_gateway_with(
+        tmp.path(),
+        free_port(),
+        1,
+        &format!(
+            "[dimse.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nclient_auth = \"required\"\n",
+            server.cert.display(),
+            server.key.display(),
+            ca_file.display()
+        ),
+    );
+    let port = gw.port.to_string();
+    let tls_echo = |files: Option<&common::pki::CertFiles>| {
+        let mut args: Vec<String> = Vec::new();
+        match files {
+            Some(f) => args.extend(["+tls".into(), f.key.display().to_string(), f.cert.display().to_string()]),
+            None => args.push("+tla".into()),
+        }
+        args.extend([
+            "+cf".into(),
+            ca_file.display().to_string(),
+            "-aet".into(),
+            "ECHOSCU".into(),
+            "-aec".into(),
+            "BRATS".into(),
+        ]);
+        args.extend(["127.0.0.1".into(), port.clone()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        dcmtk("echoscu", &args).status.success()
+    };
+    assert!(tls_echo(Some(&client)), "mutual TLS echo failed:\n{}", std::fs::read_to_string(&gw.log).unwrap());
+    assert!(!tls_echo(None), "a TLS association without a client certificate was accepted");
+    assert!(!tls_echo(Some(&stranger)), "a client certificate from another CA was accepted");
+    assert!(!echo(gw.port, "ECHOSCU", "BRATS"), "plain TCP was accepted on the TLS port");
+    assert!(tls_echo(Some(&client)), "the gateway stopped serving after refusals");
+}
+
+/// Orthanc (Debian) run by scripts/dicom/orthanc.py; stopped on drop.
+struct Orthanc {
+    dir: PathBuf,
+    http_port: u16,
+}
+
+impl Orthanc {
+    fn start(dir: &Path, dicom_port: u16, gateway: &str) -> Orthanc {
+        let http_port = free_port();
+        let out = Command::new(root().join(".deps/venv/bin/python"))
+            .arg(root().join("scripts/dicom/orthanc.py"))
+            .args(["start", "--dir"])
+            .arg(dir)
+            .args(["--http-port", &http_port.to_string(), "--dicom-port", &dicom_port.to_string()])
+            .args(["--aet", "ORTHANC", "--gateway", gateway, "--stable-age", "1"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "orthanc.py start: {}", String::from_utf8_lossy(&out.stderr));
+        Orthanc { dir: dir.to_path_buf(), http_port }
+    }
+
+    /// GET on Orthanc's REST API (loopback, no authentication), the body as JSON.
+    fn get(&self, path: &str) -> Value {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).unwrap_or(Value::Null)
+    }
+
+    /// SEG series of a study, found by QIDO-RS.
+    fn seg_series(&self, study_uid: &str) -> usize {
+        match self.get(&format!("/dicom-web/studies/{study_uid}/series?Modality=SEG")) {
+            Value::Array(a) => a.len(),
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        let _ = Command::new(root().join(".deps/venv/bin/python"))
+            .arg(root().join("scripts/dicom/orthanc.py"))
+            .args(["stop", "--dir"])
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+#[test]
+fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() {
+    if !root().join("../shared/data/real").is_dir() {
+        println!("SKIP: ../shared/data/real is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let orthanc_dicom = free_port();
+    let gw_dir = tmp.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let gw = start_gateway_with(&gw_dir, orthanc_dicom, 1, "");
+    // The gateway's destination is Orthanc (AE ORTHANC); Orthanc routes to the gateway (BRATS).
+    std::fs::write(
+        gw_dir.join("gateway.toml"),
+        std::fs::read_to_string(gw_dir.join("gateway.toml"))
+            .unwrap()
+            .replace("ae_title = \"PACS\"", "ae_title = \"ORTHANC\""),
+    )
+    .unwrap();
+    drop(gw);
+    let gw = {
+        let child = Command::new(workspace_exe("brats-gateway", "brats-gateway"))
+            .args(["serve", "--config"])
+            .arg(gw_dir.join("gateway.toml"))
+            .env("RUST_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(gw_dir.join("gateway.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let text = std::fs::read_to_string(gw_dir.join("gateway.toml")).unwrap();
+        let port: u16 = text.split("listen = \"127.0.0.1:").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        wait_port(port);
+        Gateway { _process: Running(child), port, log: gw_dir.join("gateway.log"), jobs: gw_dir.join("jobs") }
+    };
+    // Orthanc calls us as ORTHANC: allow it.
+    let orthanc = Orthanc::start(&tmp.path().join("orthanc"), orthanc_dicom, &format!("BRATS@127.0.0.1:{}", gw.port));
+    let study = tmp.path().join("plain");
+    let manifest = make_study(&study, "plain");
+    let study_uid = manifest["study_instance_uid"].as_str().unwrap();
+    let o = dcmtk(
+        "storescu",
+        &[
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "ORTHANC",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            &orthanc_dicom.to_string(),
+            study.join("dicom").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sent = Instant::now();
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orthanc.seg_series(study_uid) == 0 {
+        assert!(Instant::now() < deadline, "no SEG series in Orthanc: {:?}", orthanc.get("/studies"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "last instance in Orthanc → SEG in Orthanc: {:.2} s (Orthanc StableAge 1 s + routing + gateway stability 1 s + job); job timings {}",
+        sent.elapsed().as_secs_f64(),
+        j[0]["timings"]
+    );
+    // The SEG re-fires Orthanc's stable-study event; the route skips a study with a SEG, and
+    // the gateway would recognise the same selection anyway: still one job, one SEG series.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(jobs(&gw.jobs).len(), 1, "routing loop: {:?}", jobs(&gw.jobs));
+    assert_eq!(orthanc.seg_series(study_uid), 1);
+    let log = std::fs::read_to_string(orthanc.dir.join("orthanc.log")).unwrap_or_default()
+        + &std::fs::read_to_string(&gw.log).unwrap();
+    for m in MARKERS {
+        assert!(!log.contains(m), "patient data ({m}) in a log");
+    }
 }

@@ -24,6 +24,9 @@ pub struct DimseConfig {
     pub max_instance_mb: usize,
     /// Idle seconds before an association is dropped.
     pub timeout_s: u64,
+    /// DICOM TLS for the listener (the services' `[server.tls]` keys; `client_auth =
+    /// "required"` with `client_ca_file` for mutual TLS). Empty `cert_file`: plain TCP.
+    pub tls: brats_service::security::tls::TlsConfig,
 }
 
 impl Default for DimseConfig {
@@ -37,6 +40,7 @@ impl Default for DimseConfig {
             min_free_mb: 1024,
             max_instance_mb: 1024,
             timeout_s: 60,
+            tls: Default::default(),
         }
     }
 }

@@ -243,6 +243,11 @@ async fn serve(config: brats_gateway::config::GatewayConfig) -> anyhow::Result<(
             timeout: std::time::Duration::from_secs(d.timeout_s),
         },
         spool.clone(),
+        if d.tls.enabled() {
+            Some(brats_service::security::tls::ServerTls::load_without_alpn(&d.tls).context("dimse.tls")?)
+        } else {
+            None
+        },
     ));
     let runner = Arc::new(Runner {
         spool,
@@ -270,7 +275,7 @@ async fn serve(config: brats_gateway::config::GatewayConfig) -> anyhow::Result<(
     });
     let listener =
         tokio::net::TcpListener::bind(&d.listen).await.with_context(|| format!("dimse.listen {}", d.listen))?;
-    tracing::info!(address = %listener.local_addr()?, ae_title = %d.ae_title, "DIMSE SCP listening");
+    tracing::info!(address = %listener.local_addr()?, ae_title = %d.ae_title, tls = d.tls.enabled(), "DIMSE SCP listening");
     let scp_task = tokio::spawn(scp.serve(listener));
     let jobs_task = tokio::spawn(runner.run());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

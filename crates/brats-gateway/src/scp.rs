@@ -7,11 +7,13 @@
 //! instances are stored exactly as received (the negotiated transfer syntax, a Part 10 header
 //! added), other classes are acknowledged and dropped. A store is refused with 0xA700 (out of
 //! resources) when the spool's file system is below its free-space watermark or the write
-//! fails; nothing half-written is kept. Logs carry AE titles, counts and hashed UIDs only.
+//! fails; nothing half-written is kept. With TLS configured every association is DICOM TLS
+//! (PS3.15 B.1), client certificates verified against the configured CA. Logs carry AE titles, counts and hashed UIDs only.
 
 use crate::dimse::{self, Command};
 use crate::spool::{Spool, Staging};
 use brats_dicom::instance::MR_CLASSES;
+use brats_service::security::tls::ServerTls;
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::InMemDicomObject;
@@ -24,6 +26,7 @@ use dicom_ul::{Pdu, association::AsyncServerAssociation};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -93,6 +96,7 @@ pub struct ScpCounters {
 pub struct Scp {
     config: ScpConfig,
     spool: Arc<Spool>,
+    tls: Option<Arc<ServerTls>>,
     permits: Arc<Semaphore>,
     /// Counters.
     pub counters: Arc<ScpCounters>,
@@ -128,10 +132,11 @@ impl AccessControl for Gate<'_> {
 }
 
 impl Scp {
-    /// An SCP storing into `spool`.
-    pub fn new(config: ScpConfig, spool: Arc<Spool>) -> Scp {
+    /// An SCP storing into `spool`; with `tls`, every association must complete a TLS
+    /// handshake first (DICOM TLS; client certificates as the TLS configuration says).
+    pub fn new(config: ScpConfig, spool: Arc<Spool>, tls: Option<Arc<ServerTls>>) -> Scp {
         let permits = Arc::new(Semaphore::new(config.max_associations));
-        Scp { config, spool, permits, counters: Arc::default() }
+        Scp { config, spool, tls, permits, counters: Arc::default() }
     }
 
     /// Accepts associations on `listener` until the task is dropped.
@@ -144,6 +149,8 @@ impl Scp {
     }
 
     async fn handle(&self, socket: TcpStream) {
+        // Responses are small and each waits for the next request: never hold them back.
+        let _ = socket.set_nodelay(true);
         let permit = self.permits.clone().try_acquire_owned().ok();
         let gate = Gate { config: &self.config, over_limit: permit.is_none() };
         let mut options = ServerAssociationOptions::new()
@@ -160,14 +167,33 @@ impl Scp {
         for ts in TRANSFER_SYNTAXES {
             options = options.with_transfer_syntax(ts);
         }
-        let association = match options.establish_async(socket).await {
-            Ok(a) => a,
-            Err(e) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(error = %e, "association refused");
-                return;
-            }
+        let refused = match &self.tls {
+            Some(tls) => match options.tls_config(tls.current()).establish_tls_async(socket).await {
+                Ok(association) => {
+                    self.serve_association(association).await;
+                    None
+                }
+                Err(e) => Some(e),
+            },
+            None => match options.establish_async(socket).await {
+                Ok(association) => {
+                    self.serve_association(association).await;
+                    None
+                }
+                Err(e) => Some(e),
+            },
         };
+        if let Some(e) = refused {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(error = %e, "association refused");
+        }
+        drop(permit);
+    }
+
+    async fn serve_association<S>(&self, association: AsyncServerAssociation<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         self.counters.associations.fetch_add(1, Ordering::Relaxed);
         let calling = association.peer_ae_title().to_string();
         match self.receive(association).await {
@@ -177,11 +203,13 @@ impl Scp {
                 tracing::warn!(calling_ae = %calling, reason, "association ended without release; its instances were dropped");
             }
         }
-        drop(permit);
     }
 
     /// Serves one association; `Ok(instances)` when it was released normally.
-    async fn receive(&self, mut association: AsyncServerAssociation<TcpStream>) -> Result<usize, &'static str> {
+    async fn receive<S>(&self, mut association: AsyncServerAssociation<S>) -> Result<usize, &'static str>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         let mut staging = self.spool.staging().map_err(|_| "cannot create a staging folder")?;
         let mut studies: Vec<String> = Vec::new();
         let mut command = Vec::new();
@@ -332,7 +360,10 @@ fn write_part10(path: &std::path::Path, cmd: &Command, ts: &str, data: &[u8]) ->
     std::fs::write(path, bytes)
 }
 
-async fn send(association: &mut AsyncServerAssociation<TcpStream>, context: u8, command: Vec<u8>) -> Result<(), ()> {
+async fn send<S>(association: &mut AsyncServerAssociation<S>, context: u8, command: Vec<u8>) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let pdu = Pdu::PData {
         data: vec![PDataValue {
             presentation_context_id: context,

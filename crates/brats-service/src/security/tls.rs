@@ -187,6 +187,12 @@ impl ServerTls {
         Self::load_with_alpn(&TlsConfig { client_auth, ..config.clone() }, ALPN_HTTP1).map(Some)
     }
 
+    /// Loads the files now for a protocol that negotiates no ALPN (DICOM TLS, PS3.15 B.1):
+    /// the same checks, certificates, client verification and reloads as the gRPC port.
+    pub fn load_without_alpn(config: &TlsConfig) -> Result<Arc<ServerTls>, TlsError> {
+        Self::load_with_alpn(config, b"")
+    }
+
     fn load_with_alpn(config: &TlsConfig, alpn: &[u8]) -> Result<Arc<ServerTls>, TlsError> {
         install_crypto_provider();
         let (server_config, stamp) = build(config, alpn)?;
@@ -339,7 +345,7 @@ fn build(config: &TlsConfig, alpn: &[u8]) -> Result<(rustls::ServerConfig, Stamp
     let mut server_config = builder
         .with_single_cert(certs, key)
         .map_err(|e| file_err("key_file", &config.key_file, format!("does not match cert_file: {e}")))?;
-    server_config.alpn_protocols = vec![alpn.to_vec()];
+    server_config.alpn_protocols = if alpn.is_empty() { Vec::new() } else { vec![alpn.to_vec()] };
     Ok((server_config, stamp))
 }
 
