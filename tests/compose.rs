@@ -14,6 +14,7 @@ mod common;
 
 use brats_proto::v1 as pb;
 use brats_proto::v1::trainer_client::TrainerClient;
+use brats_volume::labels::region_dice;
 use common::secured::bratsctl;
 use common::{free_port, workspace_exe};
 use std::path::{Path, PathBuf};
@@ -229,18 +230,6 @@ fn build_images() -> Duration {
     assert!(o.status.success(), "scripts/images.sh failed:\n{}", text(&o));
     eprintln!("{}", String::from_utf8_lossy(&o.stderr));
     started.elapsed()
-}
-
-/// Dice of one region between two label maps (BraTS codes), 1 when both are empty.
-fn region_dice(pred: &[u8], truth: &[u8], codes: &[u8]) -> f64 {
-    let (mut both, mut p, mut t) = (0u64, 0u64, 0u64);
-    for (&a, &b) in pred.iter().zip(truth) {
-        let (x, y) = (codes.contains(&a), codes.contains(&b));
-        both += u64::from(x && y);
-        p += u64::from(x);
-        t += u64::from(y);
-    }
-    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
 }
 
 /// The job spec of `bratsctl demo` (a small SegResNet on 32³ cases) as `bratsctl train start` flags.

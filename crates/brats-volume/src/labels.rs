@@ -114,9 +114,33 @@ impl std::fmt::Display for LabelConvention {
     }
 }
 
+/// Dice of one region between two label maps given as codes (e.g. TC = `[1, 4]` in the BraTS
+/// 2018 codes), 1 when the region is empty in both (MONAI's `DiceMetric` convention for an
+/// empty prediction of an empty truth).
+pub fn region_dice(pred: &[u8], truth: &[u8], codes: &[u8]) -> f64 {
+    let (mut both, mut p, mut t) = (0u64, 0u64, 0u64);
+    for (&a, &b) in pred.iter().zip(truth) {
+        let (x, y) = (codes.contains(&a), codes.contains(&b));
+        both += u64::from(x && y);
+        p += u64::from(x);
+        t += u64::from(y);
+    }
+    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn region_dice_counts_the_region_codes_and_empty_is_one() {
+        let pred = [0, 1, 4, 2, 0];
+        let truth = [0, 4, 4, 0, 2];
+        assert_eq!(region_dice(&pred, &truth, &[1, 4]), 1.0);
+        assert!((region_dice(&pred, &truth, &[1, 2, 4]) - 2.0 * 2.0 / 6.0).abs() < 1e-12);
+        assert_eq!(region_dice(&pred, &truth, &[3]), 1.0);
+        assert_eq!(region_dice(&[4], &[0], &[4]), 0.0);
+    }
 
     #[test]
     fn brats2018_nested_regions() {

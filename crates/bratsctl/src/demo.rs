@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use brats_cli::free_port;
 use brats_proto::v1 as pb;
 use brats_proto::v1::trainer_client::TrainerClient;
+use brats_volume::labels::region_dice;
 use rustix::process::{Pid, Signal, kill_process};
 
 use crate::commands::health::serving;
@@ -100,18 +101,6 @@ async fn start_service(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Dice of one region between two label maps (BraTS codes), 1 when both are empty.
-fn region_dice(pred: &[u8], truth: &[u8], codes: &[u8]) -> f64 {
-    let (mut both, mut p, mut t) = (0u64, 0u64, 0u64);
-    for (&a, &b) in pred.iter().zip(truth) {
-        let (x, y) = (codes.contains(&a), codes.contains(&b));
-        both += u64::from(x && y);
-        p += u64::from(x);
-        t += u64::from(y);
-    }
-    if p + t == 0 { 1.0 } else { 2.0 * both as f64 / (p + t) as f64 }
 }
 
 /// Runs the demo (see `bratsctl demo --help`).
