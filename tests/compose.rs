@@ -344,12 +344,15 @@ fn segment(stack: &Stack, images: &[PathBuf; 4], truth: &[u8], out: &Path) -> Re
     let server = stack.url("inference");
     let paths: Vec<String> = images.iter().map(|p| p.display().to_string()).collect();
     let out_s = out.display().to_string();
-    let mut args = vec!["segment", "--server", &server, "--out", &out_s, "--image"];
+    let qc = out.with_extension("png");
+    let qc_s = qc.display().to_string();
+    let mut args = vec!["segment", "--server", &server, "--out", &out_s, "--qc", &qc_s, "--image"];
     args.extend(paths.iter().map(String::as_str));
     let (ok, output) = bratsctl(&args);
     if !ok {
         return Err(output);
     }
+    assert!(std::fs::read(&qc).is_ok_and(|b| b.starts_with(b"\x89PNG")), "bratsctl segment --qc wrote no PNG");
     let seg = brats_volume::nifti_io::read_nifti(&std::fs::read(out).unwrap(), "seg", &Default::default()).unwrap();
     let seg: Vec<u8> = seg.data.iter().map(|&v| v as u8).collect();
     let dices =

@@ -8,7 +8,7 @@
 //! `brats-inference segment` on those files, and the SEG passes `dciodvfy` and reads back in
 //! world space equal to the label map (scripts/dicom/check_seg.py, highdicom).
 //!
-//! Skips (printing SKIP) only when `../shared/data/real` is absent.
+//! Skips (printing SKIP) only when no real case is found (`common::real_data_dir`).
 
 mod common;
 
@@ -28,13 +28,7 @@ fn root() -> PathBuf {
 }
 
 fn real_case() -> Option<PathBuf> {
-    let case = root().join("../shared/data/real/BraTS-GLI-00001-000");
-    if case.is_dir() {
-        Some(case)
-    } else {
-        println!("SKIP: {} is absent", case.display());
-        None
-    }
+    common::real_data_dir("dicom").map(|d| d.join("BraTS-GLI-00001-000"))
 }
 
 fn python() -> PathBuf {
@@ -240,10 +234,37 @@ fn every_bad_input_fails_with_one_named_line_and_writes_nothing() {
 
 /// The label map a NIfTI path run gives (brats-inference segment), and ours.
 fn inference_label(images: &[PathBuf], model: &Path, out: &Path, roi: &str) -> brats_core::NiftiVolume {
+    let qc = out.with_extension("png");
     let mut cmd = Command::new(workspace_exe("brats-inference", "brats-inference"));
     cmd.args(["segment", "--model"]).arg(model).arg("--image").args(images).arg("--out").arg(out).args(["--roi", roi]);
+    cmd.arg("--qc").arg(&qc);
     check(&run(&mut cmd), "brats-inference segment");
+    assert_png(&qc, [240 + 240 + 240 + 8, 240]);
     read(out)
+}
+
+/// A PNG of `[width, height]` whose pixels are not all one colour.
+fn assert_png(path: &Path, size: [u32; 2]) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", path.display());
+    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!([w, h], size, "{}", path.display());
+    let mut idat = Vec::new();
+    let mut i = 8;
+    while i + 12 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap()) as usize;
+        if &bytes[i + 4..i + 8] == b"IDAT" {
+            idat.extend_from_slice(&bytes[i + 8..i + 8 + len]);
+        }
+        i += 12 + len;
+    }
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::ZlibDecoder::new(&idat[..]), &mut raw).unwrap();
+    assert_eq!(raw.len(), (w as usize * 3 + 1) * h as usize, "{}: pixel data size", path.display());
+    let colours: std::collections::BTreeSet<&[u8]> =
+        raw.chunks(w as usize * 3 + 1).flat_map(|row| row[1..].chunks(3)).collect();
+    assert!(colours.len() > 50, "{}: only {} colours", path.display(), colours.len());
 }
 
 #[test]
@@ -281,8 +302,16 @@ fn full_size_study_matches_the_nifti_path_and_its_seg_is_valid() {
         .arg(&seg)
         .arg("--label-map")
         .arg(&label)
+        .arg("--qc")
+        .arg(tmp.path().join("qc.png"))
+        .arg("--qc-dicom")
+        .arg(tmp.path().join("qc.dcm"))
         .args(["--roi", roi]));
     check(&o, "brats-gateway segment");
+    assert_png(&tmp.path().join("qc.png"), [240 + 240 + 240 + 8, 240]);
+    let verify = Command::new("dciodvfy").arg("-new").arg(tmp.path().join("qc.dcm")).output().unwrap();
+    let report = String::from_utf8_lossy(&verify.stderr).to_string();
+    assert!(!report.contains("Error"), "the quick-look Secondary Capture is not valid:\n{report}");
     println!("{}", String::from_utf8_lossy(&o.stdout));
     let ours = read(&label);
     assert_eq!(ours.shape, theirs.shape);

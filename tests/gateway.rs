@@ -7,7 +7,7 @@
 //! stores are refused with 0xA700. No planted patient marker appears in the gateway's log or
 //! job records.
 //!
-//! Skips (printing SKIP) when `../shared/data/real` is absent.
+//! Skips (printing SKIP) when no real case is found (`common::real_data_dir`).
 
 mod common;
 
@@ -25,7 +25,7 @@ fn root() -> PathBuf {
 }
 
 fn make_study(dir: &Path, variant: &str) -> Value {
-    let case = root().join("../shared/data/real/BraTS-GLI-00001-000");
+    let case = common::real_data_dir("gateway").expect("checked by the test").join("BraTS-GLI-00001-000");
     let out = Command::new(root().join(".deps/venv/bin/python"))
         .arg(root().join("scripts/dicom/make_study.py"))
         .arg("--case")
@@ -179,8 +179,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
-    if !root().join("../shared/data/real").is_dir() {
-        println!("SKIP: ../shared/data/real is absent");
+    if common::real_data_dir("gateway").is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -217,13 +216,21 @@ fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
     println!("study sent in {:.2} s; job: {}", sent.as_secs_f64(), serde_json::to_string(&j[0]).unwrap());
     assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
     assert_eq!(j[0]["exports"][0]["stored"], true);
-    let segs = files_under(&received);
-    assert_eq!(segs.len(), 1, "{segs:?}");
+    // The SEG and the quick-look Secondary Capture.
+    let objects = files_under(&received);
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    let is_seg =
+        |p: &PathBuf| String::from_utf8_lossy(&std::fs::read(p).unwrap()).contains("1.2.840.10008.5.1.4.1.1.66.4");
+    let seg = objects.iter().find(|p| is_seg(p)).expect("a SEG at the PACS").clone();
+    let capture = objects.iter().find(|p| !is_seg(p)).unwrap().clone();
+    let verify = dcmtk("dciodvfy", &["-new", capture.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&verify.stderr).to_string() + &String::from_utf8_lossy(&verify.stdout);
+    assert!(!report.contains("Error"), "the quick-look Secondary Capture is not valid:\n{report}");
     let job_dir = gw.jobs.join(j[0]["id"].as_str().unwrap());
     let check = Command::new(root().join(".deps/venv/bin/python"))
         .arg(root().join("scripts/dicom/check_seg.py"))
         .arg("--seg")
-        .arg(&segs[0])
+        .arg(&seg)
         .arg("--label")
         .arg(job_dir.join("label.nii.gz"))
         .arg("--dciodvfy")
@@ -241,7 +248,7 @@ fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
     std::thread::sleep(Duration::from_secs(3));
     let j = wait_jobs(&gw.jobs, 1, &gw.log);
     assert_eq!(j.len(), 1, "a re-sent study made a second job: {j:?}");
-    assert_eq!(files_under(&received).len(), 1, "the SEG was sent twice");
+    assert_eq!(files_under(&received).len(), 2, "the SEG was sent twice");
 
     // An aborted association starts no job.
     let other = tmp.path().join("shuffled");
@@ -258,7 +265,7 @@ fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
     let rejected = j.iter().find(|j| j["state"] == "REJECTED").expect("a REJECTED job");
     assert_eq!(rejected["error"][0], "gap", "{rejected:?}");
     assert!(echo(gw.port, "ECHOSCU", "BRATS"));
-    assert_eq!(files_under(&received).len(), 1, "a rejected study sent something");
+    assert_eq!(files_under(&received).len(), 2, "a rejected study sent something");
 
     // No patient data in the log or the job records.
     let mut text = std::fs::read_to_string(&gw.log).unwrap();
@@ -273,8 +280,7 @@ fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
 
 #[test]
 fn below_the_free_space_watermark_stores_are_refused_and_no_job_starts() {
-    if !root().join("../shared/data/real").is_dir() {
-        println!("SKIP: ../shared/data/real is absent");
+    if common::real_data_dir("gateway").is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -343,8 +349,7 @@ struct Orthanc {
 }
 
 impl Orthanc {
-    fn start(dir: &Path, dicom_port: u16, gateway: &str) -> Orthanc {
-        let http_port = free_port();
+    fn start(dir: &Path, dicom_port: u16, http_port: u16, gateway: &str) -> Orthanc {
         let out = Command::new(root().join(".deps/venv/bin/python"))
             .arg(root().join("scripts/dicom/orthanc.py"))
             .args(["start", "--dir"])
@@ -389,21 +394,24 @@ impl Drop for Orthanc {
 
 #[test]
 fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() {
-    if !root().join("../shared/data/real").is_dir() {
-        println!("SKIP: ../shared/data/real is absent");
+    if common::real_data_dir("gateway").is_none() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let orthanc_dicom = free_port();
+    let (orthanc_dicom, orthanc_http) = (free_port(), free_port());
     let gw_dir = tmp.path().join("gw");
     std::fs::create_dir_all(&gw_dir).unwrap();
     let gw = start_gateway_with(&gw_dir, orthanc_dicom, 1, "");
-    // The gateway's destination is Orthanc (AE ORTHANC); Orthanc routes to the gateway (BRATS).
+    // The gateway's destinations are Orthanc by C-STORE (AE ORTHANC) and by STOW-RS; Orthanc
+    // routes stable MR studies to the gateway (BRATS).
+    let stow =
+        format!("[[destinations]]\nname = \"archive\"\nstow_url = \"http://127.0.0.1:{orthanc_http}/dicom-web\"\n");
     std::fs::write(
         gw_dir.join("gateway.toml"),
         std::fs::read_to_string(gw_dir.join("gateway.toml"))
             .unwrap()
-            .replace("ae_title = \"PACS\"", "ae_title = \"ORTHANC\""),
+            .replace("ae_title = \"PACS\"", "ae_title = \"ORTHANC\"")
+            + &stow,
     )
     .unwrap();
     drop(gw);
@@ -422,7 +430,12 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
         Gateway { _process: Running(child), port, log: gw_dir.join("gateway.log"), jobs: gw_dir.join("jobs") }
     };
     // Orthanc calls us as ORTHANC: allow it.
-    let orthanc = Orthanc::start(&tmp.path().join("orthanc"), orthanc_dicom, &format!("BRATS@127.0.0.1:{}", gw.port));
+    let orthanc = Orthanc::start(
+        &tmp.path().join("orthanc"),
+        orthanc_dicom,
+        orthanc_http,
+        &format!("BRATS@127.0.0.1:{}", gw.port),
+    );
     let study = tmp.path().join("plain");
     let manifest = make_study(&study, "plain");
     let study_uid = manifest["study_instance_uid"].as_str().unwrap();
@@ -444,6 +457,9 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
     let sent = Instant::now();
     let j = wait_jobs(&gw.jobs, 1, &gw.log);
     assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
+    let exports = j[0]["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2);
+    assert!(exports.iter().all(|e| e["stored"] == true), "{exports:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while orthanc.seg_series(study_uid) == 0 {
         assert!(Instant::now() < deadline, "no SEG series in Orthanc: {:?}", orthanc.get("/studies"));

@@ -212,6 +212,26 @@ pub(crate) fn list_files(dir: &Path) -> Vec<String> {
     out
 }
 
+/// The folder of the real BraTS cases (`BRATS_REAL_DIR`, else `/work/shared/data/real`, else
+/// `../shared/data/real` beside the repository), or `None` after printing a SKIP line naming
+/// `test` when none exists.
+#[allow(dead_code)] // used by some of the test crates that include this module
+pub(crate) fn real_data_dir(test: &str) -> Option<PathBuf> {
+    let candidates: Vec<PathBuf> = std::env::var_os("BRATS_REAL_DIR")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            PathBuf::from("/work/shared/data/real"),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/real"),
+        ])
+        .collect();
+    let found = candidates.iter().find(|d| d.join("BraTS-GLI-00001-000").is_dir()).cloned();
+    if found.is_none() {
+        println!("SKIP {test}: no real BraTS case under {candidates:?} (set BRATS_REAL_DIR)");
+    }
+    found
+}
+
 /// The `bratsctl` binary, built by [`workspace_exe`].
 pub(crate) fn bratsctl_exe() -> PathBuf {
     static EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

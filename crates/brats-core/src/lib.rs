@@ -9,7 +9,7 @@
 
 pub mod store;
 
-pub use brats_volume::{MODALITIES, REGIONS, error, labels, metadata, nifti_io, tensors, time};
+pub use brats_volume::{MODALITIES, REGIONS, error, labels, metadata, nifti_io, overlay, tensors, time};
 pub use error::{CoreError, ErrorKind};
 pub use labels::LabelConvention;
 pub use metadata::{CaseMetadata, ChannelStats, CropBox};

@@ -12,7 +12,8 @@
 //!   affine; [`pixels`] decodes it (rescale applied) into the canonical voxel order.
 //! - [`grid`]: the four volumes on one grid — untouched when they already share one, else
 //!   resampled (trilinear) onto a 1 mm grid covering the T1c's field of view.
-//! - [`seg`]: a BINARY DICOM Segmentation on the T1c's own geometry.
+//! - [`seg`]: a BINARY DICOM Segmentation on the T1c's own geometry; [`sc`]: the same result
+//!   as a quick-look Secondary Capture picture, for viewers without SEG support.
 //!
 //! [`study::load_study`] runs the whole input side. Errors name a series by a salted hash of its
 //! UID ([`phi::UidHasher`]) and never carry patient data.
@@ -23,6 +24,7 @@ pub mod grid;
 pub mod instance;
 pub mod phi;
 pub mod pixels;
+pub mod sc;
 pub mod scan;
 pub mod seg;
 pub mod select;

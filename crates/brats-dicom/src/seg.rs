@@ -115,7 +115,7 @@ impl Default for SegOptions {
 pub const MANUFACTURER: &str = "brats-platform";
 
 /// Patient, study and frame-of-reference attributes copied verbatim from the T1c.
-const COPIED: [Tag; 17] = [
+pub(crate) const COPIED: [Tag; 17] = [
     tags::SPECIFIC_CHARACTER_SET,
     tags::PATIENT_NAME,
     tags::PATIENT_ID,
@@ -136,7 +136,7 @@ const COPIED: [Tag; 17] = [
 ];
 
 /// Type 2 attributes that must be present, empty if the source lacks them.
-const REQUIRED_EMPTY: [Tag; 9] = [
+pub(crate) const REQUIRED_EMPTY: [Tag; 9] = [
     tags::PATIENT_NAME,
     tags::PATIENT_ID,
     tags::PATIENT_BIRTH_DATE,
@@ -299,24 +299,7 @@ pub fn write_seg(label: &[u8], sources: &[RoleSeries], options: &SegOptions) -> 
     }
 
     let mut ds = Ds::new();
-    for tag in COPIED {
-        if let Some(e) = header.element_opt(tag).ok().flatten() {
-            ds.0.put(e.clone());
-        }
-    }
-    for tag in REQUIRED_EMPTY.iter().chain([&tags::POSITION_REFERENCE_INDICATOR]) {
-        if ds.0.element_opt(*tag).ok().flatten().is_none() {
-            let vr = match *tag {
-                tags::PATIENT_NAME | tags::REFERRING_PHYSICIAN_NAME => VR::PN,
-                tags::PATIENT_BIRTH_DATE | tags::STUDY_DATE => VR::DA,
-                tags::STUDY_TIME => VR::TM,
-                tags::PATIENT_SEX => VR::CS,
-                tags::STUDY_ID | tags::ACCESSION_NUMBER => VR::SH,
-                _ => VR::LO,
-            };
-            ds.0.put(DataElement::new(*tag, vr, PrimitiveValue::Empty));
-        }
-    }
+    copy_patient_study(&header, &mut ds);
     let (date, time) = now();
     ds.str(tags::SOP_CLASS_UID, VR::UI, uids::SEGMENTATION_STORAGE);
     ds.str(tags::SOP_INSTANCE_UID, VR::UI, &sop_instance_uid);
@@ -453,11 +436,34 @@ pub fn write_seg(label: &[u8], sources: &[RoleSeries], options: &SegOptions) -> 
     Ok(WrittenSeg { bytes, series_uid, sop_instance_uid, frames: frames.len(), voxels })
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// Copies the patient, study and frame-of-reference attributes of `header` (the T1c's) into
+/// `ds`, and puts the type 2 ones it lacks, empty.
+pub(crate) fn copy_patient_study(header: &InMemDicomObject, ds: &mut Ds) {
+    for tag in COPIED {
+        if let Some(e) = header.element_opt(tag).ok().flatten() {
+            ds.0.put(e.clone());
+        }
+    }
+    for tag in REQUIRED_EMPTY.iter().chain([&tags::POSITION_REFERENCE_INDICATOR]) {
+        if ds.0.element_opt(*tag).ok().flatten().is_none() {
+            let vr = match *tag {
+                tags::PATIENT_NAME | tags::REFERRING_PHYSICIAN_NAME => VR::PN,
+                tags::PATIENT_BIRTH_DATE | tags::STUDY_DATE => VR::DA,
+                tags::STUDY_TIME => VR::TM,
+                tags::PATIENT_SEX => VR::CS,
+                tags::STUDY_ID | tags::ACCESSION_NUMBER => VR::SH,
+                _ => VR::LO,
+            };
+            ds.0.put(DataElement::new(*tag, vr, PrimitiveValue::Empty));
+        }
+    }
+}
+
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-fn code(c: Code) -> InMemDicomObject {
+pub(crate) fn code(c: Code) -> InMemDicomObject {
     let mut item = Ds::new();
     item.str(tags::CODE_VALUE, VR::SH, c.value);
     item.str(tags::CODING_SCHEME_DESIGNATOR, VR::SH, c.scheme);
@@ -466,7 +472,7 @@ fn code(c: Code) -> InMemDicomObject {
 }
 
 /// Today's date and the time (UTC) in DICOM DA/TM form.
-fn now() -> (String, String) {
+pub(crate) fn now() -> (String, String) {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (y, m, d) = brats_volume::time::civil_from_days((secs / 86_400) as i64);
     let t = secs % 86_400;
@@ -494,32 +500,32 @@ pub fn cie_lab(rgb: [u8; 3]) -> [u16; 3] {
 }
 
 /// A data set under construction, with typed setters.
-struct Ds(InMemDicomObject);
+pub(crate) struct Ds(pub(crate) InMemDicomObject);
 
 impl Ds {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Ds(InMemDicomObject::new_empty())
     }
-    fn str(&mut self, tag: Tag, vr: VR, v: &str) {
+    pub(crate) fn str(&mut self, tag: Tag, vr: VR, v: &str) {
         self.0.put(DataElement::new(tag, vr, PrimitiveValue::from(v)));
     }
-    fn is(&mut self, tag: Tag, v: i64) {
+    pub(crate) fn is(&mut self, tag: Tag, v: i64) {
         self.0.put(DataElement::new(tag, VR::IS, PrimitiveValue::from(v.to_string())));
     }
-    fn ds(&mut self, tag: Tag, v: &[f64]) {
+    pub(crate) fn ds(&mut self, tag: Tag, v: &[f64]) {
         let s: Vec<String> = v.iter().map(|&x| decimal_string(x)).collect();
         self.0.put(DataElement::new(tag, VR::DS, PrimitiveValue::Strs(s.into())));
     }
-    fn us(&mut self, tag: Tag, v: &[u16]) {
+    pub(crate) fn us(&mut self, tag: Tag, v: &[u16]) {
         self.0.put(DataElement::new(tag, VR::US, PrimitiveValue::U16(v.iter().copied().collect())));
     }
-    fn ul(&mut self, tag: Tag, v: &[u32]) {
+    pub(crate) fn ul(&mut self, tag: Tag, v: &[u32]) {
         self.0.put(DataElement::new(tag, VR::UL, PrimitiveValue::U32(v.iter().copied().collect())));
     }
-    fn at(&mut self, tag: Tag, v: Tag) {
+    pub(crate) fn at(&mut self, tag: Tag, v: Tag) {
         self.0.put(DataElement::new(tag, VR::AT, PrimitiveValue::Tags([v].into_iter().collect())));
     }
-    fn seq(&mut self, tag: Tag, items: Vec<InMemDicomObject>) {
+    pub(crate) fn seq(&mut self, tag: Tag, items: Vec<InMemDicomObject>) {
         self.0.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
     }
 }

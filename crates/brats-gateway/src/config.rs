@@ -108,6 +108,8 @@ pub struct GatewayConfig {
     pub model: ModelConfig,
     /// Where SEGs are sent (C-STORE).
     pub destinations: Vec<Destination>,
+    /// Also send the quick-look Secondary Capture (for viewers without SEG support).
+    pub send_quick_look: bool,
     /// Salt of hashed UIDs in logs and records.
     pub salt: String,
 }
@@ -121,6 +123,7 @@ impl Default for GatewayConfig {
             jobs_root: "file:data/gateway/jobs".into(),
             model: ModelConfig::default(),
             destinations: Vec::new(),
+            send_quick_look: true,
             salt: brats_dicom::phi::DEFAULT_SALT.into(),
         }
     }
@@ -130,7 +133,11 @@ impl GatewayConfig {
     /// Reads a TOML file; unknown keys are errors naming the key.
     pub fn load(path: &std::path::Path) -> anyhow::Result<GatewayConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let config: GatewayConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for d in &config.destinations {
+            d.target().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        Ok(config)
     }
 }
 
@@ -146,5 +153,10 @@ mod tests {
         assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
         let e = toml::from_str::<GatewayConfig>("[dimse]\nae_titel = \"X\"\n").unwrap_err().to_string();
         assert!(e.contains("ae_titel"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        let half = tmp.path().join("g.toml");
+        std::fs::write(&half, "[[destinations]]\nname = \"pacs\"\nhost = \"h\"\n").unwrap();
+        let e = GatewayConfig::load(&half).unwrap_err().to_string();
+        assert!(e.contains("destinations.pacs") && e.contains("stow_url"), "{e}");
     }
 }

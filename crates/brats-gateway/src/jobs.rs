@@ -10,6 +10,7 @@
 use crate::offline::{GatewayError, segment_study};
 use crate::scu::{self, DimsePeer};
 use crate::spool::Spool;
+use crate::stow;
 use brats_artifacts::window::SlidingWindow;
 use brats_core::store::{StoreUri, Stores};
 use brats_dicom::phi::UidHasher;
@@ -82,15 +83,50 @@ pub struct JobRecord {
     pub error: Option<(String, String)>,
 }
 
-/// A configured export destination.
+/// A configured export destination: a DIMSE peer (`ae_title`, `host`, `port`) or a DICOMweb
+/// archive (`stow_url`, the base URL: `{stow_url}/studies` is posted to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
     /// Its name (in job records).
     pub name: String,
-    /// DIMSE C-STORE peer.
-    #[serde(flatten)]
-    pub peer: DimsePeer,
+    /// C-STORE: the peer's AE title.
+    #[serde(default)]
+    pub ae_title: Option<String>,
+    /// C-STORE: host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// C-STORE: port.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// STOW-RS: the archive's DICOMweb base URL.
+    #[serde(default)]
+    pub stow_url: Option<String>,
+}
+
+/// How a destination is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// DIMSE C-STORE.
+    Dimse(DimsePeer),
+    /// STOW-RS base URL.
+    Stow(String),
+}
+
+impl Destination {
+    /// The target, or what is missing (names the destination and the keys).
+    pub fn target(&self) -> Result<Target, String> {
+        match (&self.ae_title, &self.host, &self.port, &self.stow_url) {
+            (Some(ae), Some(host), Some(port), None) => {
+                Ok(Target::Dimse(DimsePeer { ae_title: ae.clone(), host: host.clone(), port: *port }))
+            }
+            (None, None, None, Some(url)) => Ok(Target::Stow(url.clone())),
+            _ => Err(format!(
+                "destinations.{}: give either ae_title, host and port (C-STORE) or stow_url (STOW-RS)",
+                self.name
+            )),
+        }
+    }
 }
 
 /// Everything a job needs.
@@ -115,6 +151,8 @@ pub struct Runner {
     pub destinations: Vec<Destination>,
     /// Our AE title when calling.
     pub calling_ae: String,
+    /// Also send the quick-look Secondary Capture to the destinations.
+    pub send_quick_look: bool,
     /// Quiet time before a study is stable.
     pub stable_after: Duration,
     /// Longest wait for a study.
@@ -254,6 +292,7 @@ impl Runner {
         let job_dir = self.jobs_root.join(&id);
         self.stores.put(&job_dir.join("seg.dcm"), result.seg.bytes.clone().into()).await?;
         self.stores.put(&job_dir.join("label.nii.gz"), result.label_nifti()?.into()).await?;
+        self.stores.put(&job_dir.join("quick-look.dcm"), result.capture.bytes.clone().into()).await?;
         record.state = JobState::SegWritten;
         record.seg_series_uid = Some(result.seg.series_uid.clone());
         record.seg_frames = Some(result.seg.frames);
@@ -271,13 +310,31 @@ impl Runner {
                     tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
                 }
                 export.attempts += 1;
-                match scu::store(&destination.peer, &self.calling_ae, &result.seg.bytes).await {
+                let mut objects: Vec<&[u8]> = vec![&result.seg.bytes];
+                if self.send_quick_look {
+                    objects.push(&result.capture.bytes);
+                }
+                let sent = match destination.target() {
+                    Ok(Target::Dimse(peer)) => {
+                        let mut sent = Ok(());
+                        for object in &objects {
+                            sent = scu::store(&peer, &self.calling_ae, object).await.map_err(|e| e.to_string());
+                            if sent.is_err() {
+                                break;
+                            }
+                        }
+                        sent
+                    }
+                    Ok(Target::Stow(url)) => stow::store(&url, &objects).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                match sent {
                     Ok(()) => {
                         export.stored = true;
                         export.error = None;
                         break;
                     }
-                    Err(e) => export.error = Some(e.to_string()),
+                    Err(e) => export.error = Some(e),
                 }
             }
             record.exports.push(export);

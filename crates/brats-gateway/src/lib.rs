@@ -6,7 +6,7 @@
 //! - [`scp`]: the C-ECHO/C-STORE SCP (AE checks, limits, watermark, store as received).
 //! - [`spool`]: per-association staging, committed on release; study stability.
 //! - [`jobs`]: the per-study job and its record in the store; export with retries.
-//! - [`scu`]: C-ECHO and C-STORE to a peer.
+//! - [`scu`]: C-ECHO and C-STORE to a peer; [`stow`]: STOW-RS to a DICOMweb archive.
 //! - [`offline`]: the in-process DICOM → SEG path.
 //! - [`config`]: `serve`'s TOML.
 
@@ -17,3 +17,4 @@ pub mod offline;
 pub mod scp;
 pub mod scu;
 pub mod spool;
+pub mod stow;

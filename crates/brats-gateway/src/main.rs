@@ -54,6 +54,7 @@ impl StudyArgs {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Run the gateway: a DIMSE C-STORE/C-ECHO SCP; each stable study becomes a job whose SEG is
     /// sent to the configured destinations.
@@ -84,6 +85,12 @@ enum Command {
         /// Also write the label map (uint8 .nii.gz on the T1c's grid).
         #[arg(long)]
         label_map: Option<PathBuf>,
+        /// Also write the quick-look picture as PNG (labels over the T1c, three planes).
+        #[arg(long, value_name = "PNG")]
+        qc: Option<PathBuf>,
+        /// Also write the quick-look picture as a DICOM Secondary Capture.
+        #[arg(long, value_name = "DCM")]
+        qc_dicom: Option<PathBuf>,
         /// Model name recorded in the SEG.
         #[arg(long, default_value = "SegResNet")]
         model_name: String,
@@ -146,6 +153,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             model,
             out,
             label_map,
+            qc,
+            qc_dicom,
             model_name,
             model_version,
             provider,
@@ -180,6 +189,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let result = segment_study(&loaded, &model, &window, &seg_options)?;
             if let Some(path) = &label_map {
                 write_atomically(path, &result.label_nifti()?)?;
+            }
+            if let Some(path) = &qc {
+                write_atomically(path, &brats_core::overlay::png(&result.quick_look))?;
+            }
+            if let Some(path) = &qc_dicom {
+                write_atomically(path, &result.capture.bytes)?;
             }
             write_atomically(&out, &result.seg.bytes)?;
             let [tc, wt, et] = result.volumes_ml;
@@ -270,12 +285,26 @@ async fn serve(config: brats_gateway::config::GatewayConfig) -> anyhow::Result<(
         load_options: LoadOptions { salt: config.salt.clone(), ..LoadOptions::default() },
         destinations: config.destinations.clone(),
         calling_ae: d.ae_title.clone(),
+        send_quick_look: config.send_quick_look,
         stable_after: std::time::Duration::from_secs_f64(config.study.stable_after_s),
         max_wait: std::time::Duration::from_secs_f64(config.study.max_wait_s),
     });
     let listener =
         tokio::net::TcpListener::bind(&d.listen).await.with_context(|| format!("dimse.listen {}", d.listen))?;
     tracing::info!(address = %listener.local_addr()?, ae_title = %d.ae_title, tls = d.tls.enabled(), "DIMSE SCP listening");
+    // C-ECHO each DIMSE destination once at start-up: a wrong AE title or port shows now, not
+    // at the first study.
+    for destination in &config.destinations {
+        if let Ok(brats_gateway::jobs::Target::Dimse(peer)) = destination.target() {
+            let (name, calling) = (destination.name.clone(), d.ae_title.clone());
+            tokio::spawn(async move {
+                match brats_gateway::scu::echo(&peer, &calling).await {
+                    Ok(()) => tracing::info!(destination = %name, "destination answers C-ECHO"),
+                    Err(e) => tracing::warn!(destination = %name, error = %e, "destination does not answer C-ECHO"),
+                }
+            });
+        }
+    }
     let scp_task = tokio::spawn(scp.serve(listener));
     let jobs_task = tokio::spawn(runner.run());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -72,6 +72,10 @@ pub struct DicomSegmentation {
     pub volumes_ml: [f64; 3],
     /// Seconds per stage.
     pub timings: Vec<(String, f64)>,
+    /// The quick-look picture (labels over the T1c, three planes through the tumour).
+    pub quick_look: brats_core::overlay::Rgb,
+    /// The same picture as a DICOM Secondary Capture in the study.
+    pub capture: brats_dicom::sc::WrittenCapture,
 }
 
 impl DicomSegmentation {
@@ -130,8 +134,17 @@ pub fn segment_study(
     let t = Instant::now();
     let seg = write_seg(&label, &study.sources, options)?;
     timings.push(("write_seg".to_string(), t.elapsed().as_secs_f64()));
+    let t = Instant::now();
+    let quick_look = brats_core::overlay::overlay(&study.volumes[0].data, &result.label, result.shape);
+    let capture = brats_dicom::sc::write_secondary_capture(
+        &quick_look,
+        &study.sources[0],
+        options.series_number + 1,
+        &options.manufacturer,
+    )?;
+    timings.push(("quick_look".to_string(), t.elapsed().as_secs_f64()));
     let voxel_ml = affine.zooms().iter().product::<f64>() / 1000.0;
     let count = |f: &dyn Fn(u8) -> bool| label.iter().filter(|&&v| f(v)).count() as f64 * voxel_ml;
     let volumes_ml = [count(&|v| v == 1 || v == 4), count(&|v| v != 0), count(&|v| v == 4)];
-    Ok(DicomSegmentation { seg, label, grid: (shape, affine), volumes_ml, timings })
+    Ok(DicomSegmentation { seg, label, grid: (shape, affine), volumes_ml, timings, quick_look, capture })
 }

@@ -121,6 +121,10 @@ enum Command {
         /// Test-time mirroring: average over the volume and its flips along X, Y and Z (4x the time).
         #[arg(long)]
         mirror: bool,
+        /// Also write a quick-look PNG (path or store URI): the labels over the T1c in axial,
+        /// coronal and sagittal slices through the tumour.
+        #[arg(long, value_name = "PNG")]
+        qc: Option<String>,
         #[command(flatten)]
         ort: OrtFlags,
     },
@@ -170,7 +174,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, ort) =
+    let (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, qc, ort) =
         match command {
             Command::Serve {
                 config,
@@ -246,8 +250,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 overlap,
                 gaussian,
                 mirror,
+                qc,
                 ort,
-            } => (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, ort),
+            } => {
+                (model, image, out, logits, provider, allow_fallback, threads, roi, overlap, gaussian, mirror, qc, ort)
+            }
         };
     let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
     let window = SlidingWindow {
@@ -268,6 +275,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     ort.apply(&mut options)?;
     let started = std::time::Instant::now();
     let keep = logits_uri.is_some();
+    let t1c = files[0].bytes.clone();
     let (seg, provider) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let model = SegmentationModel::load(&default_library(), &onnx, &options)
             .with_context(|| format!("model {model_uri}"))?;
@@ -276,7 +284,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
     })
     .await??;
     let t = std::time::Instant::now();
-    stores.put(&out, seg.label_nifti()?.into()).await?;
+    let label = seg.label_nifti()?;
+    if let Some(qc) = &qc {
+        let picture = brats_core::overlay::overlay_files(&t1c, &label)?;
+        stores.put(&StoreUri::parse(qc)?, brats_core::overlay::png(&picture).into()).await?;
+    }
+    stores.put(&out, label.into()).await?;
     if let (Some(uri), Some(l)) = (&logits_uri, &seg.logits) {
         let [x, y, z] = seg.shape;
         let bytes: Vec<u8> = l.iter().flat_map(|v| v.to_le_bytes()).collect();

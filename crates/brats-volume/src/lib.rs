@@ -1,6 +1,7 @@
 //! Volumes without storage: NIfTI-1 volumes in and out ([`nifti_io`]), tensors as safetensors
 //! files with a JSON metadata record ([`tensors`], [`metadata`]), the BraTS label conventions
-//! ([`labels`]), UTC calendar dates ([`time`]) and the classified error ([`error`]).
+//! ([`labels`]), quick-look pictures of a label map ([`overlay`]), UTC calendar dates ([`time`])
+//! and the classified error ([`error`]).
 //!
 //! Everything here is synchronous and touches no network or object store, so the client and
 //! the synthetic generator can use it without the S3 client; `brats-core` adds the stores and
@@ -11,6 +12,7 @@ pub mod error;
 pub mod labels;
 pub mod metadata;
 pub mod nifti_io;
+pub mod overlay;
 pub mod tensors;
 pub mod time;
 

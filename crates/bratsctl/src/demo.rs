@@ -252,6 +252,9 @@ pub(crate) async fn run(a: DemoArgs) -> anyhow::Result<()> {
     let r = segment_stream(channel, &files.images, &out, None, format!("demo-{seed}"), false).await?;
     print_segmentation(&r, &out);
     println!("   round trip {:.2} s", t.elapsed().as_secs_f64());
+    let quick_look = dir.join("quick-look.png");
+    crate::commands::segment::write_quick_look(&files.images[0], &out, &quick_look)?;
+    println!("   quick look (labels over the T1c, three planes through the tumour): {}", quick_look.display());
     let seg =
         brats_volume::nifti_io::read_nifti(&std::fs::read(&out)?, &out.display().to_string(), &Default::default())?;
     let seg: Vec<u8> = seg.data.iter().map(|&v| v as u8).collect();

@@ -27,16 +27,33 @@ pub(crate) struct SegmentArgs {
     /// Request id (appears in the server's logs).
     #[arg(long)]
     request_id: Option<String>,
+    /// Also write a quick-look PNG: the labels over the T1c in axial, coronal and sagittal
+    /// slices through the tumour.
+    #[arg(long, value_name = "PNG")]
+    qc: Option<PathBuf>,
 }
 
 /// Segments the case and prints the volumes and timings.
 pub(crate) async fn run(a: SegmentArgs) -> anyhow::Result<()> {
-    let SegmentArgs { server, image, out, model_version, request_id } = a;
+    let SegmentArgs { server, image, out, model_version, request_id, qc } = a;
     let channel = super::connect(&server).await?;
     let model = model_version.map(|v| pb::ModelSelector { version: v, ..Default::default() });
     let r = segment_stream(channel, &image, &out, model, request_id.unwrap_or_default(), true).await?;
     print_segmentation(&r, &out);
+    if let Some(png) = qc {
+        write_quick_look(&image[0], &out, &png)?;
+        println!("  quick look {}", png.display());
+    }
     Ok(())
+}
+
+/// Renders the quick-look PNG of the label map `label` over the T1c file `t1c`.
+pub(crate) fn write_quick_look(t1c: &Path, label: &Path, png: &Path) -> anyhow::Result<()> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("{}", p.display()));
+    let picture = brats_volume::overlay::overlay_files(&read(t1c)?, &read(label)?)?;
+    let tmp = png.with_extension("part");
+    std::fs::write(&tmp, brats_volume::overlay::png(&picture)).with_context(|| format!("{}", tmp.display()))?;
+    std::fs::rename(&tmp, png).with_context(|| format!("{}", png.display()))
 }
 
 /// Uploads `images` through SegmentStream with a progress bar, writes the returned label map to
