@@ -7,6 +7,10 @@
 //! stores are refused with 0xA700. No planted patient marker appears in the gateway's log or
 //! job records.
 //!
+//! With Orthanc (Debian) as the PACS: push (Orthanc routes the study to our SCP) and pull (its
+//! script announces the study to our webhook; we fetch it by DICOMweb), the SEG back by C-STORE
+//! and STOW-RS without a routing loop; the gRPC API through `bratsctl pacs`.
+//!
 //! Skips (printing SKIP) when no real case is found (`common::real_data_dir`).
 
 mod common;
@@ -60,6 +64,7 @@ fn wait_port(port: u16) {
 struct Gateway {
     _process: Running,
     port: u16,
+    grpc: u16,
     log: PathBuf,
     jobs: PathBuf,
 }
@@ -71,6 +76,7 @@ fn start_gateway(dir: &Path, pacs_port: u16, min_free_mb: u64) -> Gateway {
 /// Starts the gateway; `extra` is appended to its TOML.
 fn start_gateway_with(dir: &Path, pacs_port: u16, min_free_mb: u64, extra: &str) -> Gateway {
     let port = free_port();
+    let grpc = free_port();
     let jobs = dir.join("jobs");
     let config = dir.join("gateway.toml");
     std::fs::write(
@@ -79,6 +85,9 @@ fn start_gateway_with(dir: &Path, pacs_port: u16, min_free_mb: u64, extra: &str)
             r#"spool_dir = "{spool}"
 jobs_root = "file:{jobs}"
 salt = "test-salt"
+[server]
+listen = "127.0.0.1:{grpc}"
+metrics_listen = ""
 [dimse]
 listen = "127.0.0.1:{port}"
 ae_title = "BRATS"
@@ -113,7 +122,7 @@ port = {pacs_port}
         .unwrap();
     let process = Running(child);
     wait_port(port);
-    Gateway { _process: process, port, log, jobs }
+    Gateway { _process: process, port, grpc, log, jobs }
 }
 
 fn dcmtk(tool: &str, args: &[&str]) -> Output {
@@ -297,23 +306,81 @@ fn below_the_free_space_watermark_stores_are_refused_and_no_job_starts() {
     assert!(echo(gw.port, "ECHOSCU", "BRATS"), "the gateway stopped serving");
 }
 
+/// `bratsctl pacs echo DESTINATION` against a gateway's gRPC port: (exit 0, output).
+fn pacs_echo(grpc: u16, destination: &str) -> (bool, String) {
+    let o = Command::new(workspace_exe("bratsctl", "bratsctl"))
+        .args(["pacs", "--server", &format!("http://127.0.0.1:{grpc}"), "echo", destination])
+        .output()
+        .unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr))
+}
+
+/// DICOM TLS both ways. Our SCP: mutual TLS echo works, no client certificate, one from another
+/// CA, or plain TCP are refused, and it keeps serving. Our SCU (to a dcmtk `storescp +tls` that
+/// requires client certificates): C-ECHO works with our certificate, fails without one or when
+/// the peer's certificate is not from the configured CA; with a real case, a study sent over
+/// TLS comes back as a SEG over TLS.
 #[test]
-fn dicom_tls_needs_a_client_certificate_from_the_configured_ca() {
+fn dicom_tls_both_ways_with_client_certificates_from_the_configured_ca() {
     let tmp = tempfile::tempdir().unwrap();
     let ca = common::pki::Ca::new("test CA");
     let ca_file = ca.write(tmp.path(), "ca.pem");
+    let other_ca = common::pki::Ca::new("another CA");
+    let other_ca_file = other_ca.write(tmp.path(), "other-ca.pem");
     let server = ca.issue(tmp.path(), "gateway", &["localhost", "127.0.0.1"], false);
     let client = ca.issue(tmp.path(), "client", &["ECHOSCU"], false);
-    let stranger = common::pki::Ca::new("another CA").issue(tmp.path(), "stranger", &["ECHOSCU"], false);
+    let pacs = ca.issue(tmp.path(), "pacs", &["localhost", "127.0.0.1"], false);
+    let stranger = other_ca.issue(tmp.path(), "stranger", &["ECHOSCU"], false);
+    // The PACS: dcmtk storescp, TLS only, client certificate required (signed by the CA).
+    let pacs_port = free_port();
+    let received = tmp.path().join("pacs-received");
+    std::fs::create_dir_all(&received).unwrap();
+    let _pacs = Running(
+        Command::new("storescp")
+            .arg("+tls")
+            .args([&pacs.key, &pacs.cert])
+            .arg("+cf")
+            .arg(&ca_file)
+            .args(["-aet", "PACS", "-od"])
+            .arg(&received)
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (make bootstrap installs dcmtk)"),
+    );
+    wait_port(pacs_port);
+    let peer_tls = |ca: &Path, mine: Option<&common::pki::CertFiles>| match mine {
+        Some(m) => format!(
+            "[destinations.tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            ca.display(),
+            m.cert.display(),
+            m.key.display()
+        ),
+        None => format!("[destinations.tls]\nca_file = \"{}\"\n", ca.display()),
+    };
+    let scp_tls = format!(
+        "[dimse.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nclient_auth = \"required\"\n",
+        server.cert.display(),
+        server.key.display(),
+        ca_file.display()
+    );
+    let destination = |name: &str| {
+        format!("[[destinations]]\nname = \"{name}\"\nae_title = \"PACS\"\nhost = \"127.0.0.1\"\nport = {pacs_port}\n")
+    };
+    let gw_dir = tmp.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
     let gw = start_gateway_with(
-        tmp.path(),
-        free_port(),
+        &gw_dir,
+        pacs_port,
         1,
         &format!(
-            "[dimse.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_ca_file = \"{}\"\nclient_auth = \"required\"\n",
-            server.cert.display(),
-            server.key.display(),
-            ca_file.display()
+            "{}{}{}{}{}{scp_tls}",
+            peer_tls(&ca_file, Some(&server)),
+            destination("no-client-certificate"),
+            peer_tls(&ca_file, None),
+            destination("untrusted-peer"),
+            peer_tls(&other_ca_file, Some(&server)),
         ),
     );
     let port = gw.port.to_string();
@@ -340,6 +407,31 @@ fn dicom_tls_needs_a_client_certificate_from_the_configured_ca() {
     assert!(!tls_echo(Some(&stranger)), "a client certificate from another CA was accepted");
     assert!(!echo(gw.port, "ECHOSCU", "BRATS"), "plain TCP was accepted on the TLS port");
     assert!(tls_echo(Some(&client)), "the gateway stopped serving after refusals");
+
+    let (ok, out) = pacs_echo(gw.grpc, "pacs");
+    assert!(ok, "C-ECHO over mutual TLS to storescp: {out}\n{}", std::fs::read_to_string(&gw.log).unwrap());
+    let (ok, out) = pacs_echo(gw.grpc, "no-client-certificate");
+    assert!(!ok && out.contains("does not answer"), "storescp took a TLS association without our certificate: {out}");
+    let (ok, out) = pacs_echo(gw.grpc, "untrusted-peer");
+    assert!(!ok && out.contains("does not answer"), "a peer certificate from another CA was trusted: {out}");
+    drop(gw);
+
+    if common::real_data_dir("gateway").is_none() {
+        return;
+    }
+    // A study in over TLS, the SEG out over TLS.
+    let gw_dir = tmp.path().join("gw-store");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let gw = start_gateway_with(&gw_dir, pacs_port, 1, &format!("{}{scp_tls}", peer_tls(&ca_file, Some(&server))));
+    let study = tmp.path().join("plain");
+    make_study(&study, "plain");
+    let (key, cert, ca) =
+        (client.key.display().to_string(), client.cert.display().to_string(), ca_file.display().to_string());
+    let o = store(gw.port, &study, &["+tls", &key, &cert, "+cf", &ca]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
+    assert_eq!(files_under(&received).len(), 2, "the SEG and the quick look at the TLS PACS");
 }
 
 /// Orthanc (Debian) run by scripts/dicom/orthanc.py; stopped on drop.
@@ -349,13 +441,15 @@ struct Orthanc {
 }
 
 impl Orthanc {
-    fn start(dir: &Path, dicom_port: u16, http_port: u16, gateway: &str) -> Orthanc {
+    /// Starts Orthanc; `routing` is `--gateway AET@HOST:PORT` (push) or `--webhook URL …` (pull).
+    fn start(dir: &Path, dicom_port: u16, http_port: u16, routing: &[&str]) -> Orthanc {
         let out = Command::new(root().join(".deps/venv/bin/python"))
             .arg(root().join("scripts/dicom/orthanc.py"))
             .args(["start", "--dir"])
             .arg(dir)
             .args(["--http-port", &http_port.to_string(), "--dicom-port", &dicom_port.to_string()])
-            .args(["--aet", "ORTHANC", "--gateway", gateway, "--stable-age", "1"])
+            .args(["--aet", "ORTHANC", "--stable-age", "1"])
+            .args(routing)
             .output()
             .unwrap();
         assert!(out.status.success(), "orthanc.py start: {}", String::from_utf8_lossy(&out.stderr));
@@ -425,16 +519,21 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
             .spawn()
             .unwrap();
         let text = std::fs::read_to_string(gw_dir.join("gateway.toml")).unwrap();
-        let port: u16 = text.split("listen = \"127.0.0.1:").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        let ports: Vec<u16> = text
+            .split("listen = \"127.0.0.1:")
+            .skip(1)
+            .map(|p| p.split('"').next().unwrap().parse().unwrap())
+            .collect();
+        let (grpc, port) = (ports[0], ports[1]);
         wait_port(port);
-        Gateway { _process: Running(child), port, log: gw_dir.join("gateway.log"), jobs: gw_dir.join("jobs") }
+        Gateway { _process: Running(child), port, grpc, log: gw_dir.join("gateway.log"), jobs: gw_dir.join("jobs") }
     };
     // Orthanc calls us as ORTHANC: allow it.
     let orthanc = Orthanc::start(
         &tmp.path().join("orthanc"),
         orthanc_dicom,
         orthanc_http,
-        &format!("BRATS@127.0.0.1:{}", gw.port),
+        &["--gateway", &format!("BRATS@127.0.0.1:{}", gw.port)],
     );
     let study = tmp.path().join("plain");
     let manifest = make_study(&study, "plain");
@@ -480,4 +579,268 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
     for m in MARKERS {
         assert!(!log.contains(m), "patient data ({m}) in a log");
     }
+}
+
+/// One HTTP/1.0 POST on loopback; the status code and the body.
+fn http_post(port: u16, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Pull mode with Orthanc as the archive: a study stored in Orthanc is announced by its Lua
+/// script to the gateway's webhook (with the shared token; without it the webhook refuses),
+/// the gateway fetches the MR series by QIDO-RS/WADO-RS, and the SEG comes back by C-STORE
+/// and STOW-RS, where QIDO-RS finds it; the SEG's arrival re-fires the script without a second
+/// job. Then the gRPC API through `bratsctl pacs`: list, get, watch, a repeated submit is the
+/// same job, bad submits get NOT_FOUND / INVALID_ARGUMENT naming the field, destinations answer
+/// echo. No planted patient marker in any log or output.
+#[test]
+fn pull_mode_from_orthanc_by_webhook_and_the_grpc_api() {
+    if common::real_data_dir("gateway").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (orthanc_dicom, orthanc_http, webhook) = (free_port(), free_port(), free_port());
+    let gw_dir = tmp.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let token = gw_dir.join("webhook.token");
+    std::fs::write(&token, "test-webhook-secret\n").unwrap();
+    let dicomweb = format!("http://127.0.0.1:{orthanc_http}/dicom-web");
+    let gw = start_gateway_with(
+        &gw_dir,
+        orthanc_dicom,
+        1,
+        &format!(
+            "[[destinations]]\nname = \"archive\"\nstow_url = \"{dicomweb}\"\n\
+             [[sources]]\nname = \"orthanc\"\nurl = \"{dicomweb}\"\n\
+             [webhook]\nlisten = \"127.0.0.1:{webhook}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    wait_port(webhook);
+    let (code, body) = http_post(webhook, "/v1/studies/stable", r#"{"study_instance_uid":"1.2.3"}"#, None);
+    assert_eq!(code, 401, "{body}");
+    let (code, body) =
+        http_post(webhook, "/v1/studies/stable", r#"{"study_instance_uid":"x"}"#, Some("test-webhook-secret"));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("study_instance_uid"), "{body}");
+
+    let orthanc = Orthanc::start(
+        &tmp.path().join("orthanc"),
+        orthanc_dicom,
+        orthanc_http,
+        &[
+            "--webhook",
+            &format!("http://127.0.0.1:{webhook}/v1/studies/stable"),
+            "--webhook-token-file",
+            token.to_str().unwrap(),
+        ],
+    );
+    let study = tmp.path().join("plain");
+    let manifest = make_study(&study, "plain");
+    let study_uid = manifest["study_instance_uid"].as_str().unwrap();
+    let port = orthanc_dicom.to_string();
+    let dir = study.join("dicom");
+    let o = dcmtk(
+        "storescu",
+        &["-aet", "STORESCU", "-aec", "ORTHANC", "+sd", "+r", "127.0.0.1", &port, dir.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sent = Instant::now();
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "DONE", "{:?}", j[0]);
+    assert_eq!(j[0]["origin"], "dicomweb:orthanc");
+    assert!(j[0]["timings"].as_array().unwrap().iter().any(|t| t[0] == "fetch"), "{:?}", j[0]["timings"]);
+    let exports = j[0]["exports"].as_array().unwrap();
+    assert_eq!(exports.len(), 2);
+    assert!(exports.iter().all(|e| e["stored"] == true), "{exports:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orthanc.seg_series(study_uid) == 0 {
+        assert!(Instant::now() < deadline, "no SEG series in Orthanc: {:?}", orthanc.get("/studies"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!(
+        "pull: stored in Orthanc → SEG in Orthanc {:.2} s; job timings {}",
+        sent.elapsed().as_secs_f64(),
+        j[0]["timings"]
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(jobs(&gw.jobs).len(), 1, "routing loop: {:?}", jobs(&gw.jobs));
+    assert_eq!(orthanc.seg_series(study_uid), 1);
+    let id = j[0]["id"].as_str().unwrap().to_string();
+
+    let server = format!("http://127.0.0.1:{}", gw.grpc);
+    let ctl = |args: &[&str]| -> (bool, String) {
+        let o = Command::new(workspace_exe("bratsctl", "bratsctl"))
+            .args(["pacs", "--server", &server])
+            .args(args)
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr))
+    };
+    let mut outputs = String::new();
+    let (ok, out) = ctl(&["list"]);
+    assert!(ok && out.contains(&id) && out.contains("DONE"), "{out}");
+    outputs += &out;
+    let (ok, out) = ctl(&["get", &id]);
+    assert!(ok, "{out}");
+    let job: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(job["state"], "DONE");
+    assert_eq!(job["volumes_ml"].as_array().unwrap().len(), 3);
+    assert_eq!(job["series"].as_object().unwrap().len(), 4);
+    outputs += &out;
+    // The same study submitted again is the same (done) job.
+    let (ok, out) = ctl(&["submit", "--study", study_uid, "--watch"]);
+    assert!(ok && out.contains(&id) && out.contains("DONE"), "{out}");
+    outputs += &out;
+    assert_eq!(jobs(&gw.jobs).len(), 1);
+    let (ok, out) = ctl(&["submit", "--study", "1.2.826.0.1.3680043.99.1"]);
+    assert!(!ok && out.contains("NotFound") && out.contains("no MR series"), "{out}");
+    let (ok, out) = ctl(&["submit", "--study", "PHIMARKER"]);
+    assert!(!ok && out.contains("InvalidArgument") && out.contains("study_instance_uid"), "{out}");
+    assert!(!out.contains("PHIMARKER"), "the rejected value is echoed: {out}");
+    let (ok, out) = ctl(&["submit", "--source", "nowhere", "--study", study_uid]);
+    assert!(!ok && out.contains("NotFound") && out.contains("orthanc"), "{out}");
+    let (ok, out) = ctl(&["echo", "archive"]);
+    assert!(ok && out.contains("dicomweb"), "{out}");
+    let (ok, out) = ctl(&["echo", "pacs"]);
+    assert!(ok && out.contains("dimse"), "{out}");
+    let (ok, out) = ctl(&["echo", "nowhere"]);
+    assert!(!ok && out.contains("NotFound") && out.contains("archive"), "{out}");
+    let (ok, out) = ctl(&["get", "0123456789abcdef"]);
+    assert!(!ok && out.contains("NotFound"), "{out}");
+    let (ok, out) = ctl(&["list", "--state", "rejected"]);
+    assert!(ok && !out.contains(&id), "{out}");
+
+    let log = std::fs::read_to_string(orthanc.dir.join("orthanc.log")).unwrap_or_default()
+        + &std::fs::read_to_string(&gw.log).unwrap()
+        + &outputs;
+    for m in MARKERS {
+        assert!(!log.contains(m), "patient data ({m}) in a log or an answer");
+    }
+    assert!(!log.contains("test-webhook-secret"), "the webhook token in a log");
+}
+
+/// The gateway without a model of its own: `[inference] endpoint` names an inference service
+/// (in-process here, secured like production: TLS with the test CA, the `segment` role's API
+/// key); the volumes and results travel through the job's folder in the store. The SEG is the
+/// one the in-process path makes (same label map), records the registered model version, and a
+/// gateway whose inference service is unreachable marks the job FAILED ("inference") and keeps
+/// serving.
+#[test]
+fn the_model_can_run_on_the_inference_service_through_the_store() {
+    if common::real_data_dir("gateway").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let onnx = std::fs::read(root().join("tests/fixtures/onnx/pointwise_head.onnx")).unwrap();
+    let inference = rt.block_on(async {
+        let server = common::InferenceServer::start(|cfg| {
+            cfg.roi = [64, 64, 64];
+            cfg.warmup_shape = None;
+        })
+        .await;
+        server
+            .registry
+            .register(brats_artifacts::registry::DEFAULT_MODEL_NAME, "7", onnx.into(), None, Some("production"))
+            .await
+            .unwrap();
+        server.wait_serving().await;
+        server
+    });
+    let security = inference.security.with_key("segment");
+    let client = |endpoint: &str| {
+        format!(
+            "[inference]\nendpoint = \"{endpoint}\"\nmodel = \"brats_mri_segmentation@production\"\n\
+             [server.client]\nca_file = \"{}\"\ndomain = \"localhost\"\napi_key_file = \"{}\"\n",
+            security.ca_file.as_ref().unwrap().display(),
+            security.api_key_file.as_ref().unwrap().display()
+        )
+    };
+    let pacs_port = free_port();
+    let received = tmp.path().join("pacs");
+    std::fs::create_dir_all(&received).unwrap();
+    let _pacs = Running(
+        Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(&received)
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (make bootstrap installs dcmtk)"),
+    );
+    wait_port(pacs_port);
+    let gw_dir = tmp.path().join("gw");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let gw = start_gateway_with(&gw_dir, pacs_port, 1, &client(&format!("https://{}", inference.addr)));
+    let study = tmp.path().join("plain");
+    make_study(&study, "plain");
+    let o = store(gw.port, &study, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "DONE", "{:?}\n{}", j[0], std::fs::read_to_string(&gw.log).unwrap());
+    let stages: Vec<&str> = j[0]["timings"].as_array().unwrap().iter().filter_map(|t| t[0].as_str()).collect();
+    assert!(stages.contains(&"inference_service") && stages.contains(&"volumes_to_store"), "{stages:?}");
+    let job_dir = gw.jobs.join(j[0]["id"].as_str().unwrap());
+    assert!(job_dir.join("inputs/t1c.nii").is_file() && job_dir.join("inference/seg.nii.gz").is_file());
+    assert_eq!(files_under(&received).len(), 2, "the SEG and the quick look at the PACS");
+    // The SEG names the version the service ran (registered as "7").
+    let o = Command::new(root().join(".deps/venv/bin/python"))
+        .args([
+            "-c",
+            "import sys, pydicom; d = pydicom.dcmread(sys.argv[1]); \
+             print(d.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion)",
+        ])
+        .arg(job_dir.join("seg.dcm"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "7", "{}", String::from_utf8_lossy(&o.stderr));
+
+    // The same study in-process: the same label map.
+    let offline = tmp.path().join("offline");
+    let o = Command::new(workspace_exe("brats-gateway", "brats-gateway"))
+        .args(["segment", "--dicom"])
+        .arg(study.join("dicom"))
+        .arg("--model")
+        .arg(root().join("tests/fixtures/onnx/pointwise_head.onnx"))
+        .args(["--roi", "64,64,64", "--salt", "test-salt", "--out"])
+        .arg(offline.with_extension("dcm"))
+        .arg("--label-map")
+        .arg(offline.with_extension("nii.gz"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let read = |p: &Path| {
+        brats_core::nifti_io::read_nifti(&std::fs::read(p).unwrap(), "label", &Default::default()).unwrap().data
+    };
+    assert!(
+        read(&offline.with_extension("nii.gz")) == read(&job_dir.join("label.nii.gz")),
+        "the inference service's labels differ from the in-process ones"
+    );
+    drop(gw);
+
+    // No inference service: the job fails with a named reason, the gateway keeps serving.
+    let gw_dir = tmp.path().join("gw-down");
+    std::fs::create_dir_all(&gw_dir).unwrap();
+    let gw = start_gateway_with(&gw_dir, pacs_port, 1, &client(&format!("https://127.0.0.1:{}", free_port())));
+    let o = store(gw.port, &study, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "FAILED", "{:?}", j[0]);
+    assert_eq!(j[0]["error"][0], "inference", "{:?}", j[0]);
+    assert!(echo(gw.port, "ECHOSCU", "BRATS"), "the gateway stopped serving");
+    drop(inference);
 }

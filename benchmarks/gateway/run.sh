@@ -24,6 +24,9 @@ ours_port=$(port); ref_port=$(port)
 cat >"$work/gateway.toml" <<TOML
 spool_dir = "$work/spool"
 jobs_root = "file:$work/jobs"
+[server]
+listen = "127.0.0.1:0"
+metrics_listen = ""
 [dimse]
 listen = "127.0.0.1:$ours_port"
 ae_title = "BRATS"

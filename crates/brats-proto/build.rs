@@ -4,8 +4,13 @@
 
 use std::{env, path::PathBuf};
 
-const PROTOS: [&str; 4] =
-    ["brats/v1/common.proto", "brats/v1/preprocess.proto", "brats/v1/trainer.proto", "brats/v1/inference.proto"];
+const PROTOS: [&str; 5] = [
+    "brats/v1/common.proto",
+    "brats/v1/preprocess.proto",
+    "brats/v1/trainer.proto",
+    "brats/v1/inference.proto",
+    "brats/v1/gateway.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);

@@ -3,7 +3,7 @@
 
     orthanc.py start --dir DIR --http-port P --dicom-port Q [--aet ORTHANC]
                      [--gateway AET@HOST:PORT] [--gateway-tls] [--tls-dir D]
-                     [--webhook URL] [--stable-age S] [--timeout 30]
+                     [--webhook URL [--webhook-token-file F]] [--stable-age S] [--timeout 30]
     orthanc.py stop --dir DIR
     orthanc.py make-tls --dir D
 
@@ -15,7 +15,8 @@ On failure prints the log tail to stderr and exits 1 (Orthanc is then stopped).
 route.lua (OnStableStudy): a study with a SEG or SR series, or a series whose Manufacturer is
 "brats-platform", or no MR series, is left alone (this is what stops our own SEG being routed
 back to the gateway). Otherwise: with --webhook, HttpPost(URL, {"study_instance_uid",
-"orthanc_study"}) (pull mode); without, an asynchronous C-STORE job of the whole study to the
+"orthanc_study"}) (pull mode; with --webhook-token-file, as "Authorization: Bearer <token>",
+the gateway's [webhook] token_file secret); without, an asynchronous C-STORE job of the whole study to the
 modality "brats" = --gateway (push mode). Only Orthanc study ids are logged.
 
 --tls-dir D (ca.pem, orthanc.pem, orthanc.key; make-tls writes them): the DICOM port accepts only
@@ -153,6 +154,7 @@ ROUTE_LUA = r"""-- Written by scripts/dicom/orthanc.py: auto-routing of stable M
 -- Mode: %(mode)s. Logs carry Orthanc study ids only, never patient or study tags.
 local MODALITY = %(modality)s
 local WEBHOOK = %(webhook)s
+local WEBHOOK_TOKEN = %(webhook_token)s
 local OWN_MANUFACTURER = %(manufacturer)s
 
 -- Why a study must not be routed, or nil. SEG/SR series and series made by our platform are
@@ -188,7 +190,9 @@ function OnStableStudy(studyId, tags, metadata)
   if WEBHOOK ~= nil then
     local body = DumpJson({ study_instance_uid = tags['StudyInstanceUID'],
                             orthanc_study = studyId }, true)
-    local ok, answer = pcall(HttpPost, WEBHOOK, body, { ['Content-Type'] = 'application/json' })
+    local headers = { ['Content-Type'] = 'application/json' }
+    if WEBHOOK_TOKEN ~= nil then headers['Authorization'] = 'Bearer ' .. WEBHOOK_TOKEN end
+    local ok, answer = pcall(HttpPost, WEBHOOK, body, headers)
     if ok and answer ~= nil then
       print('brats-route: study ' .. studyId .. ' announced to the webhook')
     else
@@ -224,12 +228,19 @@ def write_config(args: argparse.Namespace) -> tuple[str, dict]:
     elif not args.webhook:
         print("orthanc.py: no --gateway and no --webhook: nothing will be routed", file=sys.stderr)
 
+    token = None
+    if args.webhook_token_file:
+        with open(args.webhook_token_file) as f:
+            token = f.read().strip()
+        if not token:
+            die(f"--webhook-token-file {args.webhook_token_file} is empty")
     mode = "webhook (pull)" if args.webhook else ("push to " + MODALITY if args.gateway else "none")
     with open(lua_path, "w") as f:
         f.write(ROUTE_LUA % {
             "mode": mode,
             "modality": lua_str(MODALITY),
             "webhook": lua_str(args.webhook) if args.webhook else "nil",
+            "webhook_token": lua_str(token) if token else "nil",
             "manufacturer": lua_str(OWN_MANUFACTURER),
         })
 
@@ -444,6 +455,7 @@ def main() -> None:
     s.add_argument("--gateway-tls", action="store_true", help="Orthanc -> gateway over DICOM TLS")
     s.add_argument("--tls-dir", help="ca.pem, orthanc.pem, orthanc.key: Orthanc's DICOM port is TLS-only")
     s.add_argument("--webhook", help="pull mode: POST {study_instance_uid, orthanc_study} here")
+    s.add_argument("--webhook-token-file", help="send its content as 'Authorization: Bearer <token>'")
     s.add_argument("--stable-age", type=int, default=2, help="seconds (default 2; Orthanc's is 60)")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for GET /system")
     s.add_argument("--orthanc", help="Orthanc binary (default: $ORTHANC_BIN, PATH, /usr/sbin/Orthanc)")

@@ -4,13 +4,12 @@
 //! study attributes copied from the T1c.
 
 use crate::error::DicomError;
-use crate::seg::{Ds, copy_patient_study, now, truncate};
+use crate::seg::{Ds, copy_patient_study, derived_uid, now, t1c_header, truncate};
 use crate::study::RoleSeries;
 use brats_volume::overlay::Rgb;
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR, dicom_value};
 use dicom_dictionary_std::{tags, uids};
-use dicom_object::OpenFileOptions;
 use dicom_object::meta::FileMetaTableBuilder;
 use sha2::{Digest, Sha256};
 
@@ -38,15 +37,9 @@ pub fn write_secondary_capture(
             picture.width, picture.height
         )));
     }
-    let header = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(&t1c.series.instances[t1c.stack.slices[0].instance].path)
-        .map_err(|e| DicomError::Encode(format!("re-reading the T1c header: {e}")))?;
+    let header = t1c_header(t1c)?;
     let key = Sha256::new().chain_update(t1c.series.uid.as_bytes()).chain_update(&picture.pixels).finalize();
-    let uid = |purpose: &str| {
-        let d = Sha256::new().chain_update(key).chain_update(purpose.as_bytes()).finalize();
-        format!("2.25.{}", u128::from_be_bytes(d[..16].try_into().expect("16 bytes")) >> 1)
-    };
+    let uid = |purpose: &str| derived_uid(&key, purpose);
     let (series_uid, instance_uid) = (uid("capture-series"), uid("capture-instance"));
     let mut ds = Ds::new();
     copy_patient_study(&header, &mut ds);

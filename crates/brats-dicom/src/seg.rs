@@ -179,10 +179,7 @@ pub fn write_seg(label: &[u8], sources: &[RoleSeries], options: &SegOptions) -> 
         return Err(DicomError::Label(format!("value {v} is not a BraTS label (0, 1, 2, 4)")));
     }
     let native = layout.to_native(label);
-    let header = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(&t1c.series.instances[t1c.stack.slices[0].instance].path)
-        .map_err(|e| DicomError::Encode(format!("re-reading the T1c header: {e}")))?;
+    let header = t1c_header(t1c)?;
 
     // Frames: (segment, slice index) with their masks.
     let mut voxels = [0usize; 3];
@@ -210,10 +207,7 @@ pub fn write_seg(label: &[u8], sources: &[RoleSeries], options: &SegOptions) -> 
     h.update(options.algorithm_version.as_bytes());
     h.update(label);
     let key = h.finalize();
-    let uid = |purpose: &str| {
-        let d = Sha256::new().chain_update(key).chain_update(purpose.as_bytes()).finalize();
-        format!("2.25.{}", u128::from_be_bytes(d[..16].try_into().expect("16 bytes")) >> 1)
-    };
+    let uid = |purpose: &str| derived_uid(&key, purpose);
     let series_uid = uid("series");
     let sop_instance_uid = uid("instance");
 
@@ -457,6 +451,22 @@ pub(crate) fn copy_patient_study(header: &InMemDicomObject, ds: &mut Ds) {
             ds.0.put(DataElement::new(*tag, vr, PrimitiveValue::Empty));
         }
     }
+}
+
+/// The header (up to the pixel data) of the T1c's first slice: where the copied patient and
+/// study attributes come from.
+pub(crate) fn t1c_header(t1c: &RoleSeries) -> Result<InMemDicomObject, DicomError> {
+    OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(&t1c.series.instances[t1c.stack.slices[0].instance].path)
+        .map(|file| file.into_inner())
+        .map_err(|e| DicomError::Encode(format!("re-reading the T1c header: {e}")))
+}
+
+/// A `2.25.` UID derived from `key` and `purpose`: the same inputs give the same UID.
+pub(crate) fn derived_uid(key: &[u8], purpose: &str) -> String {
+    let d = Sha256::new().chain_update(key).chain_update(purpose.as_bytes()).finalize();
+    format!("2.25.{}", u128::from_be_bytes(d[..16].try_into().expect("16 bytes")) >> 1)
 }
 
 pub(crate) fn truncate(s: &str, max: usize) -> String {

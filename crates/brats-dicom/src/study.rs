@@ -125,6 +125,13 @@ pub fn load_scan(scan: &Scan, options: &LoadOptions) -> Result<StudyVolumes, Dic
     }
     let selector = Selector::new(options.rules.clone()).map_err(DicomError::Label)?;
     let selection = select(scan, &selector, &options.overrides, &hasher)?;
+    load_selected(scan, selection, options)
+}
+
+/// [`load_scan`] with the series already chosen (by [`select`] on this scan), so a caller that
+/// needed the selection first (the gateway derives its job id from it) does not choose twice.
+pub fn load_selected(scan: &Scan, selection: Selection, options: &LoadOptions) -> Result<StudyVolumes, DicomError> {
+    let hasher = UidHasher::new(&options.salt);
     let series: Vec<&Series> =
         Role::ALL.iter().map(|&r| scan.get(selection.uid(r)).expect("selected from the scan")).collect();
     check_same_study(&series, &hasher)?;

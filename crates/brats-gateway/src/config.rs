@@ -1,11 +1,17 @@
-//! `brats-gateway serve`'s configuration (TOML; `deploy/gateway.toml` shows every key).
+//! `brats-gateway serve`'s configuration: a TOML file (`deploy/gateway.toml` shows every key),
+//! then `BRATS_GATEWAY_*` environment overrides (nested keys with `__`, e.g.
+//! `BRATS_GATEWAY_DIMSE__AE_TITLE`), as for the other services.
 
 use crate::jobs::Destination;
-use serde::Deserialize;
+use brats_service::ServerConfig;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
+/// Environment prefix of overrides.
+pub const ENV_PREFIX: &str = "BRATS_GATEWAY_";
+
 /// The DIMSE listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DimseConfig {
     /// Listen address.
@@ -46,7 +52,7 @@ impl Default for DimseConfig {
 }
 
 /// When a study counts as complete.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StudyConfig {
     /// Seconds without a new instance (and no open association) before a study is stable.
@@ -62,7 +68,7 @@ impl Default for StudyConfig {
 }
 
 /// The model the gateway runs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     /// The ONNX file.
@@ -92,10 +98,49 @@ impl Default for ModelConfig {
     }
 }
 
+/// Where the model runs: in this process (`[model] onnx`) or on a `brats-inference` service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RemoteInferenceConfig {
+    /// The inference service's gRPC address (e.g. `https://inference:50052`); empty: run
+    /// `[model] onnx` in-process. Volumes and results travel through `jobs_root`, which the
+    /// service must reach too; it is called with `[server.client]`'s TLS and credentials.
+    pub endpoint: String,
+    /// The model: `NAME`, `NAME@ALIAS` or `NAME:VERSION` (empty: the service's default model
+    /// at "production"). Job ids use this text; pin a version to redo studies on a new one.
+    pub model: String,
+}
+
+/// A DICOMweb archive studies can be pulled from (SubmitStudy, the webhook).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// Its name (SubmitStudyRequest.source).
+    pub name: String,
+    /// The archive's DICOMweb base URL (below which `/studies` lives).
+    pub url: String,
+}
+
+/// The HTTP webhook an archive's script calls when a study is stable (pull mode).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Listen address; empty: no webhook.
+    pub listen: String,
+    /// The source the announced studies are pulled from (empty: the only one).
+    pub source: String,
+    /// A file holding the shared secret callers send as `Authorization: Bearer <secret>`;
+    /// empty: any caller that reaches the port may announce a study (loopback only).
+    pub token_file: String,
+}
+
 /// Everything `serve` reads.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
+    /// The gRPC API (`[server]`, shared by every service: listen, metrics, TLS, auth, audit):
+    /// default listen `127.0.0.1:50054`, metrics `127.0.0.1:9467`.
+    pub server: ServerConfig,
     /// DIMSE listener.
     pub dimse: DimseConfig,
     /// Study stability.
@@ -104,10 +149,16 @@ pub struct GatewayConfig {
     pub spool_dir: PathBuf,
     /// Root of job records (a store URI: `file:…` or `s3://…`).
     pub jobs_root: String,
-    /// The model.
+    /// The model (in-process) and the sliding window (both modes).
     pub model: ModelConfig,
-    /// Where SEGs are sent (C-STORE).
+    /// The inference service, when the model runs there.
+    pub inference: RemoteInferenceConfig,
+    /// Where SEGs are sent (C-STORE or STOW-RS).
     pub destinations: Vec<Destination>,
+    /// DICOMweb archives studies may be pulled from.
+    pub sources: Vec<Source>,
+    /// The pull-mode webhook.
+    pub webhook: WebhookConfig,
     /// Also send the quick-look Secondary Capture (for viewers without SEG support).
     pub send_quick_look: bool,
     /// Salt of hashed UIDs in logs and records.
@@ -117,12 +168,16 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
+            server: ServerConfig::new("127.0.0.1:50054", "127.0.0.1:9467", 30),
             dimse: DimseConfig::default(),
             study: StudyConfig::default(),
             spool_dir: PathBuf::from("data/gateway/spool"),
             jobs_root: "file:data/gateway/jobs".into(),
             model: ModelConfig::default(),
+            inference: RemoteInferenceConfig::default(),
             destinations: Vec::new(),
+            sources: Vec::new(),
+            webhook: WebhookConfig::default(),
             send_quick_look: true,
             salt: brats_dicom::phi::DEFAULT_SALT.into(),
         }
@@ -130,14 +185,43 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
-    /// Reads a TOML file; unknown keys are errors naming the key.
+    /// Reads a TOML file, then the `BRATS_GATEWAY_*` overrides; unknown keys are errors
+    /// naming the key, and every destination, source and the webhook are checked here, so a
+    /// mistake stops the start rather than the first study.
     pub fn load(path: &std::path::Path) -> anyhow::Result<GatewayConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-        let config: GatewayConfig = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let config: GatewayConfig = brats_service::load_config(GatewayConfig::default(), Some(path), ENV_PREFIX)?;
+        let at = |e: String| anyhow::anyhow!("{}: {e}", path.display());
         for d in &config.destinations {
-            d.target().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            d.target().map_err(at)?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for d in &config.destinations {
+            anyhow::ensure!(names.insert(&d.name), "{}: destinations.{} is named twice", path.display(), d.name);
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for s in &config.sources {
+            anyhow::ensure!(names.insert(&s.name), "{}: sources.{} is named twice", path.display(), s.name);
+            reqwest::Url::parse(&s.url)
+                .map_err(|e| at(format!("sources.{}: url {e}; give the archive's DICOMweb base URL", s.name)))?;
+        }
+        if !config.webhook.listen.is_empty() {
+            config.source(&config.webhook.source).map_err(|e| at(format!("webhook.source: {e}")))?;
         }
         Ok(config)
+    }
+
+    /// The source named `name` (empty: the only one), or what is configured instead.
+    pub fn source(&self, name: &str) -> Result<&Source, String> {
+        let names = || self.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ");
+        match (name, self.sources.as_slice()) {
+            (_, []) => Err("no [[sources]] configured: add the DICOMweb archive to pull from".into()),
+            ("", [only]) => Ok(only),
+            ("", _) => Err(format!("several sources are configured ({}); name one", names())),
+            (name, sources) => sources
+                .iter()
+                .find(|s| s.name == name)
+                .ok_or_else(|| format!("no source named {name:?}; configured: {}", names())),
+        }
     }
 }
 

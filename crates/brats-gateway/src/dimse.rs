@@ -53,6 +53,11 @@ fn implicit_le() -> &'static dicom_encoding::TransferSyntax {
     TransferSyntaxRegistry.get(uids::IMPLICIT_VR_LITTLE_ENDIAN).expect("implicit VR little endian is built in")
 }
 
+/// A UID (or other UI/AE value) without the NUL or space padding DICOM adds to even lengths.
+pub fn trim_uid(value: &str) -> &str {
+    value.trim_end_matches(['\0', ' '])
+}
+
 /// Parses a command set; `None` when it is not one.
 pub fn parse(bytes: &[u8]) -> Option<Command> {
     let obj = InMemDicomObject::read_dataset_with_ts(bytes, implicit_le()).ok()?;
@@ -61,7 +66,7 @@ pub fn parse(bytes: &[u8]) -> Option<Command> {
         obj.element_opt(tag)
             .ok()
             .flatten()
-            .and_then(|e| e.to_str().ok().map(|s| s.trim_end_matches(['\0', ' ']).to_string()))
+            .and_then(|e| e.to_str().ok().map(|s| trim_uid(&s).to_string()))
             .unwrap_or_default()
     };
     let field = int(tags::COMMAND_FIELD)?;

@@ -7,7 +7,7 @@
 //! changed selection (a new series, a re-sent series with more slices) or a new model is a new
 //! job. Records carry hashed UIDs and codes, never patient data.
 
-use crate::offline::{GatewayError, segment_study};
+use crate::offline::{GatewayError, finish, segment_study};
 use crate::scu::{self, DimsePeer};
 use crate::spool::Spool;
 use crate::stow;
@@ -17,11 +17,12 @@ use brats_dicom::phi::UidHasher;
 use brats_dicom::scan::scan_dir;
 use brats_dicom::seg::SegOptions;
 use brats_dicom::select::{Role, Selector, select};
-use brats_dicom::study::load_scan;
+use brats_dicom::study::load_selected;
 use brats_dicom::{DicomError, LoadOptions};
 use brats_inference::runtime::SegmentationModel;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,10 +82,23 @@ pub struct JobRecord {
     pub exports: Vec<ExportResult>,
     /// For REJECTED/FAILED: a stable code and the message.
     pub error: Option<(String, String)>,
+    /// How the study came: "dimse" or "dicomweb:<source>".
+    #[serde(default)]
+    pub origin: String,
+    /// When the record was last written (ms since the Unix epoch).
+    #[serde(default)]
+    pub updated_ms: i64,
 }
 
-/// A configured export destination: a DIMSE peer (`ae_title`, `host`, `port`) or a DICOMweb
-/// archive (`stow_url`, the base URL: `{stow_url}/studies` is posted to).
+impl JobState {
+    /// Whether the job will not change any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Done | JobState::Rejected | JobState::Failed)
+    }
+}
+
+/// A configured export destination: a DIMSE peer (`ae_title`, `host`, `port`, optionally `tls`)
+/// or a DICOMweb archive (`stow_url`, the base URL: `{stow_url}/studies` is posted to).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Destination {
@@ -99,6 +113,9 @@ pub struct Destination {
     /// C-STORE: port.
     #[serde(default)]
     pub port: Option<u16>,
+    /// C-STORE over DICOM TLS: the peer's CA (and our certificate for mutual TLS).
+    #[serde(default)]
+    pub tls: Option<crate::scu::PeerTls>,
     /// STOW-RS: the archive's DICOMweb base URL.
     #[serde(default)]
     pub stow_url: Option<String>,
@@ -117,10 +134,17 @@ impl Destination {
     /// The target, or what is missing (names the destination and the keys).
     pub fn target(&self) -> Result<Target, String> {
         match (&self.ae_title, &self.host, &self.port, &self.stow_url) {
-            (Some(ae), Some(host), Some(port), None) => {
-                Ok(Target::Dimse(DimsePeer { ae_title: ae.clone(), host: host.clone(), port: *port }))
-            }
-            (None, None, None, Some(url)) => Ok(Target::Stow(url.clone())),
+            (Some(ae), Some(host), Some(port), None) => Ok(Target::Dimse(DimsePeer {
+                ae_title: ae.clone(),
+                host: host.clone(),
+                port: *port,
+                tls: self.tls.clone(),
+            })),
+            (None, None, None, Some(url)) if self.tls.is_none() => Ok(Target::Stow(url.clone())),
+            (None, None, None, Some(_)) => Err(format!(
+                "destinations.{}: tls is for C-STORE destinations; for STOW-RS use an https:// stow_url",
+                self.name
+            )),
             _ => Err(format!(
                 "destinations.{}: give either ae_title, host and port (C-STORE) or stow_url (STOW-RS)",
                 self.name
@@ -137,8 +161,8 @@ pub struct Runner {
     pub stores: Arc<Stores>,
     /// Root of the job records.
     pub jobs_root: StoreUri,
-    /// The model.
-    pub model: Arc<SegmentationModel>,
+    /// The model: in-process or on an inference service.
+    pub model: Segmenter,
     /// Its version (part of the job id).
     pub model_version: String,
     /// Sliding window.
@@ -157,15 +181,53 @@ pub struct Runner {
     pub stable_after: Duration,
     /// Longest wait for a study.
     pub max_wait: Duration,
+    /// Held while a job converts, segments and exports: one job at a time uses the model
+    /// (and its threads), whether it came by DIMSE or by pull.
+    pub busy: tokio::sync::Mutex<()>,
+    /// Job outcomes for `/metrics`.
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// Where a job's segmentation runs.
+pub enum Segmenter {
+    /// An ONNX model in this process.
+    Local(Arc<SegmentationModel>),
+    /// A `brats-inference` service, through the store.
+    Remote(Arc<crate::remote::RemoteModel>),
+}
+
+/// What [`Runner::prepare`] found.
+pub enum Prepared {
+    /// Nothing to run: the same selection is already DONE, or the study was REJECTED at
+    /// selection (the record says why).
+    Settled(JobRecord),
+    /// A new (or unfinished) job: its record is saved as SELECTED; [`Runner::complete`] runs it.
+    Run(PendingJob),
+}
+
+/// A selected job waiting for [`Runner::complete`].
+pub struct PendingJob {
+    /// Its record (state SELECTED).
+    pub record: JobRecord,
+    scan: brats_dicom::scan::Scan,
+    selection: brats_dicom::select::Selection,
+    dir: PathBuf,
+    started: Instant,
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Runner {
-    /// Processes stable studies, one at a time, until the task is dropped.
+    /// Processes stable studies from the spool until the task is dropped.
     pub async fn run(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             for study in self.spool.take_stable(self.stable_after, self.max_wait) {
-                if let Err(e) = self.process(&study).await {
+                let dir = self.spool.study_dir(&study);
+                if let Err(e) = self.process(&study, &dir, "dimse").await {
                     tracing::error!(study = %study, error = %e, "job failed");
                 }
             }
@@ -176,28 +238,69 @@ impl Runner {
         self.jobs_root.join(&format!("{id}/job.json"))
     }
 
-    async fn save(&self, record: &JobRecord) -> anyhow::Result<()> {
+    async fn save(&self, record: &mut JobRecord) -> anyhow::Result<()> {
+        record.updated_ms = now_ms();
         self.stores.put(&self.record_uri(&record.id), serde_json::to_vec_pretty(record)?.into()).await?;
         Ok(())
     }
 
     /// Reads a job record.
-    pub async fn load(&self, id: &str) -> anyhow::Result<JobRecord> {
-        Ok(serde_json::from_slice(&self.stores.get(&self.record_uri(id)).await?)?)
+    pub async fn load(&self, id: &str) -> Result<JobRecord, brats_core::CoreError> {
+        let bytes = self.stores.get(&self.record_uri(id)).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| brats_core::CoreError::Internal(format!("job {id}: unreadable record ({e})")))
     }
 
-    /// Runs the job for one stable study folder.
-    pub async fn process(&self, study: &str) -> anyhow::Result<()> {
-        let dir = self.spool.study_dir(study);
+    /// Every job record, most recently updated first (unreadable records are skipped with a
+    /// warning: one damaged file must not hide the others).
+    pub async fn list(&self) -> Result<Vec<JobRecord>, brats_core::CoreError> {
+        let mut records = Vec::new();
+        for uri in self.stores.list(&self.jobs_root).await? {
+            if uri.file_name() != "job.json" {
+                continue;
+            }
+            match self.stores.get(&uri).await.map(|b| serde_json::from_slice::<JobRecord>(&b)) {
+                Ok(Ok(r)) => records.push(r),
+                Ok(Err(e)) => tracing::warn!(record = %uri, error = %e, "unreadable job record skipped"),
+                Err(e) => tracing::warn!(record = %uri, error = %e, "job record vanished while listing"),
+            }
+        }
+        records.sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then_with(|| a.id.cmp(&b.id)));
+        Ok(records)
+    }
+
+    /// Runs the job for the study (hash `study`) whose instances are in `dir`, from selection
+    /// to export; `origin` is recorded ("dimse", "dicomweb:<source>").
+    pub async fn process(&self, study: &str, dir: &Path, origin: &str) -> anyhow::Result<JobRecord> {
+        match self.prepare(study, dir, origin, Vec::new()).await? {
+            Prepared::Settled(record) => Ok(record),
+            Prepared::Run(job) => self.complete(job).await,
+        }
+    }
+
+    /// Reads the study's headers, chooses the four series and derives the job id; saves the
+    /// record (SELECTED or REJECTED) with `earlier` stages' timings first (a pull's fetch).
+    /// Fast (headers only), so an RPC can answer with the record.
+    pub async fn prepare(
+        &self,
+        study: &str,
+        dir: &Path,
+        origin: &str,
+        earlier: Vec<(String, f64)>,
+    ) -> anyhow::Result<Prepared> {
         let started = Instant::now();
         let hasher = UidHasher::new(&self.load_options.salt);
         let scan = {
-            let dir = dir.clone();
+            let dir = dir.to_path_buf();
             let max = self.load_options.max_files;
             tokio::task::spawn_blocking(move || scan_dir(&dir, max)).await??
         };
         let selector = Selector::new(self.load_options.rules.clone()).map_err(anyhow::Error::msg)?;
-        let selection = select(&scan, &selector, &self.load_options.overrides, &hasher);
+        let selection = if scan.series.is_empty() {
+            Err(DicomError::NoInstances { skipped: scan.skipped })
+        } else {
+            select(&scan, &selector, &self.load_options.overrides, &hasher)
+        };
         // The job id: study, chosen series with their sizes, model version.
         let mut h = Sha256::new();
         h.update(study.as_bytes());
@@ -220,13 +323,16 @@ impl Runner {
         };
         h.update(self.model_version.as_bytes());
         let id = hex::encode(&h.finalize()[..8]);
-        if let Ok(existing) = self.load(&id).await
-            && existing.state == JobState::Done
-        {
+        let existing = self.load(&id).await.ok();
+        if let Some(existing) = existing.as_ref().filter(|r| r.state == JobState::Done) {
             tracing::info!(job = %id, study, "study already done; nothing to do");
-            let _ = std::fs::remove_dir_all(&dir);
-            return Ok(());
+            let _ = std::fs::remove_dir_all(dir);
+            return Ok(Prepared::Settled(existing.clone()));
         }
+        // A job picked up again after a restart keeps the origin it was first recorded with.
+        let origin = existing.map(|r| r.origin).filter(|o| !o.is_empty()).unwrap_or_else(|| origin.to_string());
+        let mut timings = earlier;
+        timings.push(("select".into(), started.elapsed().as_secs_f64()));
         let mut record = JobRecord {
             id: id.clone(),
             study: study.to_string(),
@@ -236,60 +342,97 @@ impl Runner {
             seg_series_uid: None,
             seg_frames: None,
             volumes_ml: None,
-            timings: vec![("select".into(), started.elapsed().as_secs_f64())],
+            timings,
             exports: Vec::new(),
             error: None,
+            origin: origin.clone(),
+            updated_ms: 0,
         };
-        let reject = |record: &mut JobRecord, e: &DicomError| {
-            record.state = JobState::Rejected;
-            record.error = Some((e.code().to_string(), e.to_string()));
-        };
-        if let Err(e) = &selection {
-            reject(&mut record, e);
-            self.save(&record).await?;
-            tracing::warn!(job = %id, code = e.code(), "study rejected");
-            let _ = std::fs::remove_dir_all(&dir);
-            return Ok(());
+        match selection {
+            Err(e) => {
+                self.reject(&mut record, &e, dir).await?;
+                Ok(Prepared::Settled(record))
+            }
+            Ok(selection) => {
+                self.save(&mut record).await?;
+                tracing::info!(job = %id, study, origin = %origin, "job selected");
+                Ok(Prepared::Run(PendingJob { record, scan, selection, dir: dir.to_path_buf(), started }))
+            }
         }
-        self.save(&record).await?;
-        tracing::info!(job = %id, study, "job started");
+    }
 
+    /// A REJECTED record is final: saved, counted, the study's instances dropped (resend a
+    /// fixed study).
+    async fn reject(&self, record: &mut JobRecord, e: &DicomError, dir: &Path) -> anyhow::Result<()> {
+        record.state = JobState::Rejected;
+        record.error = Some((e.code().to_string(), e.to_string()));
+        self.save(record).await?;
+        self.metrics.finished(record);
+        tracing::warn!(job = %record.id, code = e.code(), "study rejected");
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(())
+    }
+
+    /// Converts, segments, writes and exports a selected job (one at a time).
+    pub async fn complete(&self, job: PendingJob) -> anyhow::Result<JobRecord> {
+        let _busy = self.busy.lock().await;
+        let PendingJob { mut record, scan, selection, dir, started } = job;
+        let id = record.id.clone();
+        // The same study may have been selected twice while another job held the model.
+        if let Ok(existing) = self.load(&id).await
+            && existing.state == JobState::Done
+        {
+            return Ok(existing);
+        }
         let t = Instant::now();
         let options = self.load_options.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_scan(&scan, &options)).await?;
+        let loaded = tokio::task::spawn_blocking(move || load_selected(&scan, selection, &options)).await?;
         record.timings.push(("convert".into(), t.elapsed().as_secs_f64()));
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
-                reject(&mut record, &e);
-                self.save(&record).await?;
-                tracing::warn!(job = %id, code = e.code(), "study rejected");
-                let _ = std::fs::remove_dir_all(&dir);
-                return Ok(());
+                self.reject(&mut record, &e, &dir).await?;
+                return Ok(record);
             }
         };
         record.volumes = Some(serde_json::json!({ "grid": loaded.grid, "warnings": loaded.warnings }));
-        let model = self.model.clone();
-        let window = self.window;
-        let seg_options = self.seg_options.clone();
-        let result = tokio::task::spawn_blocking(move || segment_study(&loaded, &model, &window, &seg_options)).await?;
+        let job_dir = self.jobs_root.join(&id);
+        let mut seg_options = self.seg_options.clone();
+        let result = match &self.model {
+            Segmenter::Local(model) => {
+                let (model, window) = (model.clone(), self.window);
+                tokio::task::spawn_blocking(move || segment_study(&loaded, &model, &window, &seg_options)).await?
+            }
+            Segmenter::Remote(remote) => match remote.run(&loaded, &job_dir, &format!("gateway-{id}")).await {
+                Ok((output, version)) => {
+                    seg_options.algorithm_version = version;
+                    tokio::task::spawn_blocking(move || finish(&loaded, output, &seg_options)).await?
+                }
+                Err(e) => {
+                    record.state = JobState::Failed;
+                    record.error = Some(("inference".into(), e.to_string()));
+                    self.save(&mut record).await?;
+                    self.metrics.finished(&record);
+                    tracing::warn!(job = %id, error = %e, "the inference service did not segment the study");
+                    return Ok(record);
+                }
+            },
+        };
         let result = match result {
             Ok(r) => r,
             Err(GatewayError::Input(e)) => {
-                reject(&mut record, &e);
-                self.save(&record).await?;
-                let _ = std::fs::remove_dir_all(&dir);
-                return Ok(());
+                self.reject(&mut record, &e, &dir).await?;
+                return Ok(record);
             }
             Err(e) => {
                 record.state = JobState::Failed;
                 record.error = Some(("segment".into(), e.to_string()));
-                self.save(&record).await?;
+                self.save(&mut record).await?;
+                self.metrics.finished(&record);
                 return Err(e.into());
             }
         };
         record.timings.extend(result.timings.iter().cloned());
-        let job_dir = self.jobs_root.join(&id);
         self.stores.put(&job_dir.join("seg.dcm"), result.seg.bytes.clone().into()).await?;
         self.stores.put(&job_dir.join("label.nii.gz"), result.label_nifti()?.into()).await?;
         self.stores.put(&job_dir.join("quick-look.dcm"), result.capture.bytes.clone().into()).await?;
@@ -297,47 +440,17 @@ impl Runner {
         record.seg_series_uid = Some(result.seg.series_uid.clone());
         record.seg_frames = Some(result.seg.frames);
         record.volumes_ml = Some(result.volumes_ml);
-        self.save(&record).await?;
+        self.save(&mut record).await?;
 
         record.state = JobState::Exporting;
-        self.save(&record).await?;
+        self.save(&mut record).await?;
         let t = Instant::now();
+        let mut objects: Vec<&[u8]> = vec![&result.seg.bytes];
+        if self.send_quick_look {
+            objects.push(&result.capture.bytes);
+        }
         for destination in &self.destinations {
-            let mut export =
-                ExportResult { destination: destination.name.clone(), stored: false, attempts: 0, error: None };
-            for attempt in 0..3u32 {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-                }
-                export.attempts += 1;
-                let mut objects: Vec<&[u8]> = vec![&result.seg.bytes];
-                if self.send_quick_look {
-                    objects.push(&result.capture.bytes);
-                }
-                let sent = match destination.target() {
-                    Ok(Target::Dimse(peer)) => {
-                        let mut sent = Ok(());
-                        for object in &objects {
-                            sent = scu::store(&peer, &self.calling_ae, object).await.map_err(|e| e.to_string());
-                            if sent.is_err() {
-                                break;
-                            }
-                        }
-                        sent
-                    }
-                    Ok(Target::Stow(url)) => stow::store(&url, &objects).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
-                match sent {
-                    Ok(()) => {
-                        export.stored = true;
-                        export.error = None;
-                        break;
-                    }
-                    Err(e) => export.error = Some(e),
-                }
-            }
-            record.exports.push(export);
+            record.exports.push(self.export(destination, &objects).await);
         }
         record.timings.push(("export".into(), t.elapsed().as_secs_f64()));
         record.timings.push(("total".into(), started.elapsed().as_secs_f64()));
@@ -350,7 +463,43 @@ impl Runner {
             record.error = Some(("export".into(), "a destination did not take the SEG after 3 attempts".into()));
             tracing::warn!(job = %id, "export failed");
         }
-        self.save(&record).await?;
-        Ok(())
+        self.save(&mut record).await?;
+        self.metrics.finished(&record);
+        Ok(record)
+    }
+
+    /// Sends `objects` to one destination, up to 3 attempts (1 s, then 2 s apart).
+    async fn export(&self, destination: &Destination, objects: &[&[u8]]) -> ExportResult {
+        let mut export =
+            ExportResult { destination: destination.name.clone(), stored: false, attempts: 0, error: None };
+        for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+            }
+            export.attempts += 1;
+            let sent = match destination.target() {
+                Ok(Target::Dimse(peer)) => {
+                    let mut sent = Ok(());
+                    for object in objects {
+                        sent = scu::store(&peer, &self.calling_ae, object).await.map_err(|e| e.to_string());
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    sent
+                }
+                Ok(Target::Stow(url)) => stow::store(&url, objects).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(()) => {
+                    export.stored = true;
+                    export.error = None;
+                    break;
+                }
+                Err(e) => export.error = Some(e),
+            }
+        }
+        export
     }
 }

@@ -5,12 +5,10 @@
 
 use anyhow::Context;
 use brats_artifacts::window::{Blend, SlidingWindow};
-use brats_dicom::seg::SegOptions;
 use brats_dicom::{LoadOptions, Role, load_study};
 use brats_gateway::offline::{GatewayError, segment_study, volume_files, write_atomically, write_files};
 use brats_inference::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
 use clap::{Parser, Subcommand};
-use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -137,7 +135,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = brats_gateway::config::GatewayConfig::load(&config)?;
-            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(config))?;
+            brats_service::init_logging("info,ort=warn", false);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(brats_gateway::server::serve(config, brats_service::shutdown_signal(), None))?;
         }
         Command::Volumes { study, out } => {
             let options = study.options()?;
@@ -167,7 +169,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let roi = brats_cli::parse_xyz::<usize>(&roi).map_err(|e| anyhow::anyhow!("--roi: {e}"))?;
             let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
             let onnx = std::fs::read(&model).with_context(|| format!("reading --model {}", model.display()))?;
-            let digest = hex::encode(sha2::Sha256::digest(&onnx));
+            let seg_options = brats_gateway::server::seg_options(&model_name, model_version.as_deref(), &onnx);
             let started = std::time::Instant::now();
             let loaded = load_study(&study.dicom, &options).map_err(GatewayError::from)?;
             let read_s = started.elapsed().as_secs_f64();
@@ -176,16 +178,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let model = SegmentationModel::load(&default_library(), &onnx, &session)
                 .with_context(|| format!("loading --model {}", model.display()))?;
             let window = SlidingWindow { roi, overlap, blend: Blend::Constant, mirror: false };
-            let seg_options = SegOptions {
-                algorithm_name: model_name,
-                algorithm_version: model_version.unwrap_or_else(|| format!("sha256:{}", &digest[..12])),
-                software_versions: format!(
-                    "brats-gateway {}; model sha256:{}",
-                    env!("CARGO_PKG_VERSION"),
-                    &digest[..12]
-                ),
-                ..SegOptions::default()
-            };
             let result = segment_study(&loaded, &model, &window, &seg_options)?;
             if let Some(path) = &label_map {
                 write_atomically(path, &result.label_nifti()?)?;
@@ -212,109 +204,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("  timing   {}", stages.join(", "));
         }
     }
-    Ok(())
-}
-
-/// Starts the SCP and the job runner; returns on SIGINT/SIGTERM.
-async fn serve(config: brats_gateway::config::GatewayConfig) -> anyhow::Result<()> {
-    use brats_gateway::{
-        jobs::Runner,
-        scp::{Scp, ScpConfig},
-        spool::Spool,
-    };
-    use std::sync::Arc;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,ort=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let hasher = brats_dicom::phi::UidHasher::new(&config.salt);
-    let spool = Arc::new(
-        Spool::open(&config.spool_dir, hasher).with_context(|| format!("spool_dir {}", config.spool_dir.display()))?,
-    );
-    let onnx =
-        std::fs::read(&config.model.onnx).with_context(|| format!("model.onnx {}", config.model.onnx.display()))?;
-    let digest = hex::encode(sha2::Sha256::digest(&onnx));
-    let version = config.model.version.clone().unwrap_or_else(|| format!("sha256:{}", &digest[..12]));
-    let session = SessionOptions { intra_threads: config.model.threads, ..Default::default() };
-    let model = Arc::new(
-        SegmentationModel::load(&default_library(), &onnx, &session)
-            .with_context(|| format!("model.onnx {}", config.model.onnx.display()))?,
-    );
-    let stores = Arc::new(brats_core::store::Stores::new(brats_core::store::StoreConfig::default()));
-    let jobs_root = brats_core::store::StoreUri::parse(&config.jobs_root)
-        .with_context(|| format!("jobs_root {}", config.jobs_root))?;
-    let d = &config.dimse;
-    let scp = Arc::new(Scp::new(
-        ScpConfig {
-            ae_title: d.ae_title.clone(),
-            allowed_calling_aes: d.allowed_calling_aes.clone(),
-            max_associations: d.max_associations,
-            max_pdu: d.max_pdu,
-            min_free_bytes: d.min_free_mb << 20,
-            max_instance_bytes: d.max_instance_mb << 20,
-            timeout: std::time::Duration::from_secs(d.timeout_s),
-        },
-        spool.clone(),
-        if d.tls.enabled() {
-            Some(brats_service::security::tls::ServerTls::load_without_alpn(&d.tls).context("dimse.tls")?)
-        } else {
-            None
-        },
-    ));
-    let runner = Arc::new(Runner {
-        spool,
-        stores,
-        jobs_root,
-        model,
-        model_version: version.clone(),
-        window: SlidingWindow {
-            roi: config.model.roi,
-            overlap: config.model.overlap,
-            blend: Blend::Constant,
-            mirror: false,
-        },
-        seg_options: SegOptions {
-            algorithm_name: config.model.name.clone(),
-            algorithm_version: version,
-            software_versions: format!("brats-gateway {}; model sha256:{}", env!("CARGO_PKG_VERSION"), &digest[..12]),
-            ..SegOptions::default()
-        },
-        load_options: LoadOptions { salt: config.salt.clone(), ..LoadOptions::default() },
-        destinations: config.destinations.clone(),
-        calling_ae: d.ae_title.clone(),
-        send_quick_look: config.send_quick_look,
-        stable_after: std::time::Duration::from_secs_f64(config.study.stable_after_s),
-        max_wait: std::time::Duration::from_secs_f64(config.study.max_wait_s),
-    });
-    let listener =
-        tokio::net::TcpListener::bind(&d.listen).await.with_context(|| format!("dimse.listen {}", d.listen))?;
-    tracing::info!(address = %listener.local_addr()?, ae_title = %d.ae_title, tls = d.tls.enabled(), "DIMSE SCP listening");
-    // C-ECHO each DIMSE destination once at start-up: a wrong AE title or port shows now, not
-    // at the first study.
-    for destination in &config.destinations {
-        if let Ok(brats_gateway::jobs::Target::Dimse(peer)) = destination.target() {
-            let (name, calling) = (destination.name.clone(), d.ae_title.clone());
-            tokio::spawn(async move {
-                match brats_gateway::scu::echo(&peer, &calling).await {
-                    Ok(()) => tracing::info!(destination = %name, "destination answers C-ECHO"),
-                    Err(e) => tracing::warn!(destination = %name, error = %e, "destination does not answer C-ECHO"),
-                }
-            });
-        }
-    }
-    let scp_task = tokio::spawn(scp.serve(listener));
-    let jobs_task = tokio::spawn(runner.run());
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    scp_task.abort();
-    jobs_task.abort();
     Ok(())
 }
 

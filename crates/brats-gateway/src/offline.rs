@@ -86,15 +86,26 @@ impl DicomSegmentation {
     }
 }
 
-/// Segments the loaded study: model on the common grid, labels brought back to the T1c's own
-/// grid (exactly when the grids are shared; else the three sigmoid channels are resampled
-/// trilinearly and thresholded at 0.5), then the SEG.
-pub fn segment_study(
+/// What the model gave on the study's common grid (the grid of [`StudyVolumes::volumes`]).
+pub struct ModelOutput {
+    /// The label map (BraTS 2018 labels, canonical C order).
+    pub label: Vec<u8>,
+    /// Its shape.
+    pub shape: [usize; 3],
+    /// Sigmoid probabilities `[3, X, Y, Z]` (TC, WT, ET); needed only when the grids were
+    /// resampled (to bring the labels back to the T1c's own grid).
+    pub probabilities: Option<Vec<f32>>,
+    /// Seconds per stage.
+    pub timings: Vec<(String, f64)>,
+}
+
+/// Runs the in-process model on the study's four volumes (the same `brats_inference::segment`
+/// as the NIfTI path, fed the same NIfTI-shaped files).
+pub fn run_model(
     study: &StudyVolumes,
     model: &SegmentationModel,
     window: &SlidingWindow,
-    options: &SegOptions,
-) -> Result<DicomSegmentation, GatewayError> {
+) -> Result<ModelOutput, GatewayError> {
     let mut timings = Vec::new();
     let t = Instant::now();
     let files: Vec<InputFile> =
@@ -103,14 +114,40 @@ pub fn segment_study(
     let resampled = matches!(study.grid, GridMethod::Resampled { .. });
     let result = segment(model, &files, window, resampled, &ReadLimits::default())?;
     timings.extend(result.timings.iter().cloned());
+    let probabilities = result.logits.as_ref().map(|l| l.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect());
+    Ok(ModelOutput { label: result.label, shape: result.shape, probabilities, timings })
+}
+
+/// Segments the loaded study in-process: [`run_model`], then [`finish`].
+pub fn segment_study(
+    study: &StudyVolumes,
+    model: &SegmentationModel,
+    window: &SlidingWindow,
+    options: &SegOptions,
+) -> Result<DicomSegmentation, GatewayError> {
+    finish(study, run_model(study, model, window)?, options)
+}
+
+/// From the model's output to the DICOM results: labels brought back to the T1c's own grid
+/// (exactly when the grids are shared; else the three probabilities are resampled trilinearly
+/// and thresholded at 0.5), the SEG, the quick look, the volumes.
+pub fn finish(
+    study: &StudyVolumes,
+    output: ModelOutput,
+    options: &SegOptions,
+) -> Result<DicomSegmentation, GatewayError> {
+    let ModelOutput { label: model_label, shape: model_shape, probabilities, mut timings } = output;
     let t = Instant::now();
     let (shape, affine) = study.t1c_grid;
+    let resampled = matches!(study.grid, GridMethod::Resampled { .. });
     let label = if resampled {
-        let logits = result.logits.as_ref().expect("kept when resampled");
-        let n = result.shape.iter().product::<usize>();
+        let probabilities = probabilities.as_ref().ok_or_else(|| {
+            GatewayError::Output("the grids were resampled but the model output has no probabilities".into())
+        })?;
+        let n = model_shape.iter().product::<usize>();
         let common = &study.volumes[0];
         let channel = |c: usize| {
-            let data = logits[c * n..(c + 1) * n].iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect();
+            let data = probabilities[c * n..(c + 1) * n].to_vec();
             resample(&Volume { shape: common.shape, affine: common.affine, data }, shape, &affine).data
         };
         let (tc, wt, et) = (channel(0), channel(1), channel(2));
@@ -128,14 +165,14 @@ pub fn segment_study(
             })
             .collect()
     } else {
-        result.label.clone()
+        model_label.clone()
     };
     timings.push(("to_t1c_grid".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
     let seg = write_seg(&label, &study.sources, options)?;
     timings.push(("write_seg".to_string(), t.elapsed().as_secs_f64()));
     let t = Instant::now();
-    let quick_look = brats_core::overlay::overlay(&study.volumes[0].data, &result.label, result.shape);
+    let quick_look = brats_core::overlay::overlay(&study.volumes[0].data, &model_label, model_shape);
     let capture = brats_dicom::sc::write_secondary_capture(
         &quick_look,
         &study.sources[0],

@@ -11,6 +11,7 @@
 //! (PS3.15 B.1), client certificates verified against the configured CA. Logs carry AE titles, counts and hashed UIDs only.
 
 use crate::dimse::{self, Command};
+use crate::metrics::ScpCounters;
 use crate::spool::{Spool, Staging};
 use brats_dicom::instance::MR_CLASSES;
 use brats_service::security::tls::ServerTls;
@@ -24,7 +25,6 @@ use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
 use dicom_ul::pdu::{AssociationRJServiceUserReason, PDataValue, PDataValueType, UserIdentity};
 use dicom_ul::{Pdu, association::AsyncServerAssociation};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,23 +74,6 @@ impl Default for ScpConfig {
     }
 }
 
-/// Counters the metrics endpoint reads.
-#[derive(Debug, Default)]
-pub struct ScpCounters {
-    /// Associations accepted.
-    pub associations: AtomicU64,
-    /// Associations rejected (AE title, limit).
-    pub rejected: AtomicU64,
-    /// Associations aborted by the peer or a network error (their instances dropped).
-    pub aborted: AtomicU64,
-    /// MR instances stored.
-    pub stored: AtomicU64,
-    /// Instances of other classes acknowledged and dropped.
-    pub ignored: AtomicU64,
-    /// Stores refused (watermark, write failure, unreadable data set).
-    pub refused: AtomicU64,
-}
-
 /// The SCP's shared state.
 #[derive(Debug)]
 pub struct Scp {
@@ -98,8 +81,8 @@ pub struct Scp {
     spool: Arc<Spool>,
     tls: Option<Arc<ServerTls>>,
     permits: Arc<Semaphore>,
-    /// Counters.
-    pub counters: Arc<ScpCounters>,
+    /// Counters (`/metrics`).
+    pub counters: ScpCounters,
 }
 
 /// The access rule of one association attempt.
@@ -134,9 +117,9 @@ impl AccessControl for Gate<'_> {
 impl Scp {
     /// An SCP storing into `spool`; with `tls`, every association must complete a TLS
     /// handshake first (DICOM TLS; client certificates as the TLS configuration says).
-    pub fn new(config: ScpConfig, spool: Arc<Spool>, tls: Option<Arc<ServerTls>>) -> Scp {
+    pub fn new(config: ScpConfig, spool: Arc<Spool>, tls: Option<Arc<ServerTls>>, counters: ScpCounters) -> Scp {
         let permits = Arc::new(Semaphore::new(config.max_associations));
-        Scp { config, spool, tls, permits, counters: Arc::default() }
+        Scp { config, spool, tls, permits, counters }
     }
 
     /// Accepts associations on `listener` until the task is dropped.
@@ -184,7 +167,7 @@ impl Scp {
             },
         };
         if let Some(e) = refused {
-            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.counters.rejected.inc();
             tracing::info!(error = %e, "association refused");
         }
         drop(permit);
@@ -194,12 +177,12 @@ impl Scp {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        self.counters.associations.fetch_add(1, Ordering::Relaxed);
+        self.counters.associations.inc();
         let calling = association.peer_ae_title().to_string();
         match self.receive(association).await {
             Ok(n) => tracing::info!(calling_ae = %calling, instances = n, "association released"),
             Err(reason) => {
-                self.counters.aborted.fetch_add(1, Ordering::Relaxed);
+                self.counters.aborted.inc();
                 tracing::warn!(calling_ae = %calling, reason, "association ended without release; its instances were dropped");
             }
         }
@@ -274,7 +257,7 @@ impl Scp {
                                     .presentation_contexts()
                                     .iter()
                                     .find(|pc| pc.id == context)
-                                    .map(|pc| pc.transfer_syntax.trim_end_matches(['\0', ' ']).to_string())
+                                    .map(|pc| dimse::trim_uid(&pc.transfer_syntax).to_string())
                                     .unwrap_or_default();
                                 let status = self.store(&cmd, &ts, &data, &mut staging, &mut studies);
                                 data.clear();
@@ -306,11 +289,11 @@ impl Scp {
     /// Stores one instance into the association's staging folder; returns the DIMSE status.
     fn store(&self, cmd: &Command, ts_uid: &str, data: &[u8], staging: &mut Staging, studies: &mut Vec<String>) -> u16 {
         if !MR_CLASSES.contains(&cmd.sop_class.as_str()) {
-            self.counters.ignored.fetch_add(1, Ordering::Relaxed);
+            self.counters.ignored.inc();
             return dimse::SUCCESS;
         }
         let refuse = |status| {
-            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            self.counters.refused.inc();
             status
         };
         if self.spool.free_bytes().is_some_and(|free| free < self.config.min_free_bytes + data.len() as u64) {
@@ -322,7 +305,7 @@ impl Scp {
         let Some(study) = obj.element_opt(tags::STUDY_INSTANCE_UID).ok().flatten().and_then(|e| e.to_str().ok()) else {
             return refuse(dimse::CANNOT_UNDERSTAND);
         };
-        let study = self.spool.study_hash(study.trim_end_matches(['\0', ' ']));
+        let study = self.spool.study_hash(dimse::trim_uid(&study));
         if !studies.contains(&study) {
             self.spool.opened(&study);
             studies.push(study.clone());
@@ -332,7 +315,7 @@ impl Scp {
         match write_part10(&path, cmd, ts_uid, data) {
             Ok(()) => {
                 staging.add(study, path);
-                self.counters.stored.fetch_add(1, Ordering::Relaxed);
+                self.counters.stored.inc();
                 dimse::SUCCESS
             }
             Err(e) => {

@@ -1,4 +1,5 @@
-//! The DIMSE SCU: C-ECHO to check a destination, C-STORE to send results back.
+//! The DIMSE SCU: C-ECHO to check a destination, C-STORE to send results back; over DICOM TLS
+//! (PS3.15 B.1) when the peer has a `tls` section (its CA, and our certificate for mutual TLS).
 
 use crate::dimse;
 use dicom_dictionary_std::uids;
@@ -9,7 +10,24 @@ use dicom_ul::association::client::{AsyncClientAssociation, ClientAssociationOpt
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// DICOM TLS towards a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    /// The CA that signs the peer's certificate (PEM).
+    pub ca_file: String,
+    /// Our certificate (PEM), for peers that require mutual TLS; with `key_file`.
+    #[serde(default)]
+    pub cert_file: String,
+    /// Our private key (PEM, readable by this account only).
+    #[serde(default)]
+    pub key_file: String,
+    /// The name the peer's certificate must carry (default: the peer's host).
+    #[serde(default)]
+    pub server_name: String,
+}
 
 /// A DIMSE peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +39,9 @@ pub struct DimsePeer {
     pub host: String,
     /// Port.
     pub port: u16,
+    /// DICOM TLS (none: plain TCP).
+    #[serde(default)]
+    pub tls: Option<PeerTls>,
 }
 
 impl DimsePeer {
@@ -66,11 +87,7 @@ pub enum ScuError {
     },
 }
 
-async fn connect(
-    peer: &DimsePeer,
-    calling_ae: &str,
-    contexts: &[(&str, Vec<&str>)],
-) -> Result<AsyncClientAssociation<TcpStream>, ScuError> {
+fn options(calling_ae: &str, peer: &DimsePeer, contexts: &[(&str, Vec<&str>)]) -> ClientAssociationOptions<'static> {
     let mut options = ClientAssociationOptions::new()
         .calling_ae_title(calling_ae.to_string())
         .called_ae_title(peer.ae_title.clone())
@@ -82,12 +99,40 @@ async fn connect(
         options = options.with_presentation_context(class.to_string(), ts.iter().map(|t| t.to_string()).collect());
     }
     options
-        .establish_with_async(&format!("{}:{}", peer.host, peer.port))
-        .await
-        .map_err(|e| ScuError::Association { peer: peer.address(), reason: e.to_string() })
 }
 
-async fn exchange(association: &mut AsyncClientAssociation<TcpStream>, peer: &DimsePeer) -> Result<u16, ScuError> {
+/// Runs `$body` with `$association` bound to a new association with `$peer` (TLS or not).
+macro_rules! with_association {
+    ($peer:expr, $calling:expr, $contexts:expr, |$association:ident| $body:expr) => {{
+        let peer: &DimsePeer = $peer;
+        let failed = |reason: String| ScuError::Association { peer: peer.address(), reason };
+        let options = options($calling, peer, $contexts);
+        let address = format!("{}:{}", peer.host, peer.port);
+        match &peer.tls {
+            None => {
+                let $association = options.establish_with_async(&address).await.map_err(|e| failed(e.to_string()))?;
+                $body
+            }
+            Some(tls) => {
+                let config = brats_service::security::tls::client_config(&tls.ca_file, &tls.cert_file, &tls.key_file)
+                    .map_err(|e| failed(format!("tls: {e}")))?;
+                let name = if tls.server_name.is_empty() { peer.host.as_str() } else { tls.server_name.as_str() };
+                let $association = options
+                    .tls_config(config)
+                    .server_name(name)
+                    .establish_with_async_tls(&address)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                $body
+            }
+        }
+    }};
+}
+
+async fn exchange<S>(association: &mut AsyncClientAssociation<S>, peer: &DimsePeer) -> Result<u16, ScuError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let protocol = |reason: String| ScuError::Protocol { peer: peer.address(), reason };
     let mut command = Vec::new();
     loop {
@@ -112,8 +157,14 @@ async fn exchange(association: &mut AsyncClientAssociation<TcpStream>, peer: &Di
 
 /// C-ECHO: whether `peer` answers as `calling_ae`.
 pub async fn echo(peer: &DimsePeer, calling_ae: &str) -> Result<(), ScuError> {
-    let mut association =
-        connect(peer, calling_ae, &[(dimse::VERIFICATION, vec![uids::IMPLICIT_VR_LITTLE_ENDIAN])]).await?;
+    let contexts = [(dimse::VERIFICATION, vec![uids::IMPLICIT_VR_LITTLE_ENDIAN])];
+    with_association!(peer, calling_ae, &contexts, |association| echo_on(association, peer).await)
+}
+
+async fn echo_on<S>(mut association: AsyncClientAssociation<S>, peer: &DimsePeer) -> Result<(), ScuError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     let context = association.presentation_contexts()[0].id;
     let pdu = Pdu::PData { data: dimse::fragments(context, PDataValueType::Command, &dimse::echo_request(1), 0) };
     association.send(&pdu).await.map_err(|e| ScuError::Protocol { peer: peer.address(), reason: e.to_string() })?;
@@ -128,14 +179,22 @@ pub async fn store(peer: &DimsePeer, calling_ae: &str, bytes: &[u8]) -> Result<(
     let protocol = |reason: String| ScuError::Protocol { peer: peer.address(), reason };
     let file = dicom_object::from_reader(bytes.get(128..).unwrap_or_default())
         .map_err(|e| protocol(format!("the object to send is unreadable: {e}")))?;
-    let sop_class = file.meta().media_storage_sop_class_uid().trim_end_matches(['\0', ' ']).to_string();
-    let sop_instance = file.meta().media_storage_sop_instance_uid().trim_end_matches(['\0', ' ']).to_string();
-    let mut association = connect(
-        peer,
-        calling_ae,
-        &[(sop_class.as_str(), vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN])],
-    )
-    .await?;
+    let sop_class = dimse::trim_uid(file.meta().media_storage_sop_class_uid()).to_string();
+    let contexts = [(sop_class.as_str(), vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN])];
+    with_association!(peer, calling_ae, &contexts, |association| store_on(association, peer, &file).await)
+}
+
+async fn store_on<S>(
+    mut association: AsyncClientAssociation<S>,
+    peer: &DimsePeer,
+    file: &dicom_object::FileDicomObject<dicom_object::InMemDicomObject>,
+) -> Result<(), ScuError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let protocol = |reason: String| ScuError::Protocol { peer: peer.address(), reason };
+    let sop_class = dimse::trim_uid(file.meta().media_storage_sop_class_uid()).to_string();
+    let sop_instance = dimse::trim_uid(file.meta().media_storage_sop_instance_uid()).to_string();
     let Some(pc) = association
         .presentation_contexts()
         .iter()
@@ -146,9 +205,9 @@ pub async fn store(peer: &DimsePeer, calling_ae: &str, bytes: &[u8]) -> Result<(
         return Err(ScuError::NoContext { peer: peer.address(), sop_class });
     };
     let ts = TransferSyntaxRegistry
-        .get(pc.transfer_syntax.trim_end_matches(['\0', ' ']))
+        .get(dimse::trim_uid(&pc.transfer_syntax))
         .ok_or_else(|| protocol("the negotiated transfer syntax is unknown".into()))?;
-    let mut data = Vec::with_capacity(bytes.len());
+    let mut data = Vec::new();
     file.write_dataset_with_ts(&mut data, ts).map_err(|e| protocol(format!("encoding: {e}")))?;
     let max = association.acceptor_max_pdu_length();
     let mut values =

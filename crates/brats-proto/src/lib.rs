@@ -9,6 +9,8 @@
 //!   `brats_mri_segmentation` bundle's hyper-parameters as defaults, watched as event streams.
 //! - **Inference** (`inference.proto`): segmentation of a case by URI or over a chunked stream,
 //!   and discovery of registered models.
+//! - **Gateway** (`gateway.proto`): the PACS gateway's study jobs (DICOM in, DICOM SEG out):
+//!   submit a study from a DICOMweb archive, get, list and watch jobs, check a destination.
 //!
 //! Shared messages live in `common.proto`. Everything is generated into [`brats::v1`]: messages
 //! at the module root, and for each service a `<service>_client` module (e.g.
@@ -16,7 +18,7 @@
 //! the [`brats::v1::preprocessor_server::Preprocessor`] trait and
 //! [`brats::v1::preprocessor_server::PreprocessorServer`]).
 //!
-//! [`FILE_DESCRIPTOR_SET`] holds the encoded descriptors of all four files, for registering the
+//! [`FILE_DESCRIPTOR_SET`] holds the encoded descriptors of all five files, for registering the
 //! services with `tonic-reflection`.
 
 #![warn(missing_docs)]
@@ -24,7 +26,7 @@
 /// Generated protobuf packages, mirroring the proto package hierarchy.
 pub mod brats {
     /// Version 1 of the brats API (proto package `brats.v1`): messages, enums, and the tonic
-    /// clients and servers of the `Preprocessor`, `Trainer` and `Inference` services.
+    /// clients and servers of the `Preprocessor`, `Trainer`, `Inference` and `Gateway` services.
     pub mod v1 {
         #![allow(missing_docs)]
         #![allow(clippy::all, clippy::pedantic, clippy::nursery)]

@@ -9,7 +9,7 @@ mod demo_security;
 mod pki;
 
 use clap::{Parser, Subcommand};
-use commands::{audit, health, keys, models, preprocess, security, segment, train};
+use commands::{audit, health, keys, models, pacs, preprocess, security, segment, train};
 
 #[derive(Parser)]
 #[command(name = "bratsctl", version, about = "Client of the BraTS segmentation platform")]
@@ -47,6 +47,14 @@ enum Cmd {
     /// `brats_mri_segmentation@production`, start the inference service, segment the held-out case through
     /// it and print the Dice against its label.
     Demo(demo::DemoArgs),
+    /// The PACS gateway's study jobs: `pacs submit --study UID [--watch]` pulls a study from a
+    /// DICOMweb archive and segments it; `watch`, `get`, `list` jobs; `echo` a destination.
+    Pacs {
+        #[command(flatten)]
+        address: pacs::GatewayAddress,
+        #[command(subcommand)]
+        command: pacs::PacsCmd,
+    },
     /// Audit logs written by the services: `audit verify FILE...` checks their hash chains.
     Audit {
         #[command(subcommand)]
@@ -78,6 +86,7 @@ async fn main() -> std::process::ExitCode {
         Cmd::Models(a) => models::run(a).await,
         Cmd::Train { command } => train::run(command).await,
         Cmd::Demo(a) => demo::run(a).await,
+        Cmd::Pacs { address, command } => pacs::run(address, command).await,
         Cmd::Audit { command } => audit::run(command),
         Cmd::Keys { command } => keys::run(command),
         Cmd::Security { command } => security::run(command),

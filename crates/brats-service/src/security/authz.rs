@@ -1,4 +1,4 @@
-//! Which roles may call which RPC: one default-deny table for the three services. A method
+//! Which roles may call which RPC: one default-deny table for the four services. A method
 //! not in the table is refused for everyone but `admin`; a test enumerates the proto's
 //! methods and fails on any without an entry, so a new RPC cannot ship unguarded.
 //!
@@ -9,6 +9,8 @@
 //! | `viewer`  | `Trainer/{GetJob, ListJobs, WatchJob}`, `Inference/{ListModels, GetModel}` |
 //! | `preprocess` | `Preprocessor/*` |
 //! | `service` | `Preprocessor/*` (the inference and trainer services, over mutual TLS) |
+//! | `pacs`    | `Gateway/*` (a PACS integrator's tools and scripts) |
+//! | `viewer`  | also `Gateway/{GetJob, ListJobs, WatchJob}` |
 //! | `admin`   | everything |
 //!
 //! Health (`grpc.health.v1`) needs no credentials at all (probes); reflection needs any
@@ -38,6 +40,8 @@ const TRAIN: &[&str] = &["train"];
 const JOBS_READ: &[&str] = &["train", "viewer"];
 const PREPROCESS_CASE: &[&str] = &["preprocess", "service"];
 const PREPROCESS_DATASET: &[&str] = &["preprocess", "service", "train"];
+const PACS: &[&str] = &["pacs"];
+const STUDY_JOBS_READ: &[&str] = &["pacs", "viewer"];
 
 /// Every RPC of `proto/brats/v1`, with the roles that may call it.
 pub const RPC_ROLES: &[(&str, &[&str])] = &[
@@ -53,6 +57,11 @@ pub const RPC_ROLES: &[(&str, &[&str])] = &[
     ("/brats.v1.Trainer/GetJob", JOBS_READ),
     ("/brats.v1.Trainer/ListJobs", JOBS_READ),
     ("/brats.v1.Trainer/WatchJob", JOBS_READ),
+    ("/brats.v1.Gateway/SubmitStudy", PACS),
+    ("/brats.v1.Gateway/EchoDestination", PACS),
+    ("/brats.v1.Gateway/GetJob", STUDY_JOBS_READ),
+    ("/brats.v1.Gateway/ListJobs", STUDY_JOBS_READ),
+    ("/brats.v1.Gateway/WatchJob", STUDY_JOBS_READ),
 ];
 
 /// The rule for a request path (`/package.Service/Method`).

@@ -349,6 +349,40 @@ fn build(config: &TlsConfig, alpn: &[u8]) -> Result<(rustls::ServerConfig, Stamp
     Ok((server_config, stamp))
 }
 
+/// A TLS client configuration for calling a peer that is not a gRPC service (the gateway's
+/// DICOM TLS SCU): the peer's certificate is verified against `ca_file`; with `cert_file` and
+/// `key_file` (both or neither) we present our certificate for mutual TLS. TLS 1.2 or 1.3.
+pub fn client_config(ca_file: &str, cert_file: &str, key_file: &str) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs("ca_file", ca_file)? {
+        roots.add(ca).map_err(|e| file_err("ca_file", ca_file, format!("not a CA certificate: {e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (cert_file.is_empty(), key_file.is_empty()) {
+        (true, true) => builder.with_no_client_auth(),
+        (false, false) => {
+            let certs = read_certs("cert_file", cert_file)?;
+            check_private_file("key_file", key_file)?;
+            let key = PrivateKeyDer::from_pem_file(Path::new(key_file))
+                .map_err(|e| file_err("key_file", key_file, format!("no PEM private key: {e}")))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| file_err("key_file", key_file, format!("does not match cert_file: {e}")))?
+        }
+        _ => {
+            return Err(TlsError::Setting {
+                setting: "cert_file",
+                message: "give both cert_file and key_file (mutual TLS) or neither".into(),
+            });
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 /// Accepts TCP connections on `listener` and completes each TLS handshake on its own task
 /// (a slow or silent client delays nobody; it is dropped at the handshake timeout); finished
 /// streams come out of the returned receiver. Ends when the receiver is dropped (the server

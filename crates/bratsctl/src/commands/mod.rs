@@ -4,6 +4,7 @@ pub(crate) mod audit;
 pub(crate) mod health;
 pub(crate) mod keys;
 pub(crate) mod models;
+pub(crate) mod pacs;
 pub(crate) mod preprocess;
 pub(crate) mod security;
 pub(crate) mod segment;
