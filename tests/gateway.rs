@@ -4,8 +4,8 @@
 //! job's label map in world space (highdicom). The same study sent again is the same job and
 //! sends nothing new; an aborted association starts no job; a study with a missing slice is
 //! REJECTED with its code while the gateway keeps serving; below the free-space watermark
-//! stores are refused with 0xA700. No planted patient marker appears in the gateway's log or
-//! job records.
+//! stores are refused with 0xA700; a FAILED export resumes after a restart with the stored
+//! SEG. No planted patient marker appears in the gateway's log or job records.
 //!
 //! With Orthanc (Debian) as the PACS: push (Orthanc routes the study to our SCP) and pull (its
 //! script announces the study to our webhook; we fetch it by DICOMweb), the SEG back by C-STORE
@@ -65,6 +65,7 @@ struct Gateway {
     _process: Running,
     port: u16,
     grpc: u16,
+    metrics: u16,
     log: PathBuf,
     jobs: PathBuf,
 }
@@ -75,19 +76,30 @@ fn start_gateway(dir: &Path, pacs_port: u16, min_free_mb: u64) -> Gateway {
 
 /// Starts the gateway; `extra` is appended to its TOML.
 fn start_gateway_with(dir: &Path, pacs_port: u16, min_free_mb: u64, extra: &str) -> Gateway {
-    let port = free_port();
-    let grpc = free_port();
-    let jobs = dir.join("jobs");
-    let config = dir.join("gateway.toml");
+    let ports = write_config(dir, pacs_port, min_free_mb, extra);
+    launch(dir, ports)
+}
+
+/// The ports a gateway's configuration names: DIMSE, gRPC, metrics.
+#[derive(Clone, Copy)]
+struct Ports {
+    dimse: u16,
+    grpc: u16,
+    metrics: u16,
+}
+
+/// Writes `dir/gateway.toml` on fresh loopback ports; `extra` is appended.
+fn write_config(dir: &Path, pacs_port: u16, min_free_mb: u64, extra: &str) -> Ports {
+    let ports = Ports { dimse: free_port(), grpc: free_port(), metrics: free_port() };
     std::fs::write(
-        &config,
+        dir.join("gateway.toml"),
         format!(
             r#"spool_dir = "{spool}"
 jobs_root = "file:{jobs}"
 salt = "test-salt"
 [server]
 listen = "127.0.0.1:{grpc}"
-metrics_listen = ""
+metrics_listen = "127.0.0.1:{metrics}"
 [dimse]
 listen = "127.0.0.1:{port}"
 ae_title = "BRATS"
@@ -106,27 +118,48 @@ port = {pacs_port}
 {extra}
 "#,
             spool = dir.join("spool").display(),
-            jobs = jobs.display(),
+            jobs = dir.join("jobs").display(),
             model = root().join("tests/fixtures/onnx/pointwise_head.onnx").display(),
+            grpc = ports.grpc,
+            metrics = ports.metrics,
+            port = ports.dimse,
         ),
     )
     .unwrap();
+    ports
+}
+
+/// Runs `brats-gateway serve` on `dir/gateway.toml`, logging to `dir/gateway.log`.
+fn launch(dir: &Path, ports: Ports) -> Gateway {
     let log = dir.join("gateway.log");
     let child = Command::new(workspace_exe("brats-gateway", "brats-gateway"))
         .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "debug,ort=warn")
+        .arg(dir.join("gateway.toml"))
+        .env("RUST_LOG", "info,ort=warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
     let process = Running(child);
-    wait_port(port);
-    Gateway { _process: process, port, grpc, log, jobs }
+    wait_port(ports.dimse);
+    Gateway {
+        _process: process,
+        port: ports.dimse,
+        grpc: ports.grpc,
+        metrics: ports.metrics,
+        log,
+        jobs: dir.join("jobs"),
+    }
 }
 
 fn dcmtk(tool: &str, args: &[&str]) -> Output {
-    Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("run {tool}: {e} (make bootstrap installs dcmtk)"))
+    // dcmtk sets TCP_NODELAY only when asked; without it each C-STORE waits ~10 ms (Nagle
+    // against delayed ACK) and a study takes seconds longer to send.
+    Command::new(tool)
+        .args(args)
+        .env("TCP_NODELAY", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e} (make bootstrap installs dcmtk)"))
 }
 
 fn echo(port: u16, calling: &str, called: &str) -> bool {
@@ -276,8 +309,24 @@ fn gateway_receives_a_study_and_sends_a_valid_seg_back() {
     assert!(echo(gw.port, "ECHOSCU", "BRATS"));
     assert_eq!(files_under(&received).len(), 2, "a rejected study sent something");
 
-    // No patient data in the log or the job records.
-    let mut text = std::fs::read_to_string(&gw.log).unwrap();
+    // The metrics count what happened, with no UID or AE title in them.
+    let (status, metrics) = http("GET", gw.metrics, "/metrics", "", None);
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "brats_gateway_jobs_total{state=\"done\"} 1",
+        "brats_gateway_jobs_total{state=\"rejected\"} 1",
+        "brats_gateway_associations_total{outcome=\"aborted\"} 1",
+        // The two refused above and the start-up probe (a connection without an association).
+        "brats_gateway_associations_total{outcome=\"rejected\"} 3",
+        // The job that ran to its end (a study rejected at selection has no run time).
+        "brats_gateway_job_seconds_count 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+    }
+    assert!(!metrics.contains("STORESCU") && !metrics.contains("INTRUDER") && !metrics.contains("1.2."), "{metrics}");
+
+    // No patient data in the log, the job records or the metrics.
+    let mut text = std::fs::read_to_string(&gw.log).unwrap() + &metrics;
     for f in files_under(&gw.jobs).iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
         text.push_str(&std::fs::read_to_string(f).unwrap());
     }
@@ -304,6 +353,83 @@ fn below_the_free_space_watermark_stores_are_refused_and_no_job_starts() {
     assert!(jobs(&gw.jobs).is_empty());
     assert!(files_under(&tmp.path().join("spool")).is_empty(), "refused instances were kept");
     assert!(echo(gw.port, "ECHOSCU", "BRATS"), "the gateway stopped serving");
+}
+
+/// A destination that is down: the job ends FAILED at export with its attempts recorded and the
+/// study kept. After a restart (the PACS now up) the job resumes at export: the SEG stored
+/// before the restart, not a new segmentation, arrives once, and the job is DONE.
+#[test]
+fn a_failed_export_resumes_after_a_restart_with_the_stored_seg() {
+    if common::real_data_dir("gateway").is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs_port = free_port();
+    let study = tmp.path().join("plain");
+    make_study(&study, "plain");
+    let gw = start_gateway(tmp.path(), pacs_port, 1);
+    assert!(store(gw.port, &study, &[]).status.success());
+    let j = wait_jobs(&gw.jobs, 1, &gw.log);
+    assert_eq!(j[0]["state"], "FAILED", "{:?}", j[0]);
+    assert_eq!(j[0]["error"][0], "export", "{:?}", j[0]);
+    assert_eq!(j[0]["exports"][0]["stored"], false);
+    assert_eq!(j[0]["exports"][0]["attempts"], 3);
+    let id = j[0]["id"].as_str().unwrap().to_string();
+    let seg_uid = j[0]["seg_series_uid"].as_str().unwrap().to_string();
+    let stored_seg = gw.jobs.join(&id).join("seg.dcm");
+    let written = std::fs::metadata(&stored_seg).unwrap().modified().unwrap();
+    let in_studies = |p: &PathBuf| p.to_string_lossy().contains("/studies/");
+    assert!(files_under(&tmp.path().join("spool")).iter().any(in_studies), "the failed job's study was not kept");
+    let first_log = gw.log.clone();
+    drop(gw);
+    let first_log = std::fs::read_to_string(first_log).unwrap();
+
+    let received = tmp.path().join("pacs");
+    std::fs::create_dir_all(&received).unwrap();
+    let _pacs = Running(
+        Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(&received)
+            .arg(pacs_port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (make bootstrap installs dcmtk)"),
+    );
+    wait_port(pacs_port);
+    let gw = start_gateway(tmp.path(), pacs_port, 1);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let j = jobs(&gw.jobs);
+        if j.len() == 1 && j[0]["state"] == "DONE" {
+            break j[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job did not resume: {j:?}\n{}",
+            std::fs::read_to_string(&gw.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!("resumed job: {}", serde_json::to_string(&done).unwrap());
+    assert_eq!(done["id"], id.as_str());
+    assert_eq!(done["seg_series_uid"], seg_uid.as_str());
+    assert_eq!(done["exports"][0]["stored"], true);
+    assert_eq!(done["exports"][0]["attempts"], 4, "3 before the restart, 1 after");
+    assert_eq!(std::fs::metadata(&stored_seg).unwrap().modified().unwrap(), written, "the study was segmented again");
+    let log = std::fs::read_to_string(&gw.log).unwrap();
+    assert!(log.contains("resuming at export"), "{log}");
+    // Exactly the stored SEG (and its quick-look) arrived, once.
+    let objects = files_under(&received);
+    assert_eq!(objects.len(), 2, "{objects:?}");
+    assert!(objects.iter().any(|p| std::fs::read(p).unwrap().windows(seg_uid.len()).any(|w| w == seg_uid.as_bytes())));
+    assert!(
+        !files_under(&tmp.path().join("spool")).iter().any(in_studies),
+        "the study's instances were kept after DONE"
+    );
+    for m in MARKERS {
+        assert!(!first_log.contains(m) && !log.contains(m), "patient data ({m}) in the gateway's log");
+    }
 }
 
 /// `bratsctl pacs echo DESTINATION` against a gateway's gRPC port: (exit 0, output).
@@ -495,39 +621,15 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
     let (orthanc_dicom, orthanc_http) = (free_port(), free_port());
     let gw_dir = tmp.path().join("gw");
     std::fs::create_dir_all(&gw_dir).unwrap();
-    let gw = start_gateway_with(&gw_dir, orthanc_dicom, 1, "");
     // The gateway's destinations are Orthanc by C-STORE (AE ORTHANC) and by STOW-RS; Orthanc
     // routes stable MR studies to the gateway (BRATS).
     let stow =
         format!("[[destinations]]\nname = \"archive\"\nstow_url = \"http://127.0.0.1:{orthanc_http}/dicom-web\"\n");
-    std::fs::write(
-        gw_dir.join("gateway.toml"),
-        std::fs::read_to_string(gw_dir.join("gateway.toml"))
-            .unwrap()
-            .replace("ae_title = \"PACS\"", "ae_title = \"ORTHANC\"")
-            + &stow,
-    )
-    .unwrap();
-    drop(gw);
-    let gw = {
-        let child = Command::new(workspace_exe("brats-gateway", "brats-gateway"))
-            .args(["serve", "--config"])
-            .arg(gw_dir.join("gateway.toml"))
-            .env("RUST_LOG", "info,ort=warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(gw_dir.join("gateway.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let text = std::fs::read_to_string(gw_dir.join("gateway.toml")).unwrap();
-        let ports: Vec<u16> = text
-            .split("listen = \"127.0.0.1:")
-            .skip(1)
-            .map(|p| p.split('"').next().unwrap().parse().unwrap())
-            .collect();
-        let (grpc, port) = (ports[0], ports[1]);
-        wait_port(port);
-        Gateway { _process: Running(child), port, grpc, log: gw_dir.join("gateway.log"), jobs: gw_dir.join("jobs") }
-    };
+    let ports = write_config(&gw_dir, orthanc_dicom, 1, &stow);
+    let config = gw_dir.join("gateway.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace("ae_title = \"PACS\"", "ae_title = \"ORTHANC\"");
+    std::fs::write(&config, text).unwrap();
+    let gw = launch(&gw_dir, ports);
     // Orthanc calls us as ORTHANC: allow it.
     let orthanc = Orthanc::start(
         &tmp.path().join("orthanc"),
@@ -582,13 +684,14 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
 }
 
 /// One HTTP/1.0 POST on loopback; the status code and the body.
-fn http_post(port: u16, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
+/// A minimal HTTP/1.0 request on loopback: (status, body).
+fn http(method: &str, port: u16, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,
-        "POST {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -629,10 +732,10 @@ fn pull_mode_from_orthanc_by_webhook_and_the_grpc_api() {
         ),
     );
     wait_port(webhook);
-    let (code, body) = http_post(webhook, "/v1/studies/stable", r#"{"study_instance_uid":"1.2.3"}"#, None);
+    let (code, body) = http("POST", webhook, "/v1/studies/stable", r#"{"study_instance_uid":"1.2.3"}"#, None);
     assert_eq!(code, 401, "{body}");
     let (code, body) =
-        http_post(webhook, "/v1/studies/stable", r#"{"study_instance_uid":"x"}"#, Some("test-webhook-secret"));
+        http("POST", webhook, "/v1/studies/stable", r#"{"study_instance_uid":"x"}"#, Some("test-webhook-secret"));
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("study_instance_uid"), "{body}");
 

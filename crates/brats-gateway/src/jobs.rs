@@ -6,6 +6,12 @@
 //! model version: the same study sent twice is one job (a finished job is not redone), a
 //! changed selection (a new series, a re-sent series with more slices) or a new model is a new
 //! job. Records carry hashed UIDs and codes, never patient data.
+//!
+//! Resuming: a study's instances stay in the spool until its job is DONE or REJECTED, so after
+//! a restart (or when the study is sent again) an unfinished job runs again. A job whose SEG is
+//! already in the store (SEG_WRITTEN, EXPORTING, or FAILED at export) is not segmented again:
+//! the stored SEG goes to the destinations that do not have it yet, so a destination that was
+//! down gets the very same SEG and one that took it gets nothing twice.
 
 use crate::offline::{GatewayError, finish, segment_study};
 use crate::scu::{self, DimsePeer};
@@ -90,8 +96,21 @@ pub struct JobRecord {
     pub updated_ms: i64,
 }
 
+impl JobRecord {
+    /// Whether the job's SEG is in the store and only its export is unfinished.
+    pub fn awaits_export(&self) -> bool {
+        self.seg_series_uid.is_some()
+            && match self.state {
+                JobState::SegWritten | JobState::Exporting => true,
+                JobState::Failed => self.error.as_ref().is_some_and(|(code, _)| code == "export"),
+                _ => false,
+            }
+    }
+}
+
 impl JobState {
-    /// Whether the job will not change any more.
+    /// Whether the job is settled: it changes no more unless its study is sent again or the
+    /// gateway restarts (which resumes a FAILED export).
     pub fn is_terminal(self) -> bool {
         matches!(self, JobState::Done | JobState::Rejected | JobState::Failed)
     }
@@ -213,6 +232,8 @@ pub struct PendingJob {
     selection: brats_dicom::select::Selection,
     dir: PathBuf,
     started: Instant,
+    /// The record has a stored SEG still to export: [`Runner::complete`] only exports it.
+    resume: bool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -329,6 +350,19 @@ impl Runner {
             let _ = std::fs::remove_dir_all(dir);
             return Ok(Prepared::Settled(existing.clone()));
         }
+        if let (Some(existing), Ok(selection)) = (existing.as_ref().filter(|r| r.awaits_export()), &selection) {
+            tracing::info!(job = %id, study, "the SEG is already stored; resuming at export");
+            let selection = selection.clone();
+            let record = existing.clone();
+            return Ok(Prepared::Run(PendingJob {
+                record,
+                scan,
+                selection,
+                dir: dir.to_path_buf(),
+                started,
+                resume: true,
+            }));
+        }
         // A job picked up again after a restart keeps the origin it was first recorded with.
         let origin = existing.map(|r| r.origin).filter(|o| !o.is_empty()).unwrap_or_else(|| origin.to_string());
         let mut timings = earlier;
@@ -356,7 +390,14 @@ impl Runner {
             Ok(selection) => {
                 self.save(&mut record).await?;
                 tracing::info!(job = %id, study, origin = %origin, "job selected");
-                Ok(Prepared::Run(PendingJob { record, scan, selection, dir: dir.to_path_buf(), started }))
+                Ok(Prepared::Run(PendingJob {
+                    record,
+                    scan,
+                    selection,
+                    dir: dir.to_path_buf(),
+                    started,
+                    resume: false,
+                }))
             }
         }
     }
@@ -376,7 +417,7 @@ impl Runner {
     /// Converts, segments, writes and exports a selected job (one at a time).
     pub async fn complete(&self, job: PendingJob) -> anyhow::Result<JobRecord> {
         let _busy = self.busy.lock().await;
-        let PendingJob { mut record, scan, selection, dir, started } = job;
+        let PendingJob { mut record, scan, selection, dir, started, resume } = job;
         let id = record.id.clone();
         // The same study may have been selected twice while another job held the model.
         if let Ok(existing) = self.load(&id).await
@@ -384,10 +425,22 @@ impl Runner {
         {
             return Ok(existing);
         }
+        let job_dir = self.jobs_root.join(&id);
+        if resume {
+            match self.stored_objects(&job_dir).await {
+                Ok((seg, capture)) => return self.export_all(record, &seg, &capture, &dir, started).await,
+                Err(e) => {
+                    // The record says SEG written but the store lost it: segment again.
+                    tracing::warn!(job = %id, error = %e, "the stored SEG is unreadable; segmenting again");
+                    record = JobRecord { state: JobState::Selected, exports: Vec::new(), error: None, ..record };
+                    record.timings.retain(|(stage, _)| stage == "fetch");
+                }
+            }
+        }
         let t = Instant::now();
         let options = self.load_options.clone();
         let loaded = tokio::task::spawn_blocking(move || load_selected(&scan, selection, &options)).await?;
-        record.timings.push(("convert".into(), t.elapsed().as_secs_f64()));
+        record.timings.push(("dicom_to_volumes".into(), t.elapsed().as_secs_f64()));
         let loaded = match loaded {
             Ok(l) => l,
             Err(e) => {
@@ -396,7 +449,6 @@ impl Runner {
             }
         };
         record.volumes = Some(serde_json::json!({ "grid": loaded.grid, "warnings": loaded.warnings }));
-        let job_dir = self.jobs_root.join(&id);
         let mut seg_options = self.seg_options.clone();
         let result = match &self.model {
             Segmenter::Local(model) => {
@@ -441,27 +493,61 @@ impl Runner {
         record.seg_frames = Some(result.seg.frames);
         record.volumes_ml = Some(result.volumes_ml);
         self.save(&mut record).await?;
+        self.export_all(record, &result.seg.bytes, &result.capture.bytes, &dir, started).await
+    }
 
+    /// The SEG and the quick-look written by an earlier run of the job.
+    async fn stored_objects(&self, job_dir: &StoreUri) -> Result<(Vec<u8>, Vec<u8>), brats_core::CoreError> {
+        let seg = self.stores.get(&job_dir.join("seg.dcm")).await?;
+        let capture = self.stores.get(&job_dir.join("quick-look.dcm")).await?;
+        Ok((seg.to_vec(), capture.to_vec()))
+    }
+
+    /// Sends the SEG (and the quick-look when configured) to every destination that does not
+    /// have it yet; DONE when all have it (the study's instances are then dropped), else FAILED
+    /// with the instances kept for a resume.
+    async fn export_all(
+        &self,
+        mut record: JobRecord,
+        seg: &[u8],
+        capture: &[u8],
+        dir: &Path,
+        started: Instant,
+    ) -> anyhow::Result<JobRecord> {
+        let id = record.id.clone();
         record.state = JobState::Exporting;
+        record.error = None;
         self.save(&mut record).await?;
         let t = Instant::now();
-        let mut objects: Vec<&[u8]> = vec![&result.seg.bytes];
+        let mut objects: Vec<&[u8]> = vec![seg];
         if self.send_quick_look {
-            objects.push(&result.capture.bytes);
+            objects.push(capture);
         }
+        let earlier = std::mem::take(&mut record.exports);
         for destination in &self.destinations {
-            record.exports.push(self.export(destination, &objects).await);
+            let before = earlier.iter().find(|e| e.destination == destination.name);
+            let export = match before {
+                Some(done) if done.stored => done.clone(),
+                _ => {
+                    let mut export = self.export(destination, &objects).await;
+                    export.attempts += before.map(|b| b.attempts).unwrap_or(0);
+                    export
+                }
+            };
+            record.exports.push(export);
         }
+        // A resumed job's stages: the latest export and total replace the earlier ones.
+        record.timings.retain(|(stage, _)| stage != "export" && stage != "total");
         record.timings.push(("export".into(), t.elapsed().as_secs_f64()));
         record.timings.push(("total".into(), started.elapsed().as_secs_f64()));
         if record.exports.iter().all(|e| e.stored) {
             record.state = JobState::Done;
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_dir_all(dir);
             tracing::info!(job = %id, seconds = started.elapsed().as_secs_f64(), "job done");
         } else {
             record.state = JobState::Failed;
             record.error = Some(("export".into(), "a destination did not take the SEG after 3 attempts".into()));
-            tracing::warn!(job = %id, "export failed");
+            tracing::warn!(job = %id, "export failed; the study is kept and the export resumes when it is sent again or the gateway restarts");
         }
         self.save(&mut record).await?;
         self.metrics.finished(&record);
