@@ -257,14 +257,20 @@ fn local_rank_devices(config: &TrainConfig) -> anyhow::Result<Vec<Device>> {
 /// at once instead of leaving them to wait out the c10d timeout. SIGINT/SIGTERM are forwarded,
 /// so every rank stops at a step boundary with the latest checkpoint kept.
 fn launch_local_ranks(devices: Vec<Device>) -> anyhow::Result<()> {
-    let spec = LaunchSpec {
+    run_ranks(LaunchSpec {
         exe: std::env::current_exe().context("finding this executable")?,
         job_id: "train".into(),
         args: std::env::args_os().skip(1).collect(),
         devices,
         env: Vec::new(),
         output: WorkerOutput::Inherited,
-    };
+        rendezvous: None,
+    })
+}
+
+/// Runs the ranks of `spec` to their end, forwarding SIGINT/SIGTERM to them once; the first
+/// failure is the error (rank, node, exit, stderr), a cancel is [`TrainError::Cancelled`].
+fn run_ranks(spec: LaunchSpec) -> anyhow::Result<()> {
     let cancel = cancel_flag(false);
     let rt = runtime()?;
     let outcome = rt.block_on(async {
@@ -289,6 +295,102 @@ fn launch_local_ranks(devices: Vec<Device>) -> anyhow::Result<()> {
         return Err(TrainError::Cancelled.into());
     }
     Ok(())
+}
+
+/// Arguments of `brats-trainer node`: where this node sits (each flag overrides the engine's
+/// variable) and the command its workers run.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct NodeArgs {
+    /// Nodes in the job [default: PET_NNODES (Kubeflow), SLURM_NNODES (Slurm), else 1].
+    #[arg(long)]
+    nnodes: Option<usize>,
+    /// Workers on this node: N, auto (one per GPU, else one CPU rank), gpu or cpu [default:
+    /// PET_NPROC_PER_NODE, SLURM_GPUS_ON_NODE, else auto]. Every node must start as many.
+    #[arg(long)]
+    nproc_per_node: Option<String>,
+    /// This node's index [default: PET_NODE_RANK or JOB_COMPLETION_INDEX, SLURM_NODEID, else 0].
+    #[arg(long)]
+    node_rank: Option<usize>,
+    /// Rank 0's host [default: PET_MASTER_ADDR, MASTER_ADDR or the first host of
+    /// SLURM_JOB_NODELIST, else 127.0.0.1].
+    #[arg(long)]
+    master_addr: Option<String>,
+    /// The rendezvous port on the master [default: PET_MASTER_PORT, MASTER_PORT, else 29500; a
+    /// free loopback port for a single node].
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Seconds the workers wait for every rank to join before failing with the settings to
+    /// check [default: BRATS_DIST_TIMEOUT_S, else 300].
+    #[arg(long)]
+    rdzv_timeout_s: Option<u64>,
+    /// What every worker runs: `train …` (the offline command's flags).
+    #[arg(last = true, required = true, value_name = "train ARGS")]
+    command: Vec<std::ffi::OsString>,
+}
+
+/// `brats-trainer node`: torchrun's role on one node of a job an engine placed (Kubeflow
+/// Trainer, Slurm) or that flags describe. Starts one worker per local device with torchrun's
+/// variables, forwards SIGINT/SIGTERM, and fails the node when one worker fails (naming its
+/// rank and node); inconsistent settings are an error before any worker starts.
+pub(crate) fn node(args: NodeArgs) -> anyhow::Result<()> {
+    use brats_trainer::launcher::Rendezvous;
+    use brats_trainer::node::{NodeFlags, NodeTopology};
+    if args.command.first().and_then(|c| c.to_str()) != Some("train") {
+        bail!(
+            "node: the workers' command must be `train …` (got {:?}); e.g. brats-trainer node --nproc-per-node 2 -- \
+             train --datalist D.json --devices cpu --out RUN",
+            args.command.first().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        );
+    }
+    let flags = NodeFlags {
+        nnodes: args.nnodes,
+        nproc_per_node: args.nproc_per_node.clone(),
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port: args.master_port,
+    };
+    let topology = NodeTopology::resolve(&flags, |v| std::env::var(v).ok()).context("node settings")?;
+    let cuda = tch::Cuda::device_count().max(0) as usize;
+    let devices = topology.nproc.devices(cuda).context("node settings")?;
+    topology.check_world_size(devices.len(), std::env::var("WORLD_SIZE").ok()).context("node settings")?;
+    let rendezvous = match topology.master_port {
+        Some(master_port) => Some(Rendezvous {
+            master_addr: topology.master_addr.clone(),
+            master_port,
+            node_rank: topology.node_rank,
+            nnodes: topology.nnodes,
+        }),
+        None => None,
+    };
+    let first = topology.node_rank * devices.len();
+    eprintln!(
+        "node {} of {} ({}): {} worker(s) on {}, ranks {}..{} of {}, rendezvous at {}",
+        topology.node_rank,
+        topology.nnodes,
+        topology.source,
+        devices.len(),
+        devices.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        first,
+        first + devices.len() - 1,
+        topology.nnodes * devices.len(),
+        rendezvous
+            .as_ref()
+            .map(|r| format!("{}:{}", r.master_addr, r.master_port))
+            .unwrap_or_else(|| "a free loopback port".into()),
+    );
+    let mut env = Vec::new();
+    if let Some(t) = args.rdzv_timeout_s {
+        env.push(("BRATS_DIST_TIMEOUT_S".to_string(), t.to_string()));
+    }
+    run_ranks(LaunchSpec {
+        exe: std::env::current_exe().context("finding this executable")?,
+        job_id: format!("node-{}", topology.node_rank),
+        args: args.command,
+        devices,
+        env,
+        output: WorkerOutput::Inherited,
+        rendezvous,
+    })
 }
 
 /// Human-readable progress of the offline command.

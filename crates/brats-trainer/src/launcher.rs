@@ -53,6 +53,22 @@ pub struct LaunchSpec {
     pub env: Vec<(String, String)>,
     /// What becomes of the ranks' stdout and stderr.
     pub output: WorkerOutput,
+    /// This node's place in a multi-node job; `None`: the only node, the rendezvous on a free
+    /// loopback port.
+    pub rendezvous: Option<Rendezvous>,
+}
+
+/// Where a node's workers meet the other nodes' (`brats-trainer node`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendezvous {
+    /// Rank 0's host.
+    pub master_addr: String,
+    /// The rendezvous port there.
+    pub master_port: u16,
+    /// This node's index.
+    pub node_rank: usize,
+    /// Nodes in the job (each starts as many workers as this one).
+    pub nnodes: usize,
 }
 
 /// Where the ranks' output goes.
@@ -84,6 +100,7 @@ impl LaunchSpec {
             devices,
             env: vec![("BRATS_TRAINER_STORE".to_string(), store_json)],
             output: WorkerOutput::Captured,
+            rendezvous: None,
         }
     }
 }
@@ -96,6 +113,7 @@ impl std::fmt::Debug for LaunchSpec {
             .field("args", &self.args)
             .field("devices", &self.devices)
             .field("output", &self.output)
+            .field("rendezvous", &self.rendezvous)
             .finish_non_exhaustive()
     }
 }
@@ -134,8 +152,10 @@ pub enum RankExit {
 /// One rank's end.
 #[derive(Debug, Clone)]
 pub struct RankStatus {
-    /// The rank.
+    /// The rank (global in a multi-node job).
     pub rank: usize,
+    /// In a multi-node job: this node's index and the rank's local rank on it.
+    pub node: Option<(usize, usize)>,
     /// Its process id.
     pub pid: u32,
     /// How it ended.
@@ -164,7 +184,8 @@ impl RankStatus {
             .take(3)
             .map(|s| s.trim())
             .collect();
-        let mut s = format!("worker rank {} (pid {}) {how}", self.rank, self.pid);
+        let place = self.node.map(|(node, local)| format!(" on node {node} (local rank {local})")).unwrap_or_default();
+        let mut s = format!("worker rank {}{place} (pid {}) {how}", self.rank, self.pid);
         if !tail.is_empty() {
             let lines: Vec<&str> = tail.into_iter().rev().collect();
             s.push_str(": ");
@@ -215,7 +236,8 @@ fn signal_name(s: i32) -> &'static str {
 pub struct GroupOutcome {
     /// Every rank, by rank.
     pub ranks: Vec<RankStatus>,
-    /// The rank that failed first (the others may then have been killed), if any.
+    /// The position in `ranks` of the rank that failed first (the others may then have been
+    /// killed), if any.
     pub first_failure: Option<usize>,
 }
 
@@ -337,21 +359,27 @@ async fn spawn(cmd: Command) -> Result<std::io::Result<Child>, LaunchError> {
 /// Starts one worker per device. Rank 0's protocol lines arrive on the returned receiver in
 /// order; the channel closes after the last rank's output has been read.
 pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedReceiver<WorkerLine>), LaunchError> {
-    let port = brats_cli::free_port().map_err(LaunchError::Port)?;
-    let world = spec.devices.len();
+    let local_world = spec.devices.len();
+    let (master_addr, port, node_rank, nnodes) = match &spec.rendezvous {
+        Some(r) => (r.master_addr.clone(), r.master_port, r.node_rank, r.nnodes),
+        None => ("127.0.0.1".to_string(), brats_cli::free_port().map_err(LaunchError::Port)?, 0, 1),
+    };
+    let world = nnodes * local_world;
+    let first_rank = node_rank * local_world;
     let parent = std::process::id() as libc::pid_t;
     let mut children = Vec::with_capacity(world);
-    for (rank, device) in spec.devices.iter().enumerate() {
+    for (local_rank, device) in spec.devices.iter().enumerate() {
+        let rank = first_rank + local_rank;
         let mut cmd = Command::new(&spec.exe);
         let captured = spec.output == WorkerOutput::Captured;
         let output = || if captured { Stdio::piped() } else { Stdio::inherit() };
         cmd.args(&spec.args)
-            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_ADDR", &master_addr)
             .env("MASTER_PORT", port.to_string())
             .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_WORLD_SIZE", world.to_string())
+            .env("LOCAL_WORLD_SIZE", local_world.to_string())
             .env("RANK", rank.to_string())
-            .env("LOCAL_RANK", rank.to_string())
+            .env("LOCAL_RANK", local_rank.to_string())
             .env("BRATS_TRAINER_DEVICE", device.to_string())
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
@@ -474,11 +502,12 @@ pub async fn launch(spec: &LaunchSpec) -> Result<(WorkerGroup, mpsc::UnboundedRe
         let ranks = exits
             .into_iter()
             .enumerate()
-            .map(|(rank, exit)| RankStatus {
-                rank,
-                pid: supervised[rank].pid,
+            .map(|(local, exit)| RankStatus {
+                rank: first_rank + local,
+                node: (nnodes > 1).then_some((node_rank, local)),
+                pid: supervised[local].pid,
                 exit: exit.unwrap_or(RankExit::Code(-1)),
-                stderr_tail: lock(&tails[rank]).iter().cloned().collect(),
+                stderr_tail: lock(&tails[local]).iter().cloned().collect(),
             })
             .collect();
         GroupOutcome { ranks, first_failure }
@@ -570,6 +599,7 @@ mod tests {
     #[test]
     fn a_failure_reason_keeps_errors_and_drops_routine_log_lines() {
         let rank = |tail: &[&str], exit| RankStatus {
+            node: None,
             rank: 0,
             pid: 42,
             exit,

@@ -4,6 +4,8 @@
 //!
 //! - [`jobs`]: job records, the event log's segments and the job store;
 //! - [`launcher`]: worker processes (one per rank), their lines and exit statuses;
+//! - [`node`]: where a node sits in a multi-node job (Kubeflow's `PET_*`, Slurm's `SLURM_*`),
+//!   the input of `brats-trainer node`;
 //! - [`service`]: the gRPC service (scheduler, runner, registration, handlers, metrics);
 //! - [`config`], [`server`]: configuration and the server around the service.
 #![warn(missing_docs)]
@@ -11,6 +13,7 @@
 pub mod config;
 pub mod jobs;
 pub mod launcher;
+pub mod node;
 pub mod server;
 pub mod service;
 mod sync;

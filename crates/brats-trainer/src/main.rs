@@ -4,6 +4,7 @@
 //! ```text
 //! brats-trainer train --datalist DATALIST.json [--base-dir DIR] [--epochs N] [--lr LR] [--crop X,Y,Z]
 //!                     [--val-roi X,Y,Z] [--devices cpu|cuda:0,cuda:1,…] [--seed N] --out DIR
+//! brats-trainer node [--nnodes N --node-rank R --master-addr H --master-port P] -- train …
 //! brats-trainer serve [--config trainer.toml]
 //! ```
 
@@ -33,6 +34,13 @@ enum Command {
     /// `--devices cpu`, LOCAL_WORLD_SIZE=N (without WORLD_SIZE) starts N Gloo ranks. A cancel
     /// (SIGINT/SIGTERM) exits with code 3 after the checkpoint.
     Train(TrainArgs),
+    /// Launch this node's workers of a multi-node job (torchrun's role): reads where the node
+    /// sits from Kubeflow Trainer's PET_* or Slurm's SLURM_* variables (flags override them),
+    /// starts one `train` worker per local device with RANK, WORLD_SIZE, LOCAL_RANK,
+    /// LOCAL_WORLD_SIZE and MASTER_*, forwards SIGINT/SIGTERM and fails when one worker fails.
+    /// `brats-trainer node [--nnodes N --node-rank R --master-addr H --master-port P
+    /// --nproc-per-node N|auto|gpu|cpu] -- train …`
+    Node(cli::NodeArgs),
     /// Run the trainer gRPC service.
     Serve {
         /// TOML configuration (also BRATS_TRAINER_CONFIG); BRATS_TRAINER_* variables override it.
@@ -79,15 +87,8 @@ fn main() -> ExitCode {
     let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
     brats_service::init_logging(if serving { "info" } else { "warn" }, json);
     match cli.command {
-        Command::Train(args) => match cli::train(args) {
-            // The code a cancelled worker exits with, so a launching parent tells a cancel from a
-            // failure (and does not kill the peers that are still writing the checkpoint).
-            Err(e) if matches!(e.downcast_ref::<TrainError>(), Some(TrainError::Cancelled)) => {
-                eprintln!("error: cancelled; the latest checkpoint is kept, run the same command to resume");
-                ExitCode::from(cli::EXIT_CANCELLED)
-            }
-            r => exit_code(r),
-        },
+        Command::Train(args) => training_exit_code(cli::train(args)),
+        Command::Node(args) => training_exit_code(cli::node(args)),
         Command::BenchStep(args) => exit_code(cli::bench_step(args)),
         Command::Worker { job_uri, manifest_uri } => cli::worker(&job_uri, &manifest_uri),
         Command::Serve { config, listen, store_root, registry, metrics_listen, preprocess_endpoint, json_logs: _ } => {
@@ -96,6 +97,19 @@ fn main() -> ExitCode {
                 cli::ServeOverrides { listen, store_root, registry, metrics_listen, preprocess_endpoint },
             ))
         }
+    }
+}
+
+/// A cancel exits with [`cli::EXIT_CANCELLED`], so a launching parent (the node launcher, the
+/// service, Slurm) tells a cancel from a failure and does not kill the peers that are still
+/// writing the checkpoint.
+fn training_exit_code(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Err(e) if matches!(e.downcast_ref::<TrainError>(), Some(TrainError::Cancelled)) => {
+            eprintln!("error: cancelled; the latest checkpoint is kept, run the same command to resume");
+            ExitCode::from(cli::EXIT_CANCELLED)
+        }
+        r => exit_code(r),
     }
 }
 

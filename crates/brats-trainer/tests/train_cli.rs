@@ -1,6 +1,7 @@
 //! `brats-trainer train` end to end on synthetic BraTS-like data: it learns, two Gloo ranks
-//! equal one process on the concatenated batch, a second run resumes, bad input is refused, and
-//! the ranks it launches itself stop together when one of them dies.
+//! (started by hand with torchrun's variables, or as two nodes by `brats-trainer node` from
+//! Kubeflow's) equal one process on the concatenated batch, a second run resumes, bad input is
+//! refused, the ranks it launches itself stop together when one of them dies, and so do nodes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -123,8 +124,173 @@ fn two_gloo_ranks_equal_one_process_on_the_concatenated_batch() {
     for r in ranks {
         ok(&r.wait_with_output().unwrap());
     }
-    let a = checkpoint_weights(&single);
-    let b = checkpoint_weights(&ddp);
+    assert_one_step_equal(&single, &ddp);
+
+    // The same two ranks as two nodes of a Kubeflow TrainJob: each `brats-trainer node` reads
+    // its place from PET_* and starts its worker with torchrun's variables.
+    let nodes_out = dir.path().join("nodes");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let mut c = as_node(&common(&nodes_out, "1"), &["--rdzv-timeout-s", "60"]);
+            pet(&mut c, 2, node, port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (node, n) in nodes.into_iter().enumerate() {
+        let text = ok(&n.wait_with_output().unwrap());
+        let expected = format!("node {node} of 2 (kubeflow): 1 worker(s) on cpu, ranks {node}..{node} of 2");
+        assert!(text.contains(&expected), "{text}");
+    }
+    assert_one_step_equal(&single, &nodes_out);
+}
+
+/// `brats-trainer node FLAGS -- <the train command's arguments>`, with its environment.
+fn as_node(train: &Command, flags: &[&str]) -> Command {
+    let mut c = trainer();
+    c.arg("node").args(flags).arg("--").args(train.get_args());
+    for (k, v) in train.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// Kubeflow Trainer's variables for node `node` of `nnodes`, one CPU worker each, rank 0 on
+/// loopback at `port`.
+fn pet(c: &mut Command, nnodes: usize, node: usize, port: u16) -> &mut Command {
+    c.env("PET_NNODES", nnodes.to_string())
+        .env("PET_NPROC_PER_NODE", "1")
+        .env("PET_NODE_RANK", node.to_string())
+        .env("PET_MASTER_ADDR", "127.0.0.1")
+        .env("PET_MASTER_PORT", port.to_string())
+}
+
+/// Inconsistent node settings fail at once, naming the setting, before any worker starts (no
+/// output written); nodes that disagree on the workers per node fail within the rendezvous
+/// timeout with the settings to check, never hang.
+#[test]
+fn a_node_with_inconsistent_settings_fails_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
+    let out = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |c: &mut Command| {
+        let started = std::time::Instant::now();
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(!o.status.success(), "{err}");
+        assert!(started.elapsed().as_secs() < 10, "took {:?}: {err}", started.elapsed());
+        err
+    };
+    let train = train_16(&datalist, "1", &out);
+    let err = run(pet(&mut as_node(&train, &[]), 2, 2, port));
+    assert!(err.contains("node_rank=\"2\": must be below the node count 2"), "{err}");
+    let err = run(pet(&mut as_node(&train, &[]), 2, 0, port).env("WORLD_SIZE", "8"));
+    assert!(err.contains("WORLD_SIZE=\"8\": does not add up: 2 node(s) × 1 worker(s) per node = 2"), "{err}");
+    let err = run(&mut as_node(&train, &["--nproc-per-node", "many"]));
+    assert!(err.contains("nproc_per_node=\"many\": expected a number"), "{err}");
+    let mut slurm = as_node(&train, &[]);
+    slurm
+        .env("SLURM_NNODES", "2")
+        .env("SLURM_NTASKS", "4")
+        .env("SLURM_NODEID", "0")
+        .env("SLURM_JOB_NODELIST", "n[1-2]");
+    let err = run(&mut slurm);
+    assert!(err.contains("SLURM_NTASKS") && err.contains("--ntasks-per-node=1"), "{err}");
+    if !Path::new("/dev/nvidia0").exists() {
+        let err = run(&mut as_node(&train, &["--nproc-per-node", "gpu"]));
+        assert!(err.contains("no CUDA device"), "{err}");
+    }
+    let err = run(trainer().args(["node", "--", "serve"]));
+    assert!(err.contains("must be `train …`"), "{err}");
+    assert!(!out.exists(), "a refused node wrote {}", out.display());
+
+    // Node 0 starts one worker, node 1 two: the world sizes differ (2 against 4).
+    let started = std::time::Instant::now();
+    let nodes: Vec<_> = [("0", "1"), ("1", "2")]
+        .into_iter()
+        .map(|(node, nproc)| {
+            let mut c =
+                as_node(train_16(&datalist, "1", &out).env("OMP_NUM_THREADS", "1"), &["--rdzv-timeout-s", "10"]);
+            pet(&mut c, 2, 0, port)
+                .env("PET_NODE_RANK", node)
+                .env("PET_NPROC_PER_NODE", nproc)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for n in nodes {
+        let o = n.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(err.contains("could not rendezvous") || err.contains("WORLD_SIZE"), "{err}");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!("mismatched nodes failed in {seconds:.1} s");
+    assert!(seconds < 60.0, "mismatched nodes took {seconds:.0} s to fail");
+}
+
+/// A worker that dies fails its node at once, naming its rank and node; the other node's
+/// worker fails in its next collective, so the whole job ends instead of hanging.
+#[test]
+fn a_dead_worker_fails_its_node_and_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let datalist = dataset(&dir.path().join("data"), [16, 16, 16], 2, 1);
+    let out = dir.path().join("run");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let started = std::time::Instant::now();
+    let nodes: Vec<_> = (0..2)
+        .map(|node| {
+            let mut c =
+                as_node(train_16(&datalist, "500", &out).env("OMP_NUM_THREADS", "1"), &["--rdzv-timeout-s", "30"]);
+            pet(&mut c, 2, node, port)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let worker = loop {
+        let found: Vec<u32> =
+            children(nodes[1].id()).into_iter().filter(|&p| rank_of(p).as_deref() == Some("1")).collect();
+        if let Some(&p) = found.first() {
+            break p;
+        }
+        assert!(started.elapsed().as_secs() < 60, "node 1's worker did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    // Let the two workers meet and train a little.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // SAFETY: kill(2) on a process this test found among its child's children.
+    assert_eq!(unsafe { libc::kill(worker as i32, libc::SIGKILL) }, 0);
+    let mut nodes = nodes.into_iter();
+    let (node0, node1) = (nodes.next().unwrap(), nodes.next().unwrap());
+    let o = node1.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("worker rank 1 on node 1 (local rank 0)") && err.contains("SIGKILL"), "{err}");
+    let o = node0.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("worker rank 0 on node 0"), "{err}");
+    eprintln!("both nodes failed {seconds:.1} s after the start; node 0: {}", err.lines().last().unwrap_or(""));
+    assert!(seconds < 90.0, "node 0 took {seconds:.0} s to fail");
+}
+
+/// After one step, the weights and Adam's first moments (0.1·g, the averaged gradients) of a
+/// multi-rank run `ddp` equal those of one process `single` on the concatenated batch.
+fn assert_one_step_equal(single: &Path, ddp: &Path) {
+    let a = checkpoint_weights(single);
+    let b = checkpoint_weights(ddp);
     assert_eq!(a.len(), b.len());
     let mut worst = 0f32;
     for ((na, va), (nb, vb)) in a.iter().zip(&b) {
@@ -146,7 +312,7 @@ fn two_gloo_ranks_equal_one_process_on_the_concatenated_batch() {
             .map(|(n, t)| (n, Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()))
             .collect::<Vec<_>>()
     };
-    let (ma, mb) = (moments(&single), moments(&ddp));
+    let (ma, mb) = (moments(single), moments(ddp));
     assert_eq!(ma.len(), a.len());
     let (mut worst_grad, mut largest) = (0f32, 0f32);
     for ((na, va), (nb, vb)) in ma.iter().zip(&mb) {

@@ -327,7 +327,7 @@ mod tests {
         let ranks: Vec<RankStatus> = exits
             .iter()
             .enumerate()
-            .map(|(rank, &exit)| RankStatus { rank, pid: 100 + rank as u32, exit, stderr_tail: Vec::new() })
+            .map(|(rank, &exit)| RankStatus { rank, node: None, pid: 100 + rank as u32, exit, stderr_tail: Vec::new() })
             .collect();
         let first_failure = ranks.iter().position(|r| r.failed());
         GroupOutcome { ranks, first_failure }
