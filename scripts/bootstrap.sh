@@ -7,7 +7,9 @@
 #                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), jsonschema
 #                    (scripts/check_compose.py: the compose-spec schema), and the DICOM
 #                    test tools of scripts/dicom/: pydicom, highdicom, nibabel, numpy, scipy,
-#                    pylibjpeg + pylibjpeg-openjpeg (JPEG 2000 encoding through pydicom)
+#                    pylibjpeg + pylibjpeg-openjpeg (JPEG 2000 encoding through pydicom), and
+#                    mlflow (the tracking server the tracking tests start) + tensorboard (its
+#                    event-file reader reads our event files back)
 #   .deps/gloo       Gloo's headers from Debian's libgloo-dev (the torch wheel ships c10d's but not
 #                    Gloo's, and brats-trainer's c10d shim includes ProcessGroupGloo.hpp)
 #   .deps/cuda-headers  only with BOOTSTRAP_NCCL=1: nccl.h, the CUDA runtime, crt and CCCL headers
@@ -42,7 +44,10 @@ venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4" "jsonschema
   # scripts/dicom/ (DICOM test studies from the BraTS NIfTI case, SEG checks); pyjpegls and
   # pillow come with highdicom.
   "pydicom==3.0.2" "highdicom==0.28.2" "nibabel==5.4.2" "numpy==2.4.6" "scipy==1.17.1"
-  "pylibjpeg==2.1.0" "pylibjpeg-openjpeg==2.6.0")
+  "pylibjpeg==2.1.0" "pylibjpeg-openjpeg==2.6.0"
+  # Experiment tracking (crates/brats-tracking): the real MLflow tracking server the tests start
+  # and TensorBoard's event-file reader that reads our event files back (≈900 MB installed).
+  "mlflow==3.17.2" "tensorboard==2.21.0")
 # Only for BOOTSTRAP_NCCL=1; the versions torch 2.11.0's wheel requires (cuda-toolkit 13.0.2).
 nccl_pins=(
   "nvidia-nccl-cu13==2.28.9 e4553a30f34195f3fa1da02a6da3d6337d28f2003943aa0a3d247bbc25fefc42"

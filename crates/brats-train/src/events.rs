@@ -280,6 +280,9 @@ pub struct TrainOutcome {
     pub onnx_uri: String,
     /// URI of the model's metadata.json.
     pub metadata_uri: String,
+    /// The MLflow run the job logged to, when tracking was on.
+    #[serde(default)]
+    pub mlflow_run_id: Option<String>,
 }
 
 /// Prefix that marks a worker's protocol lines on stdout, so stray prints never parse as events.

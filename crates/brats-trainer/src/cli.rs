@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use brats_core::{StoreConfig, StoreUri, Stores};
 use brats_proto::v1 as pb;
+use brats_tracking::mlflow::MlflowSettings;
 use brats_train::data::CaseCache;
 use brats_train::dataset::{self, Preprocessor};
 use brats_train::dist::{Backend, DistEnv, ProcessGroup};
 use brats_train::events::{EventKind, WorkerLine};
 use brats_train::spec::{self, Device, TrainConfig};
-use brats_train::train::{self, RunEnv, TrainError};
+use brats_train::train::{self, RunEnv, Tracking, TrainError};
 use brats_trainer::launcher::{self, LaunchSpec, WorkerOutput};
 use clap::Args;
 
@@ -42,6 +43,42 @@ pub(crate) struct TrainArgs {
     /// Print every step (default: a line per epoch and a progress line every 10 s).
     #[arg(long)]
     verbose: bool,
+    /// Write TensorBoard event files to OUT/tensorboard/ (scalars loss, lr, throughput per
+    /// step; epoch/loss, dice/tc, dice/wt, dice/et, dice/mean, loader_wait per epoch).
+    #[arg(long)]
+    tensorboard: bool,
+    /// Log the run to this MLflow tracking server (http://HOST:PORT): the resolved
+    /// configuration as parameters, the scalars as metrics, the model and curves as artefacts.
+    /// Credentials from MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD. A server
+    /// that goes away never fails the run (retried, then reported).
+    #[arg(long, env = "MLFLOW_TRACKING_URI")]
+    mlflow_uri: Option<String>,
+    /// The MLflow experiment (created when missing).
+    #[arg(long, env = "MLFLOW_EXPERIMENT_NAME", default_value = brats_tracking::mlflow::DEFAULT_EXPERIMENT)]
+    mlflow_experiment: String,
+}
+
+impl TrainArgs {
+    /// What the run reports to; a malformed MLflow URI is an error before training starts.
+    fn tracking(&self) -> anyhow::Result<Tracking> {
+        let mlflow = match self.mlflow_uri.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            Some(uri) => {
+                brats_tracking::mlflow::Client::new(uri).context("--mlflow-uri")?;
+                Some(MlflowSettings { uri: uri.to_string(), experiment: self.mlflow_experiment.clone() })
+            }
+            None => None,
+        };
+        Ok(Tracking { tensorboard: self.tensorboard, mlflow })
+    }
+}
+
+/// What a service worker reports to: the service passes its `[tracking]` settings as
+/// `BRATS_TRAINER_TRACKING` (JSON: `tensorboard`, `mlflow_uri`, `mlflow_experiment`).
+fn worker_tracking() -> anyhow::Result<Tracking> {
+    let Ok(json) = std::env::var("BRATS_TRAINER_TRACKING") else { return Ok(Tracking::default()) };
+    let settings: brats_trainer::config::TrackingConfig =
+        serde_json::from_str(&json).context("BRATS_TRAINER_TRACKING")?;
+    Ok(settings.to_tracking())
 }
 
 /// The spec the offline flags describe (validated by the same code as StartJob).
@@ -111,6 +148,7 @@ fn cancel_flag(watch_stdin: bool) -> Arc<AtomicBool> {
 pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
     let dist_env = DistEnv::from_env().context("torchrun-style environment")?;
     let spec = spec_of(&args)?;
+    let tracking = args.tracking()?;
     let config =
         spec::resolve(&spec, spec.seed.unwrap_or(0), &available_devices()).map_err(|e| anyhow::anyhow!("{e}"))?;
     for d in &config.devices {
@@ -193,6 +231,7 @@ pub(crate) fn train(args: TrainArgs) -> anyhow::Result<()> {
         group,
         resume_from: config.resume_from.as_deref().map(StoreUri::parse).transpose()?,
         run_name: args.out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "train".into()),
+        tracking,
     };
     let cancel = cancel_flag(false);
     let mut printer = ProgressPrinter { epochs: config.epochs, verbose: args.verbose, last: Instant::now() };
@@ -504,6 +543,7 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
         group,
         resume_from: config.resume_from.as_deref().map(StoreUri::parse).transpose()?,
         run_name: job.file_name(),
+        tracking: worker_tracking()?,
     };
     let stdout = std::io::stdout();
     let mut emit = |e: EventKind| {

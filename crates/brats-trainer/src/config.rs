@@ -34,6 +34,39 @@ pub struct TrainerConfig {
     pub worker_exe: String,
     /// S3 settings (`AWS_*` variables apply when unset); handed to workers as well.
     pub store: StoreConfig,
+    /// Experiment tracking of every job (`[tracking]`): off by default.
+    pub tracking: TrackingConfig,
+}
+
+/// `[tracking]`: where every job reports besides `metrics.csv`; handed to the workers as
+/// `BRATS_TRAINER_TRACKING`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackingConfig {
+    /// Write TensorBoard event files to `jobs/<id>/artifacts/tensorboard/`; default false.
+    pub tensorboard: bool,
+    /// An MLflow tracking server (`http://mlflow:5000`); empty (the default) = off. Credentials
+    /// come from `MLFLOW_TRACKING_TOKEN` or `MLFLOW_TRACKING_USERNAME`/`PASSWORD` in the
+    /// service's environment, which its workers inherit.
+    pub mlflow_uri: String,
+    /// The MLflow experiment; empty = `brats-segresnet`.
+    pub mlflow_experiment: String,
+}
+
+impl TrackingConfig {
+    /// The library's settings.
+    pub fn to_tracking(&self) -> brats_train::train::Tracking {
+        let uri = self.mlflow_uri.trim();
+        let experiment = match self.mlflow_experiment.trim() {
+            "" => brats_tracking::mlflow::DEFAULT_EXPERIMENT.to_string(),
+            e => e.to_string(),
+        };
+        brats_train::train::Tracking {
+            tensorboard: self.tensorboard,
+            mlflow: (!uri.is_empty())
+                .then(|| brats_tracking::mlflow::MlflowSettings { uri: uri.to_string(), experiment }),
+        }
+    }
 }
 
 impl Default for TrainerConfig {
@@ -48,6 +81,7 @@ impl Default for TrainerConfig {
             cancel_grace_s: 30,
             worker_exe: String::new(),
             store: StoreConfig::default(),
+            tracking: TrackingConfig::default(),
         }
     }
 }
@@ -69,6 +103,10 @@ impl TrainerConfig {
         anyhow::ensure!(!self.registry.trim().is_empty(), "registry must not be empty");
         brats_core::StoreUri::parse(&self.store_root).map_err(|e| anyhow::anyhow!("store_root: {e}"))?;
         brats_core::StoreUri::parse(&self.registry).map_err(|e| anyhow::anyhow!("registry: {e}"))?;
+        if !self.tracking.mlflow_uri.trim().is_empty() {
+            brats_tracking::mlflow::Client::new(&self.tracking.mlflow_uri)
+                .map_err(|e| anyhow::anyhow!("tracking.mlflow_uri: {e}"))?;
+        }
         Ok(())
     }
 }

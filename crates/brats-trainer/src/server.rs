@@ -36,6 +36,7 @@ pub fn settings(cfg: &TrainerConfig) -> anyhow::Result<ServiceSettings> {
         shutdown_grace: cfg.server.shutdown_grace(),
         worker_exe,
         store_config: cfg.store.clone(),
+        tracking: cfg.tracking.clone(),
         cuda_devices: tch::Cuda::device_count().max(0) as usize,
     })
 }

@@ -42,6 +42,7 @@ pub(crate) fn outcome_of(env: &RunEnv, state: &TrainState) -> TrainOutcome {
         best_epoch: state.best_epoch,
         onnx_uri: env.artifacts.join("model.onnx").to_string(),
         metadata_uri: env.artifacts.join("metadata.json").to_string(),
+        mlflow_run_id: None,
     }
 }
 

@@ -9,9 +9,12 @@
 //! a step) through the process group.
 
 mod artifacts;
+mod tracking;
 mod trainer;
 mod validation;
 
+use tracking::Tracker;
+pub use tracking::Tracking;
 pub use trainer::{EpochTraining, Trainer};
 
 use std::sync::Arc;
@@ -107,6 +110,8 @@ pub struct RunEnv {
     pub resume_from: Option<StoreUri>,
     /// Job id or run name, for provenance.
     pub run_name: String,
+    /// TensorBoard and MLflow (rank 0 reports; off by default).
+    pub tracking: Tracking,
 }
 
 impl RunEnv {
@@ -164,6 +169,30 @@ pub(crate) fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
 /// Trains as `config` says, resuming from the latest checkpoint in `env.checkpoints` when there
 /// is one; `emit` receives events (rank 0 only), `cancel` is polled at every step boundary.
 pub fn run(
+    config: &TrainConfig,
+    dataset: &Dataset,
+    env: &RunEnv,
+    emit: &mut dyn FnMut(EventKind),
+    cancel: &AtomicBool,
+) -> Result<TrainOutcome, TrainError> {
+    let mut tracker = (env.rank() == 0).then(|| Tracker::start(config, env));
+    let mut tracked = |e: EventKind| {
+        if let Some(t) = tracker.as_mut() {
+            t.on_event(env, &e);
+        }
+        emit(e)
+    };
+    let result = train_all(config, dataset, env, &mut tracked, cancel);
+    match tracker {
+        Some(t) => {
+            let run_id = t.finish(env, &result);
+            result.map(|outcome| TrainOutcome { mlflow_run_id: run_id, ..outcome })
+        }
+        None => result,
+    }
+}
+
+fn train_all(
     config: &TrainConfig,
     dataset: &Dataset,
     env: &RunEnv,

@@ -70,6 +70,8 @@ pub struct ServiceSettings {
     pub worker_exe: PathBuf,
     /// Store settings handed to workers.
     pub store_config: StoreConfig,
+    /// Experiment tracking handed to workers (`BRATS_TRAINER_TRACKING`).
+    pub tracking: crate::config::TrackingConfig,
     /// CUDA devices on this host.
     pub cuda_devices: usize,
 }

@@ -45,6 +45,10 @@ impl TrainerService {
                 serde_json::json!({ "job_id": job.id, "labels": config.labels, "seed": config.seed,
                                     "epochs": outcome.epochs, "best_epoch": outcome.best_epoch })
             });
+            // Where the run's curves and parameters are, when it was tracked.
+            if let Some(run_id) = &outcome.mlflow_run_id {
+                m.insert("mlflow_run_id".into(), run_id.clone().into());
+            }
         }
         let alias = reg.promote_to_production.then_some("production");
         let body = Bytes::from(serde_json::to_vec_pretty(&metadata).expect("metadata serialises"));

@@ -103,7 +103,7 @@ impl TrainerService {
 
         // Workers.
         let exe = self.settings.worker_exe.clone();
-        let spec = LaunchSpec::service_worker(
+        let mut spec = LaunchSpec::service_worker(
             exe,
             &job.id,
             &record.job_uri,
@@ -111,6 +111,10 @@ impl TrainerService {
             config.devices.clone(),
             serde_json::to_string(&self.settings.store_config).expect("store config serialises"),
         );
+        spec.env.push((
+            "BRATS_TRAINER_TRACKING".into(),
+            serde_json::to_string(&self.settings.tracking).expect("tracking settings serialise"),
+        ));
         {
             let mut inner = job.inner.lock().await;
             inner.record.manifest_uri = manifest.to_string();
@@ -341,6 +345,7 @@ mod tests {
             best_epoch: 0,
             onnx_uri: "file:///j/artifacts/model.onnx".into(),
             metadata_uri: "file:///j/artifacts/metadata.json".into(),
+            mlflow_run_id: None,
         }
     }
 
