@@ -1,27 +1,31 @@
 //! Experiment tracking against the real readers and server: `brats-trainer train --tensorboard
-//! --mlflow-uri …` on synthetic data, with `mlflow server` (PyPI, `.deps/venv`) as the tracking
-//! server; the event files are read back with TensorBoard's own reader and the run with MLflow's
-//! client (`scripts/tracking/read_back.py`), and both must say what `metrics.csv` says. A
-//! server that is not up when training starts gets everything once it is (retried), and the run
+//! --mlflow-uri …` on synthetic data and a trainer-service job with `[tracking]`, with `mlflow
+//! server` (PyPI, `.deps/venv`) as the tracking server; the event files are read back with
+//! TensorBoard's own reader and the run with MLflow's client (`scripts/tracking/read_back.py`),
+//! and both must say what `metrics.csv` says; the registered version names the run. A server
+//! that is not up when training starts gets everything once it is (retried), and the run
 //! succeeds either way.
+
+mod common;
+mod trainer_harness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use brats_proto::v1 as pb;
 use serde_json::Value;
+use trainer_harness::{Trainer, get, real_worker, start_req, watch_all};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn venv(tool: &str) -> PathBuf {
     root().join(".deps/venv/bin").join(tool)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use common::free_port;
 
 /// `mlflow server` on loopback with a SQLite store and the artifact proxy; killed on drop.
 struct MlflowServer {
@@ -70,8 +74,7 @@ impl MlflowServer {
 impl Drop for MlflowServer {
     fn drop(&mut self) {
         // The server forks workers: stop its whole process group.
-        // SAFETY: kill(2) on the process group this test started.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).status();
         let _ = self.child.wait();
     }
 }
@@ -79,7 +82,7 @@ impl Drop for MlflowServer {
 use std::os::unix::process::CommandExt;
 
 fn train(datalist: &Path, out: &Path, epochs: &str, mlflow_uri: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_brats-trainer"));
+    let mut c = Command::new(common::workspace_exe("brats-trainer", "brats-trainer"));
     c.env_remove("WORLD_SIZE").env_remove("LOCAL_WORLD_SIZE").env_remove("MLFLOW_TRACKING_URI");
     c.args(["train", "--datalist"]).arg(datalist).args(["--epochs", epochs, "--val-interval", "1"]);
     c.args(["--crop", "16,16,16", "--val-roi", "16,16,16", "--devices", "cpu", "--seed", "1"]);
@@ -89,11 +92,12 @@ fn train(datalist: &Path, out: &Path, epochs: &str, mlflow_uri: &str) -> Command
     c
 }
 
-fn read_back(out: &Path, mlflow_uri: &str) -> Value {
+/// The run read back by TensorBoard's and MLflow's own readers; `artifacts` holds `tensorboard/`.
+fn read_back(artifacts: &Path, mlflow_uri: &str) -> Value {
     let o = Command::new(venv("python"))
         .arg(root().join("scripts/tracking/read_back.py"))
         .arg("--tensorboard")
-        .arg(out.join("tensorboard"))
+        .arg(artifacts.join("tensorboard"))
         .args(["--mlflow-uri", mlflow_uri, "--experiment", "e2e"])
         .output()
         .unwrap();
@@ -102,8 +106,8 @@ fn read_back(out: &Path, mlflow_uri: &str) -> Value {
 }
 
 /// metrics.csv's per-epoch mean validation Dice: (epoch, value).
-fn csv_mean_dice(out: &Path) -> Vec<(u64, f64)> {
-    let text = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+fn csv_mean_dice(artifacts: &Path) -> Vec<(u64, f64)> {
+    let text = std::fs::read_to_string(artifacts.join("metrics.csv")).unwrap();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
     let epoch = header.iter().position(|h| *h == "epoch").unwrap();
@@ -114,14 +118,15 @@ fn csv_mean_dice(out: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// Checks one finished run: TensorBoard and MLflow agree with metrics.csv, the parameters are
-/// the resolved configuration, the artefacts are there.
-fn check_run(out: &Path, got: &Value, epochs: u64) -> String {
+/// Checks one finished run (its `artifacts` and `checkpoints` folders): TensorBoard and MLflow
+/// agree with metrics.csv, the parameters are the resolved configuration, the artefacts are
+/// there, the run id is kept beside the checkpoints. Returns the run id.
+fn check_run(artifacts: &Path, checkpoints: &Path, got: &Value, epochs: u64) -> String {
     let tb = &got["tensorboard"];
     for tag in ["loss", "lr", "throughput", "epoch/loss", "dice/tc", "dice/wt", "dice/et", "dice/mean", "loader_wait"] {
         assert!(tb.get(tag).is_some(), "no TensorBoard scalar {tag}: {tb}");
     }
-    let expected = csv_mean_dice(out);
+    let expected = csv_mean_dice(artifacts);
     assert_eq!(expected.len() as u64, epochs, "{expected:?}");
     let tb_dice: Vec<(u64, f64)> =
         tb["dice/mean"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
@@ -139,7 +144,6 @@ fn check_run(out: &Path, got: &Value, epochs: u64) -> String {
     assert_eq!(run["status"], "FINISHED", "{run}");
     assert_eq!(run["params"]["epochs"], epochs.to_string().as_str(), "{}", run["params"]);
     assert_eq!(run["params"]["model.init_filters"], "8");
-    assert_eq!(run["params"]["seed"], "1");
     // MLflow keeps doubles, TensorBoard's simple_value is a float.
     let ml_dice = run["metrics"]["dice/mean"].as_array().unwrap();
     assert_eq!(ml_dice.len(), tb_dice.len(), "{ml_dice:?}");
@@ -151,8 +155,7 @@ fn check_run(out: &Path, got: &Value, epochs: u64) -> String {
     for artifact in ["model/model.onnx", "model/best.safetensors", "model/metadata.json", "metrics.csv", "curves.png"] {
         assert!(run["artifacts"].as_array().unwrap().iter().any(|a| a == artifact), "no {artifact}: {run}");
     }
-    let recorded: Value =
-        serde_json::from_slice(&std::fs::read(out.join("checkpoints/mlflow-run.json")).unwrap()).unwrap();
+    let recorded: Value = serde_json::from_slice(&std::fs::read(checkpoints.join("mlflow-run.json")).unwrap()).unwrap();
     assert_eq!(recorded["run_id"], run["run_id"]);
     run["run_id"].as_str().unwrap().to_string()
 }
@@ -169,7 +172,7 @@ fn a_run_is_tracked_in_tensorboard_and_mlflow_as_metrics_csv_says() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("MLflow"), "tracking complained with the server up:\n{err}");
-    let run_id = check_run(&out, &read_back(&out, &server.uri), 3);
+    let run_id = check_run(&out, &out.join("checkpoints"), &read_back(&out, &server.uri), 3);
     eprintln!("MLflow run {run_id}");
 }
 
@@ -199,5 +202,34 @@ fn a_late_tracking_server_gets_every_value_and_never_fails_the_run() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("MLflow tracking failed; training goes on"), "the outage was not reported:\n{err}");
     server.wait();
-    check_run(&out, &read_back(&out, &server.uri), 3);
+    check_run(&out, &out.join("checkpoints"), &read_back(&out, &server.uri), 3);
+}
+
+/// A trainer-service job with `[tracking]`: the worker logs to MLflow and TensorBoard like the
+/// offline command, and the registered model version records the MLflow run id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_job_is_tracked_and_its_registered_version_names_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = MlflowServer::spawn(&dir.path().join("mlflow"), free_port());
+    let datalist = trainer_harness::dataset(&dir.path().join("data"), 1, 1);
+    let store = dir.path().join("store");
+    let tracking =
+        format!("[tracking]\ntensorboard = true\nmlflow_uri = \"{}\"\nmlflow_experiment = \"e2e\"\n", server.uri);
+    let t = Trainer::start(dir.path(), &store, real_worker().as_deref(), &tracking).await;
+    server.wait();
+    let mut client = t.client().await;
+    let mut spec = trainer_harness::spec(&datalist, 2);
+    spec.registration = Some(pb::ModelRegistration { model_name: "tracked".into(), ..Default::default() });
+    let job = client.start_job(start_req(spec)).await.unwrap().into_inner();
+    watch_all(&mut client, &job.id, 0, 300).await;
+    let done = get(&mut client, &job.id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{}\n{}", done.failure_reason, t.log_text());
+    let job_dir = store.join("jobs").join(&job.id);
+    let got = read_back(&job_dir.join("artifacts"), &server.uri);
+    let run_id = check_run(&job_dir.join("artifacts"), &job_dir.join("checkpoints"), &got, 2);
+    assert_eq!(got["mlflow"][0]["run_name"], job.id.as_str(), "the run is named after the job");
+    let meta: Value =
+        serde_json::from_slice(&std::fs::read(store.join("models/tracked/1/metadata.json")).unwrap()).unwrap();
+    assert_eq!(meta["mlflow_run_id"], run_id.as_str(), "{meta}");
+    t.stop();
 }
