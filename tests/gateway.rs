@@ -153,7 +153,7 @@ fn launch(dir: &Path, ports: Ports) -> Gateway {
 }
 
 fn dcmtk(tool: &str, args: &[&str]) -> Output {
-    // dcmtk sets TCP_NODELAY only when asked; without it each C-STORE waits ~10 ms (Nagle
+    // dcmtk sets TCP_NODELAY only when asked; without it each C-STORE waits ~40 ms (Nagle
     // against delayed ACK) and a study takes seconds longer to send.
     Command::new(tool)
         .args(args)
