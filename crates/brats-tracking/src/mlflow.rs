@@ -425,8 +425,20 @@ fn shorten(value: &str) -> String {
     }
 }
 
+/// What the background task has been asked to finish with.
+struct Finishing {
+    status: RunStatus,
+    deadline: Instant,
+    /// `None` when the logger was dropped without [`RunLogger::finish`].
+    reply: Option<oneshot::Sender<LoggerReport>>,
+}
+
+/// How long a logger dropped without `finish` still tries to send what it holds.
+const DROPPED_FLUSH: Duration = Duration::from_secs(5);
+
 /// The background task: create (or resume) the run, then send params, metrics and artefacts
-/// as they come, retrying through outages until `Finish`.
+/// as they come, retrying through outages (the next attempt is due at a fixed time, so values
+/// arriving meanwhile do not postpone it) until `Finish`.
 async fn background(
     client: Client,
     start: RunStart,
@@ -439,84 +451,112 @@ async fn background(
         start.params.iter().map(|(k, v)| (k.chars().take(250).collect(), shorten(v))).collect();
     let mut metrics: VecDeque<Metric> = VecDeque::new();
     let mut artifacts: VecDeque<(String, Vec<u8>)> = VecDeque::new();
-    let mut finishing: Option<(RunStatus, Instant, oneshot::Sender<LoggerReport>)> = None;
+    let mut finishing: Option<Finishing> = None;
     let mut backoff = Duration::ZERO;
+    let mut retry_at = Instant::now();
     let mut down = false;
+    let mut closed = false;
     let host = client.host().to_string();
     loop {
-        // Take what has arrived; wait for more only when there is nothing to send.
-        let idle = run.is_some() && params.is_empty() && metrics.is_empty() && artifacts.is_empty();
-        let wait = if finishing.is_some() && (idle || backoff.is_zero()) {
-            Duration::ZERO
-        } else if idle {
-            Duration::from_secs(3600)
-        } else {
-            backoff
-        };
-        let deadline = finishing.as_ref().map(|(_, d, _)| *d);
-        let wait = deadline.map_or(wait, |d| wait.min(d.saturating_duration_since(Instant::now())));
-        let received = if wait.is_zero() {
-            rx.try_recv().ok()
-        } else {
-            tokio::time::timeout(wait, rx.recv()).await.ok().flatten()
-        };
-        match received {
-            Some(Message::Metrics(m)) => {
-                metrics.extend(m);
-                while metrics.len() > MAX_QUEUED_METRICS {
-                    metrics.pop_front();
-                    report.metrics_dropped += 1;
-                }
-                continue;
-            }
-            Some(Message::Artifact(path, bytes)) => {
-                artifacts.push_back((path, bytes));
-                continue;
-            }
-            Some(Message::Finish(status, timeout, done)) => {
-                finishing = Some((status, Instant::now() + timeout, done));
-                continue;
-            }
-            None => {}
+        let pending = run.is_none() || !params.is_empty() || !metrics.is_empty() || !artifacts.is_empty();
+        let now = Instant::now();
+        let mut until = if pending { retry_at } else { now + Duration::from_secs(3600) };
+        if let Some(f) = &finishing {
+            until = if pending { until.min(f.deadline) } else { now };
         }
-        let result = send_some(&client, &start, &mut run, &mut params, &mut metrics, &mut artifacts, &mut report).await;
-        match result {
-            Ok(()) => {
-                if down {
-                    tracing::info!(server = %host, "MLflow server reachable again; queued values sent");
-                    down = false;
+        // Wait for the next value until something is due; a value never postpones a retry.
+        if until > now {
+            if closed {
+                tokio::time::sleep(until - now).await;
+            } else {
+                match tokio::time::timeout(until - now, rx.recv()).await {
+                    Ok(Some(message)) => {
+                        take(message, &mut metrics, &mut artifacts, &mut finishing, &mut report);
+                        continue;
+                    }
+                    Ok(None) => {
+                        closed = true;
+                        if finishing.is_none() {
+                            // Dropped without finish (the run's thread panicked): a last short try.
+                            finishing = Some(Finishing {
+                                status: RunStatus::Failed,
+                                deadline: Instant::now() + DROPPED_FLUSH,
+                                reply: None,
+                            });
+                        }
+                        continue;
+                    }
+                    Err(_) => {}
                 }
-                backoff = Duration::ZERO;
-                if let (Some(r), Ok(mut slot)) = (&run, run_id.lock())
-                    && slot.is_none()
-                {
-                    *slot = Some(r.run_id.clone());
-                }
-            }
-            Err(e) => {
-                report.last_error = Some(e.to_string());
-                if !down {
-                    report.outages += 1;
-                    tracing::warn!(error = %e, "MLflow tracking failed; training goes on, the values are kept and retried");
-                    down = true;
-                }
-                backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
             }
         }
+        while let Ok(message) = rx.try_recv() {
+            take(message, &mut metrics, &mut artifacts, &mut finishing, &mut report);
+        }
+        if pending && Instant::now() >= retry_at {
+            match send_some(&client, &start, &mut run, &mut params, &mut metrics, &mut artifacts, &mut report).await {
+                Ok(()) => {
+                    if down {
+                        tracing::info!(server = %host, "MLflow server reachable again; queued values sent");
+                        down = false;
+                    }
+                    backoff = Duration::ZERO;
+                    retry_at = Instant::now();
+                    if let (Some(r), Ok(mut slot)) = (&run, run_id.lock())
+                        && slot.is_none()
+                    {
+                        *slot = Some(r.run_id.clone());
+                    }
+                }
+                Err(e) => {
+                    report.last_error = Some(e.to_string());
+                    if !down {
+                        report.outages += 1;
+                        tracing::warn!(error = %e, "MLflow tracking failed; training goes on, the values are kept and retried");
+                        down = true;
+                    }
+                    backoff = (backoff * 2).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                    retry_at = Instant::now() + backoff;
+                }
+            }
+        }
         let idle = run.is_some() && params.is_empty() && metrics.is_empty() && artifacts.is_empty();
-        let out_of_time = finishing.as_ref().is_some_and(|(_, d, _)| Instant::now() >= *d);
-        if finishing.is_some() && (idle || out_of_time) {
-            let (status, _, done) = finishing.take().expect("finishing");
+        if let Some(f) = finishing.take_if(|f| idle || Instant::now() >= f.deadline) {
             if let Some(r) = &run
-                && let Err(e) = client.set_status(&r.run_id, status.as_str()).await
+                && let Err(e) = client.set_status(&r.run_id, f.status.as_str()).await
             {
                 report.last_error = Some(e.to_string());
             }
             report.metrics_dropped += metrics.len();
             report.artifacts_dropped += artifacts.len();
             report.run_id = run.map(|r| r.run_id);
-            let _ = done.send(report);
+            if let Some(reply) = f.reply {
+                let _ = reply.send(report);
+            }
             return;
+        }
+    }
+}
+
+/// Queues one message's values (dropping the oldest metrics beyond the bound).
+fn take(
+    message: Message,
+    metrics: &mut VecDeque<Metric>,
+    artifacts: &mut VecDeque<(String, Vec<u8>)>,
+    finishing: &mut Option<Finishing>,
+    report: &mut LoggerReport,
+) {
+    match message {
+        Message::Metrics(m) => {
+            metrics.extend(m);
+            while metrics.len() > MAX_QUEUED_METRICS {
+                metrics.pop_front();
+                report.metrics_dropped += 1;
+            }
+        }
+        Message::Artifact(path, bytes) => artifacts.push_back((path, bytes)),
+        Message::Finish(status, timeout, reply) => {
+            *finishing = Some(Finishing { status, deadline: Instant::now() + timeout, reply: Some(reply) })
         }
     }
 }
