@@ -683,7 +683,6 @@ fn orthanc_routes_a_study_to_the_gateway_and_gets_the_seg_back_without_a_loop() 
     }
 }
 
-/// One HTTP/1.0 POST on loopback; the status code and the body.
 /// A minimal HTTP/1.0 request on loopback: (status, body).
 fn http(method: &str, port: u16, path: &str, body: &str, token: Option<&str>) -> (u16, String) {
     use std::io::{Read, Write};
