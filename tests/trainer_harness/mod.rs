@@ -77,6 +77,20 @@ impl Trainer {
         worker: Option<&Path>,
         extra: &str,
     ) -> Trainer {
+        Trainer::start_with_env(security, dir, store_root, registry, worker, extra, &[]).await
+    }
+
+    /// [`Trainer::start_with`] with `env` added to the service's environment (e.g. the
+    /// `SLURM_CONF` of a test cluster).
+    pub(crate) async fn start_with_env(
+        security: Arc<Setup>,
+        dir: &Path,
+        store_root: &str,
+        registry: &str,
+        worker: Option<&Path>,
+        extra: &str,
+        env: &[(String, String)],
+    ) -> Trainer {
         let extra: toml::Table = toml::from_str(extra).expect("extra trainer configuration is TOML");
         // A port that was free when picked can be taken by a trainer of a test running beside
         // this one before ours binds it; ours then exits, and a health check would reach the
@@ -102,6 +116,7 @@ impl Trainer {
                 .args(["serve", "--config"])
                 .arg(&config)
                 .env("RUST_LOG", "info,brats_trainer=debug")
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()

@@ -4,7 +4,9 @@
 //! a smooth tissue texture, and a tumour of three nested regions — edema (2) around an
 //! enhancing rim (4) around a necrotic core (1), BraTS 2018 codes — whose position, radii and
 //! lobulation come from the seed. Each modality has its own contrast for each tissue, plus
-//! Gaussian noise. The affine is RAS at 1 mm with the origin at the volume centre. The same
+//! Gaussian noise. Each region has a minimum size in voxels (a necrotic core of radius 2, rims
+//! of 1.75), so that small volumes still hold learnable tumour core and enhancing regions.
+//! The affine is RAS at 1 mm with the origin at the volume centre. The same
 //! seed and shape give bit-identical volumes on every machine and thread count (the MONAI
 //! parity fixtures and the trainer's tests depend on it: change nothing that moves a draw).
 //!
@@ -57,6 +59,10 @@ const EDEMA: [f32; 4] = [0.50, 0.45, 0.85, 0.95];
 const ENHANCING: [f32; 4] = [1.00, 0.50, 0.70, 0.75];
 const NECROSIS: [f32; 4] = [0.20, 0.30, 0.95, 0.55];
 const INTENSITY: f32 = 1000.0;
+/// Smallest necrotic-core radius, in voxels.
+const MIN_NECROSIS_RADIUS: f64 = 2.0;
+/// Thinnest enhancing rim (core radius − necrosis radius) and edema shell, in voxels.
+const MIN_RIM: f64 = 1.75;
 
 /// Generates a case.
 pub fn generate(spec: &SyntheticSpec) -> SyntheticCase {
@@ -70,6 +76,13 @@ pub fn generate(spec: &SyntheticSpec) -> SyntheticCase {
     let edema_r = min_r * rng.random_range(0.30..0.45);
     let core_r = edema_r * rng.random_range(0.50..0.65);
     let necrosis_r = core_r * rng.random_range(0.40..0.65);
+    // Floors in voxels, applied after the draws (so no later draw moves): in a 32³ volume the
+    // drawn necrotic core can be ~1 voxel across and the enhancing rim thinner than a voxel,
+    // regions of a few dozen voxels that a small network at the demo's learning rate may never
+    // find (TC or ET collapsing to Dice 0 for some seeds). From ~96³ up the floors never bind.
+    let necrosis_r = necrosis_r.max(MIN_NECROSIS_RADIUS);
+    let core_r = core_r.max(necrosis_r + MIN_RIM);
+    let edema_r = edema_r.max(core_r + MIN_RIM);
     let mut tumour_c = [0.0; 3];
     for a in 0..3 {
         let slack = (brain_r[a] - edema_r).max(0.0) * 0.5;

@@ -18,6 +18,7 @@ use brats_train::dist::{Backend, DistEnv, ProcessGroup};
 use brats_train::events::{EventKind, WorkerLine};
 use brats_train::spec::{self, Device, TrainConfig};
 use brats_train::train::{self, RunEnv, Tracking, TrainError};
+use brats_trainer::cluster::outbox::{NodeFailure, OUTBOX_ENV, OutboxWriter};
 use brats_trainer::launcher::{self, LaunchSpec, WorkerOutput};
 use clap::Args;
 
@@ -328,7 +329,7 @@ fn run_ranks(spec: LaunchSpec) -> anyhow::Result<()> {
         }
     })?;
     if let Some(failure) = outcome.failure() {
-        bail!("{}", failure.describe());
+        return Err(RanksFailed { describe: failure.describe(), code: failure.failure_code() }.into());
     }
     if !outcome.all_exited_with(0) {
         return Err(TrainError::Cancelled.into());
@@ -362,7 +363,8 @@ pub(crate) struct NodeArgs {
     /// check [default: BRATS_DIST_TIMEOUT_S, else 300].
     #[arg(long)]
     rdzv_timeout_s: Option<u64>,
-    /// What every worker runs: `train …` (the offline command's flags).
+    /// What every worker runs: `train …` (the offline command's flags), or `worker …` for a
+    /// service job an engine placed (what the trainer's sbatch scripts and TrainJobs run).
     #[arg(last = true, required = true, value_name = "train ARGS")]
     command: Vec<std::ffi::OsString>,
 }
@@ -374,10 +376,10 @@ pub(crate) struct NodeArgs {
 pub(crate) fn node(args: NodeArgs) -> anyhow::Result<()> {
     use brats_trainer::launcher::Rendezvous;
     use brats_trainer::node::{NodeFlags, NodeTopology};
-    if args.command.first().and_then(|c| c.to_str()) != Some("train") {
+    if !matches!(args.command.first().and_then(|c| c.to_str()), Some("train" | "worker")) {
         bail!(
-            "node: the workers' command must be `train …` (got {:?}); e.g. brats-trainer node --nproc-per-node 2 -- \
-             train --datalist D.json --devices cpu --out RUN",
+            "node: the workers' command must be `train …` or a service job's `worker …` (got {:?}); e.g. \
+             brats-trainer node --nproc-per-node 2 -- train --datalist D.json --devices cpu --out RUN",
             args.command.first().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
         );
     }
@@ -421,7 +423,7 @@ pub(crate) fn node(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(t) = args.rdzv_timeout_s {
         env.push(("BRATS_DIST_TIMEOUT_S".to_string(), t.to_string()));
     }
-    run_ranks(LaunchSpec {
+    let ran = run_ranks(LaunchSpec {
         exe: std::env::current_exe().context("finding this executable")?,
         job_id: format!("node-{}", topology.node_rank),
         args: args.command,
@@ -429,7 +431,38 @@ pub(crate) fn node(args: NodeArgs) -> anyhow::Result<()> {
         env,
         output: WorkerOutput::Inherited,
         rendezvous,
-    })
+    });
+    if let Err(e) = &ran
+        && let Some(failure) = e.downcast_ref::<RanksFailed>()
+        && let Ok(outbox) = std::env::var(OUTBOX_ENV)
+        && !outbox.is_empty()
+        && let Err(report) = report_node_failure(&outbox, topology.node_rank, failure)
+    {
+        eprintln!("warning: cannot report the failure to the job's outbox: {report:#}");
+    }
+    ran
+}
+
+/// A worker of the node failed: its description (rank, node, exit) and gRPC code name.
+#[derive(Debug, thiserror::Error)]
+#[error("{describe}")]
+struct RanksFailed {
+    describe: String,
+    code: &'static str,
+}
+
+/// Writes `nodes/<node>.json` in a cluster job's outbox, so the trainer names the rank and node.
+fn report_node_failure(outbox: &str, node: usize, failure: &RanksFailed) -> anyhow::Result<()> {
+    let store_config: StoreConfig = match std::env::var("BRATS_TRAINER_STORE") {
+        Ok(json) if !json.is_empty() => serde_json::from_str(&json).context("BRATS_TRAINER_STORE")?,
+        _ => StoreConfig::default(),
+    };
+    let stores = Stores::new(store_config);
+    let dir = StoreUri::parse(outbox)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let report = NodeFailure { node, host, failure: failure.describe.clone(), code: failure.code.to_string() };
+    runtime()?.block_on(brats_trainer::cluster::outbox::report_node_failure(&stores, &dir, &report))?;
+    Ok(())
 }
 
 /// Human-readable progress of the offline command.
@@ -545,11 +578,29 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
         run_name: job.file_name(),
         tracking: worker_tracking()?,
     };
+    // A cluster job's rank 0 also reports through the store: the service cannot read its stdout.
+    let outbox = match std::env::var(OUTBOX_ENV) {
+        Ok(uri) if lead && !uri.is_empty() => Some(OutboxWriter::new(
+            env.stores.clone(),
+            StoreUri::parse(&uri).with_context(|| format!("{OUTBOX_ENV} '{uri}'"))?,
+            rt.handle().clone(),
+        )),
+        _ => None,
+    };
+    let report = |line: &WorkerLine| {
+        if let Some(o) = &outbox
+            && let Err(e) = o.push(line)
+        {
+            eprintln!("warning: cannot write the job's outbox (the trainer sees this later): {e}");
+        }
+    };
     let stdout = std::io::stdout();
     let mut emit = |e: EventKind| {
         if lead {
+            let line = WorkerLine::Event(e);
+            report(&line);
             let mut out = stdout.lock();
-            let _ = writeln!(out, "{}", WorkerLine::Event(e).encode());
+            let _ = writeln!(out, "{}", line.encode());
             let _ = out.flush();
         }
     };
@@ -563,7 +614,14 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
             "streamed from the store for every sample (case_cache STREAM, or AUTO and they do not fit in memory)"
         }
     )));
-    let outcome = train::run(&config, &data, &env, &mut emit, cancel)?;
+    let outcome = train::run(&config, &data, &env, &mut emit, cancel);
+    if let Some(o) = &outbox {
+        if let Ok(outcome) = &outcome {
+            report(&WorkerLine::Finished(outcome.clone()));
+        }
+        o.flush().context("writing the job's outbox")?;
+    }
+    let outcome = outcome?;
     if lead {
         let mut out = stdout.lock();
         writeln!(out, "{}", WorkerLine::Finished(outcome).encode())?;
@@ -710,5 +768,102 @@ pub(crate) fn bench_step(a: BenchStepArgs) -> anyhow::Result<()> {
             "device": device.to_string(), "amp": amp, "final_loss": last_loss, "peak_rss_kib": rss_kib,
         })
     );
+    Ok(())
+}
+
+/// Arguments of `brats-trainer render`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct RenderArgs {
+    /// The engine: slurm (an sbatch script) or kubernetes (a Kubeflow Trainer v2 TrainJob).
+    #[arg(long, value_parser = ["slurm", "kubernetes"])]
+    backend: String,
+    /// Nodes.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Workers per node: GPUs per node, or CPU ranks with --cpu (0 = every GPU of the node).
+    #[arg(long, default_value_t = 0)]
+    devices_per_node: u32,
+    /// The job's folder in the store (`<store_root>/jobs/<id>/`).
+    #[arg(long)]
+    job_uri: String,
+    /// The preprocessed dataset's manifest [default: the job record's, when the job exists].
+    #[arg(long)]
+    manifest_uri: Option<String>,
+    /// CPU ranks (Gloo) instead of GPUs.
+    #[arg(long)]
+    cpu: bool,
+    /// The trainer's configuration, whose [cluster.slurm] / [cluster.kubernetes] section is
+    /// used (also BRATS_TRAINER_CONFIG) [default: the sections' defaults].
+    #[arg(long, env = "BRATS_TRAINER_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// `brats-trainer render`: prints exactly what the trainer service would submit for a job.
+pub(crate) fn render(a: RenderArgs) -> anyhow::Result<()> {
+    use brats_trainer::cluster::{BackendKind, ClusterBackend, Placement, SubmitRequest, kubernetes, slurm};
+    let cfg = brats_trainer::config::TrainerConfig::load(a.config.as_deref())?;
+    let job_uri = format!("{}/", a.job_uri.trim_end_matches('/'));
+    let job_dir = StoreUri::parse(&job_uri).context("--job-uri")?;
+    let job_id = job_dir.file_name();
+    brats_trainer::jobs::validate_job_id(&job_id)
+        .map_err(|m| anyhow::anyhow!("--job-uri: the last segment is the job id: {m}"))?;
+    let stores = Arc::new(Stores::new(cfg.store.clone()));
+    let record: Option<brats_trainer::jobs::JobRecord> = runtime()?
+        .block_on(stores.get(&job_dir.join(brats_trainer::jobs::JOB_FILE)))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let manifest_uri = match (&a.manifest_uri, &record) {
+        (Some(m), _) => m.clone(),
+        (None, Some(r)) if !r.manifest_uri.is_empty() => r.manifest_uri.clone(),
+        _ => {
+            let guess = format!("{job_uri}manifest.json");
+            eprintln!("note: no prepared job at {job_uri}; pass --manifest-uri (showing {guess})");
+            guess
+        }
+    };
+    let attempt = record.as_ref().and_then(|r| r.submission.as_ref()).map_or(0, |s| s.attempt + 1);
+    let backend = if a.backend == "slurm" { BackendKind::Slurm } else { BackendKind::Kubernetes };
+    let placement = Placement { backend, nodes: a.nodes.max(1), devices_per_node: a.devices_per_node };
+    let outbox_uri = format!("{job_uri}cluster/{attempt}/");
+    let tracking = serde_json::to_string(&cfg.tracking).expect("tracking settings serialise");
+    let mut env = vec![(OUTBOX_ENV.to_string(), outbox_uri.clone()), ("BRATS_TRAINER_TRACKING".to_string(), tracking)];
+    let request = |env: Vec<(String, String)>| SubmitRequest {
+        job_id: job_id.clone(),
+        job_uri: job_uri.clone(),
+        manifest_uri: manifest_uri.clone(),
+        outbox_uri: outbox_uri.clone(),
+        placement,
+        cpu: a.cpu,
+        env,
+        secret_env: Vec::new(),
+    };
+    let text = match backend {
+        BackendKind::Slurm => {
+            let s = slurm::Slurm::new(cfg.cluster.slurm.clone().unwrap_or_default());
+            anyhow::ensure!(
+                placement.nodes <= s.max_nodes(),
+                "--nodes {}: [cluster.slurm] max_nodes is {}",
+                placement.nodes,
+                s.max_nodes()
+            );
+            s.render(&request(env))
+        }
+        _ => {
+            let k = kubernetes::Kubernetes::new(cfg.cluster.kubernetes.clone().unwrap_or_default());
+            anyhow::ensure!(
+                placement.nodes <= k.max_nodes(),
+                "--nodes {}: [cluster.kubernetes] max_nodes is {}",
+                placement.nodes,
+                k.max_nodes()
+            );
+            let mut public = cfg.store.clone();
+            public.s3_access_key_id = None;
+            public.s3_secret_access_key = None;
+            public.s3_secret_access_key_file = None;
+            env.push(("BRATS_TRAINER_STORE".to_string(), serde_json::to_string(&public)?));
+            k.render(&request(env))
+        }
+    };
+    print!("{text}");
     Ok(())
 }

@@ -72,7 +72,7 @@ mod events;
 mod record;
 
 pub use events::{EventLog, EventSegment, StoredEvents, encode_events};
-pub use record::{JobRecord, ModelRef, generate_job_id, validate_job_id};
+pub use record::{JobRecord, ModelRef, Submission, generate_job_id, validate_job_id};
 
 use events::parse_events;
 

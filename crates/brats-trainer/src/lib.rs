@@ -3,6 +3,8 @@
 //! device. The training itself is the `brats-train` library.
 //!
 //! - [`jobs`]: job records, the event log's segments and the job store;
+//! - [`cluster`]: the engines a job can be handed to (Slurm, Kubeflow Trainer on Kubernetes)
+//!   and how their workers report through the store;
 //! - [`launcher`]: worker processes (one per rank), their lines and exit statuses;
 //! - [`node`]: where a node sits in a multi-node job (Kubeflow's `PET_*`, Slurm's `SLURM_*`),
 //!   the input of `brats-trainer node`;
@@ -10,6 +12,7 @@
 //! - [`config`], [`server`]: configuration and the server around the service.
 #![warn(missing_docs)]
 
+pub mod cluster;
 pub mod config;
 pub mod jobs;
 pub mod launcher;

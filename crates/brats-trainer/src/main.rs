@@ -5,6 +5,8 @@
 //! brats-trainer train --datalist DATALIST.json [--base-dir DIR] [--epochs N] [--lr LR] [--crop X,Y,Z]
 //!                     [--val-roi X,Y,Z] [--devices cpu|cuda:0,cuda:1,…] [--seed N] --out DIR
 //! brats-trainer node [--nnodes N --node-rank R --master-addr H --master-port P] -- train …
+//! brats-trainer node [--nproc-per-node N|auto|gpu|cpu …] -- worker --job-uri URI --manifest-uri URI
+//! brats-trainer render --backend slurm|kubernetes --nodes N --devices-per-node M --job-uri URI
 //! brats-trainer serve [--config trainer.toml]
 //! ```
 
@@ -41,6 +43,11 @@ enum Command {
     /// `brats-trainer node [--nnodes N --node-rank R --master-addr H --master-port P
     /// --nproc-per-node N|auto|gpu|cpu] -- train …`
     Node(cli::NodeArgs),
+    /// Print what the trainer service submits for a job placed on a cluster engine: the sbatch
+    /// script (`--backend slurm`) or the Kubeflow Trainer v2 TrainJob (`--backend kubernetes`),
+    /// from the configuration's [cluster.*] section.
+    /// `brats-trainer render --backend slurm|kubernetes --nodes N --devices-per-node M --job-uri URI`
+    Render(cli::RenderArgs),
     /// Run the trainer gRPC service.
     Serve {
         /// TOML configuration (also BRATS_TRAINER_CONFIG); BRATS_TRAINER_* variables override it.
@@ -90,6 +97,7 @@ fn main() -> ExitCode {
         Command::Train(args) => training_exit_code(cli::train(args)),
         Command::Node(args) => training_exit_code(cli::node(args)),
         Command::BenchStep(args) => exit_code(cli::bench_step(args)),
+        Command::Render(args) => exit_code(cli::render(args)),
         Command::Worker { job_uri, manifest_uri } => cli::worker(&job_uri, &manifest_uri),
         Command::Serve { config, listen, store_root, registry, metrics_listen, preprocess_endpoint, json_logs: _ } => {
             brats_service::run_main(cli::serve(

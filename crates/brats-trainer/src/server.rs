@@ -38,6 +38,7 @@ pub fn settings(cfg: &TrainerConfig) -> anyhow::Result<ServiceSettings> {
         store_config: cfg.store.clone(),
         tracking: cfg.tracking.clone(),
         cuda_devices: tch::Cuda::device_count().max(0) as usize,
+        clusters: crate::cluster::Clusters::new(&cfg.cluster),
     })
 }
 

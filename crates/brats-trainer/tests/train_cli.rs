@@ -52,35 +52,46 @@ fn metrics(out: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// It learns: a few minutes of CPU training on 16 synthetic cases reaches a mean validation
-/// Dice of at least 0.8, and the run leaves every artefact the issue names.
+/// It learns, whatever the seed: the demo's recipe (a few minutes of CPU training on 16
+/// synthetic 32³ cases) reaches a mean validation Dice of at least 0.8 for training seeds 1 and
+/// 4 — the two whose TC or ET channel collapsed before the synthetic regions got a minimum size
+/// (benchmarks/trainer/seeds.sh sweeps seeds 0–4) — and the run leaves every artefact.
 #[test]
-fn learns_synthetic_brats_to_dice_above_0_8() {
+fn learns_synthetic_brats_to_dice_above_0_8_for_every_seed() {
     let dir = tempfile::tempdir().unwrap();
     let datalist = dataset(&dir.path().join("data"), [32, 32, 32], 12, 4);
-    let out = dir.path().join("run");
-    let started = std::time::Instant::now();
-    let o = trainer()
-        .args(["train", "--datalist"])
-        .arg(&datalist)
-        .args(["--epochs", "25", "--lr", "5e-3", "--crop", "32,32,32", "--val-roi", "32,32,32", "--devices", "cpu"])
-        .args(["--val-interval", "5", "--seed", "0", "--model", SMALL, "--out"])
-        .arg(&out)
-        .output()
-        .unwrap();
-    let text = ok(&o);
-    let rows = metrics(&out);
-    assert_eq!(rows.len(), 25, "{text}");
-    let best = rows.iter().filter_map(|r| r[6].parse::<f64>().ok()).fold(f64::NEG_INFINITY, f64::max);
-    eprintln!("best mean Dice {best:.4} in {:.0} s", started.elapsed().as_secs_f64());
-    assert!(best >= 0.8, "best mean validation Dice {best:.4} < 0.8\n{text}");
-    for f in ["best.safetensors", "model.onnx", "metadata.json", "metrics.csv", "curves.png"] {
-        assert!(out.join(f).exists(), "{f} missing");
+    for seed in ["1", "4"] {
+        let out = dir.path().join(format!("run-{seed}"));
+        let started = std::time::Instant::now();
+        let o = trainer()
+            .args(["train", "--datalist"])
+            .arg(&datalist)
+            .args(["--epochs", "25", "--lr", "5e-3", "--crop", "32,32,32", "--val-roi", "32,32,32", "--devices", "cpu"])
+            .args(["--val-interval", "5", "--seed", seed, "--model", SMALL, "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let text = ok(&o);
+        let rows = metrics(&out);
+        assert_eq!(rows.len(), 25, "{text}");
+        let best =
+            |column: usize| rows.iter().filter_map(|r| r[column].parse::<f64>().ok()).fold(f64::NEG_INFINITY, f64::max);
+        let (tc, wt, et, mean) = (best(3), best(4), best(5), best(6));
+        eprintln!(
+            "seed {seed}: best Dice mean {mean:.4} (TC {tc:.4}, WT {wt:.4}, ET {et:.4}) in {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+        assert!(mean >= 0.8, "seed {seed}: best mean validation Dice {mean:.4} < 0.8\n{text}");
+        assert!(tc.min(wt).min(et) >= 0.05, "seed {seed}: a region collapsed (TC {tc}, WT {wt}, ET {et})");
+        for f in ["best.safetensors", "model.onnx", "metadata.json", "metrics.csv", "curves.png"] {
+            assert!(out.join(f).exists(), "{f} missing");
+        }
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
+        assert!(meta["training"]["validation_dice"]["mean"].as_f64().unwrap() >= 0.8, "{meta}");
+        let png = std::fs::read(out.join("curves.png")).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
     }
-    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metadata.json")).unwrap()).unwrap();
-    assert!(meta["training"]["validation_dice"]["mean"].as_f64().unwrap() >= 0.8, "{meta}");
-    let png = std::fs::read(out.join("curves.png")).unwrap();
-    assert_eq!(&png[1..4], b"PNG");
 }
 
 /// Two processes with Gloo (batch 1 each) produce, after a step, the gradients and weights of one

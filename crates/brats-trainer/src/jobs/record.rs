@@ -109,6 +109,27 @@ pub struct JobRecord {
     /// The preprocessed dataset's manifest, once prepared.
     #[serde(default)]
     pub manifest_uri: String,
+    /// The job's latest submission to a cluster engine (Slurm, Kubernetes); None for LOCAL
+    /// jobs and before the first submission.
+    #[serde(default)]
+    pub submission: Option<Submission>,
+}
+
+/// One submission of a job to a cluster engine. A trainer that restarts while it runs follows
+/// it again rather than submitting anew; ResumeJob submits the next attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submission {
+    /// The engine.
+    pub backend: crate::cluster::BackendKind,
+    /// The engine's id (a Slurm job id, a TrainJob name).
+    pub engine_id: String,
+    /// 0 for the first submission, then one more per resubmission.
+    pub attempt: u32,
+    /// Where its workers report (`jobs/<id>/cluster/<attempt>/`).
+    pub outbox_uri: String,
+    /// Lines of the outbox already applied to the job.
+    #[serde(default)]
+    pub lines_read: usize,
 }
 
 mod spec_codec {
@@ -164,6 +185,16 @@ impl JobRecord {
             manifest_uri: String::new(),
             tenant: default_tenant(),
             owner: String::new(),
+            submission: None,
+        }
+    }
+
+    /// The devices this job holds on the trainer's host while it runs: none for a job placed
+    /// on a cluster engine (the scheduler then starts it at once; the engine queues it).
+    pub fn host_devices(&self) -> &[Device] {
+        match crate::cluster::Placement::of(&self.spec) {
+            Ok(p) if p.is_cluster() => &[],
+            _ => &self.devices,
         }
     }
 
@@ -263,6 +294,7 @@ impl JobRecord {
             job_uri: self.job_uri.clone(),
             samples_per_second: if running { self.samples_per_second } else { 0.0 },
             eta_seconds: if running { self.eta_seconds } else { 0.0 },
+            cluster_job_id: self.submission.as_ref().map(|s| s.engine_id.clone()).unwrap_or_default(),
         }
     }
 }

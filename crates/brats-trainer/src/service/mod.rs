@@ -8,6 +8,7 @@
 //! in batches (see [`crate::jobs::EventLog`]). A restart of the service re-queues what was
 //! running; the workers resume from their latest checkpoint by themselves.
 
+mod cluster_runner;
 mod handlers;
 mod metrics;
 mod registration;
@@ -74,6 +75,8 @@ pub struct ServiceSettings {
     pub tracking: crate::config::TrackingConfig,
     /// CUDA devices on this host.
     pub cuda_devices: usize,
+    /// The cluster engines jobs may be placed on (`[cluster]`).
+    pub clusters: crate::cluster::Clusters,
 }
 
 /// What is mutated under a job's lock.
@@ -430,7 +433,7 @@ impl TrainerService {
                 id: r.id.clone(),
                 queued_ms: r.queued_ms,
                 created_ms: r.created_ms,
-                devices: r.devices.clone(),
+                devices: r.host_devices().to_vec(),
             })
             .collect();
         let capacity = Capacity { cuda_devices: self.settings.cuda_devices, cpu_slots: self.settings.cpu_slots };
@@ -456,8 +459,8 @@ impl TrainerService {
                 self.wake.notify_one();
                 continue;
             }
-            lock(&self.devices).claim(&record.devices);
-            let claim = Claim { shared: self.0.clone(), devices: record.devices.clone() };
+            lock(&self.devices).claim(record.host_devices());
+            let claim = Claim { shared: self.0.clone(), devices: record.host_devices().to_vec() };
             let change =
                 EventKind::StateChanged { from: JobState::Queued, to: JobState::Preparing, reason: String::new() };
             if let Err(e) = self.emit(&job, &mut inner, change, Durability::Commit).await {

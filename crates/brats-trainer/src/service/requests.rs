@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tonic::Status;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::cluster::{BackendKind, Placement};
 use crate::jobs::{EventLog, JobRecord, generate_job_id, validate_job_id};
 use brats_train::events::{EventKind, JobEvent, JobState, now_ms};
 use brats_train::spec::{self, Device, TrainConfig};
@@ -141,9 +142,16 @@ impl TrainerService {
             return Ok(existing);
         }
         let seed = spec.seed.unwrap_or_else(rand::random);
-        let config = spec::resolve(&spec, seed, &self.default_devices())
+        let placement = Placement::of(&spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.settings.clusters.check(&placement).map_err(Status::failed_precondition)?;
+        // A cluster job's devices describe every node (GPUs unless ["cpu"]), not this host's.
+        let default_devices = if placement.is_cluster() { vec![Device::Cuda(0)] } else { self.default_devices() };
+        let config = spec::resolve(&spec, seed, &default_devices)
             .map_err(|e| Status::invalid_argument(format!("spec.{}: {}", e.field, e.message)))?;
-        for d in &config.devices {
+        if placement.is_cluster() {
+            check_cluster_devices(&spec, &placement)?;
+        }
+        for d in config.devices.iter().filter(|_| !placement.is_cluster()) {
             if let Device::Cuda(i) = d
                 && *i >= self.settings.cuda_devices
             {
@@ -461,4 +469,23 @@ impl TrainerService {
         );
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
+}
+
+/// A cluster job names its device kind only: `[]` (GPUs, `devices_per_node` of them, every GPU
+/// of the node when 0) or `["cpu"]` (`devices_per_node` CPU ranks).
+fn check_cluster_devices(spec: &pb::JobSpec, placement: &Placement) -> Result<(), Status> {
+    let cpu = spec.devices.iter().any(|d| d.trim().eq_ignore_ascii_case("cpu"));
+    if !(spec.devices.is_empty() || (cpu && spec.devices.len() == 1)) {
+        return Err(Status::invalid_argument(format!(
+            "spec.devices: a {} job's devices are chosen per node; leave devices empty (GPUs) or [\"cpu\"], and set \
+             placement.devices_per_node",
+            placement.backend.title()
+        )));
+    }
+    if !cpu && placement.devices_per_node == 0 && placement.backend == BackendKind::Slurm {
+        return Err(Status::invalid_argument(
+            "spec.placement.devices_per_node: a Slurm GPU job must say how many GPUs to request per node (e.g. 8)",
+        ));
+    }
+    Ok(())
 }

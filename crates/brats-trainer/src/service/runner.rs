@@ -101,6 +101,17 @@ impl TrainerService {
             }
         };
 
+        // A job placed on a cluster engine: submitted there and followed through the store.
+        let placement = match crate::cluster::Placement::of(&record.spec) {
+            Ok(p) => p,
+            Err(e) => return self.finish(&job, JobState::Failed, e.to_string(), "INVALID_ARGUMENT").await,
+        };
+        if placement.is_cluster() {
+            job.inner.lock().await.record.manifest_uri = manifest.to_string();
+            let run = self.run_on_cluster(&job, &config, &manifest, placement, &mut cancel, &mut shutdown);
+            return run.instrument(info_span!("cluster")).await;
+        }
+
         // Workers.
         let exe = self.settings.worker_exe.clone();
         let mut spec = LaunchSpec::service_worker(

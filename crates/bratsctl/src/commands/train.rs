@@ -35,6 +35,17 @@ pub(crate) enum TrainCmd {
         /// Idempotency key: retrying with the same one returns the job the first call created.
         #[arg(long)]
         request_id: Option<String>,
+        /// Where the workers run: on the trainer's host (local, the default), or handed to the
+        /// trainer's Slurm cluster (an sbatch job) or Kubernetes (a Kubeflow TrainJob).
+        #[arg(long, value_enum)]
+        backend: Option<BackendArg>,
+        /// Nodes of a slurm or kubernetes job (default 1).
+        #[arg(long)]
+        nodes: Option<u32>,
+        /// Workers per node of a slurm or kubernetes job: GPUs per node, or CPU ranks with
+        /// --devices cpu (default every GPU of the node, or one CPU rank).
+        #[arg(long)]
+        devices_per_node: Option<u32>,
         /// Follow the job until it ends (as `train watch`).
         #[arg(long)]
         watch: bool,
@@ -92,11 +103,50 @@ pub(crate) enum TrainCmd {
     },
 }
 
+/// `--backend`: the engine a job's workers run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BackendArg {
+    /// Child processes on the trainer's host.
+    Local,
+    /// An sbatch job on the trainer's Slurm cluster.
+    Slurm,
+    /// A Kubeflow Trainer v2 TrainJob.
+    Kubernetes,
+}
+
+impl BackendArg {
+    fn to_proto(self) -> pb::Backend {
+        match self {
+            BackendArg::Local => pb::Backend::Local,
+            BackendArg::Slurm => pb::Backend::Slurm,
+            BackendArg::Kubernetes => pb::Backend::Kubernetes,
+        }
+    }
+}
+
 /// Runs one `bratsctl train` command.
 pub(crate) async fn run(cmd: TrainCmd) -> anyhow::Result<()> {
     match cmd {
-        TrainCmd::Start { server, job, model_name, promote, job_id, request_id, watch } => {
+        TrainCmd::Start {
+            server,
+            job,
+            model_name,
+            promote,
+            job_id,
+            request_id,
+            backend,
+            nodes,
+            devices_per_node,
+            watch,
+        } => {
             let mut spec = job.to_spec()?;
+            if backend.is_some() || nodes.is_some() || devices_per_node.is_some() {
+                spec.placement = Some(pb::Placement {
+                    backend: backend.map_or(pb::Backend::Unspecified, BackendArg::to_proto) as i32,
+                    nodes: nodes.unwrap_or(0),
+                    devices_per_node: devices_per_node.unwrap_or(0),
+                });
+            }
             if model_name.is_some() || promote {
                 spec.registration = Some(pb::ModelRegistration {
                     model_name: model_name.unwrap_or_default(),

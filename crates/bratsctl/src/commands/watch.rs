@@ -57,6 +57,12 @@ pub(crate) fn print_job(j: &pb::Job) {
         println!("  datalist   {}", s.datalist_uri);
     }
     println!("  folder     {}", j.job_uri);
+    if let Some(p) = j.spec.as_ref().and_then(|s| s.placement.as_ref()) {
+        let backend = pb::Backend::try_from(p.backend).unwrap_or_default().as_str_name().trim_start_matches("BACKEND_");
+        let engine_id =
+            if j.cluster_job_id.is_empty() { String::new() } else { format!(", engine job {}", j.cluster_job_id) };
+        println!("  placement  {} × {} node(s){engine_id}", backend.to_ascii_lowercase(), p.nodes.max(1));
+    }
     if !j.latest_checkpoint_uri.is_empty() {
         println!("  latest     {}", j.latest_checkpoint_uri);
     }
