@@ -7,6 +7,7 @@
 #             schemas of the oldest and newest versions we claim, without network (unshare -rn)
 #   policy    scripts/check_manifests.py: limits, non-root, read-only root, probes, policies...
 #   self-test the same checks on a copy of the base with planted faults, each of which must fail
+#   training  deploy/k8s/training/ (Kubeflow Trainer runtime, trainer RBAC): schemas and Kubeflow's models
 # One line per finding; exit 1 on any. Needs kubectl and .deps/venv (make bootstrap) only.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,11 +61,29 @@ schemas() {
   return $ok
 }
 
+# deploy/k8s/training/: the Kubeflow Trainer runtime and the trainer's RBAC. The RBAC against the
+# Kubernetes schemas; the runtime (a CRD kind those schemas lack) against Kubeflow Trainer's API
+# models, with the validator's own planted-fault self-test. (The TrainJobs the trainer renders
+# are checked by crates/brats-trainer/tests/render.rs.)
+training() {
+  local ok=0 v
+  kubectl kustomize "$k8s/training" -o "$tmp/training.yaml" || { echo "$k8s/training: kubectl kustomize failed"; return 1; }
+  for v in "${versions[@]}"; do
+    "${validate[@]}" -k "$v" "$k8s/training/trainer-rbac.yaml" || ok=1
+  done
+  "$py" scripts/k8s/validate_trainjob.py "$tmp/training.yaml" || ok=1
+  # The self-test plants faults in a runtime and a TrainJob: the trainer's golden rendering.
+  "$py" scripts/k8s/validate_trainjob.py --self-test "$k8s/training/cluster-training-runtime.yaml" \
+    crates/brats-trainer/tests/golden/trainjob.json >/dev/null || ok=1
+  return $ok
+}
+
 part configs "$py" scripts/check_manifests.py configs
 part render render
 part "schemas (Kubernetes ${versions[*]})" schemas
 part policy "$py" scripts/check_manifests.py policy "$tmp"/*.yaml
 part self-test "$py" scripts/check_manifests.py selftest --validate "${validate[@]}" -k "${versions[-1]}"
+part training training
 echo "check-manifests: total $((($(date +%s%N) - t0) / 1000000)) ms"
 [ "$failed" = 0 ] || die "FAILED (the lines above say what)"
 echo "check-manifests: all passed (${#targets[@]} renderings: ${targets[*]}; rendered and validated, not run on a cluster)"

@@ -265,7 +265,7 @@ async fn training_runs_on_a_real_two_node_slurm_cluster() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     trainer_harness::wait_step_after(&mut client, &job.id, 0).await;
-    assert_eq!(unsafe { libc_kill(pid as i32, 9) }, 0);
+    assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
     let failed = wait_state(&t, &job.id, pb::JobState::Failed, 180).await;
     eprintln!("node failure: {}", failed.failure_reason);
     assert!(
@@ -276,9 +276,4 @@ async fn training_runs_on_a_real_two_node_slurm_cluster() {
         failed.failure_reason
     );
     t.stop();
-}
-
-unsafe extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }

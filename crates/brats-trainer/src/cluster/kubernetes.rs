@@ -58,7 +58,7 @@ impl Kubernetes {
         if full.len() <= MAX_NAME {
             return full;
         }
-        let hash = job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x1_0000_0001b3));
+        let hash = super::job_hash(job_id);
         let keep = MAX_NAME - format!("brats--{hash:06x}-{attempt}").len().min(MAX_NAME);
         let head = job_id[..keep.min(job_id.len())].trim_end_matches('-');
         format!("brats-{head}-{:06x}-{attempt}", hash & 0xff_ffff)
@@ -312,9 +312,12 @@ mod tests {
     /// A locally served stand-in for the API server's TrainJob endpoints (no cluster runs
     /// here): it records every request, stores what is POSTed, answers GET with the stored
     /// object plus the conditions the test sets, and DELETE with 200.
+    /// One request the local API received: method, path, Authorization header, body.
+    type Recorded = (String, String, String, String);
+
     struct LocalApi {
         url: String,
-        requests: std::sync::Arc<std::sync::Mutex<Vec<(String, String, String, String)>>>,
+        requests: std::sync::Arc<std::sync::Mutex<Vec<Recorded>>>,
         conditions: std::sync::Arc<std::sync::Mutex<Value>>,
     }
 

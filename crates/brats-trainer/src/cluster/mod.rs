@@ -277,6 +277,11 @@ fn not_configured(backend: &str, section: &str) -> String {
     )
 }
 
+/// A stable 64-bit hash of a job id (FNV-1a): spreads rendezvous ports, shortens long names.
+pub(crate) fn job_hash(job_id: &str) -> u64 {
+    job_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Quotes `s` for a POSIX shell (single quotes).
 pub(crate) fn shell_quote(s: &str) -> String {
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:=@,+%".contains(&b)) {

@@ -31,7 +31,7 @@ impl Slurm {
     /// The job's rendezvous port: spread over 1000 ports by job id so that jobs whose first
     /// node is the same do not collide.
     fn master_port(&self, job_id: &str) -> u16 {
-        let hash = job_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x1_0000_0001b3));
+        let hash = super::job_hash(job_id);
         self.config.master_port.saturating_add((hash % 1000) as u16)
     }
 }
