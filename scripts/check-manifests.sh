@@ -7,7 +7,7 @@
 #             schemas of the oldest and newest versions we claim, without network (unshare -rn)
 #   policy    scripts/check_manifests.py: limits, non-root, read-only root, probes, policies...
 #   self-test the same checks on a copy of the base with planted faults, each of which must fail
-#   training  deploy/k8s/training/ (Kubeflow Trainer runtime, trainer RBAC): schemas and Kubeflow's models
+#   training  deploy/k8s/training/ (the Kubeflow Trainer runtime) against Kubeflow's models
 # One line per finding; exit 1 on any. Needs kubectl and .deps/venv (make bootstrap) only.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -61,15 +61,15 @@ schemas() {
   return $ok
 }
 
-# deploy/k8s/training/: the Kubeflow Trainer runtime and the trainer's RBAC. The RBAC against the
-# Kubernetes schemas; the runtime (a CRD kind those schemas lack) against Kubeflow Trainer's API
-# models, with the validator's own planted-fault self-test. (The TrainJobs the trainer renders
+# deploy/k8s/training/: the Kubeflow Trainer runtime, against Kubeflow Trainer's API models (a CRD
+# kind the Kubernetes schemas lack), with the validator's own planted-fault self-test; the
+# trainer's RBAC (components/kubeflow, also in overlays/kubeflow's rendering) against the schemas. (The TrainJobs the trainer renders
 # are checked by crates/brats-trainer/tests/render.rs.)
 training() {
   local ok=0 v
   kubectl kustomize "$k8s/training" -o "$tmp/training.yaml" || { echo "$k8s/training: kubectl kustomize failed"; return 1; }
   for v in "${versions[@]}"; do
-    "${validate[@]}" -k "$v" "$k8s/training/trainer-rbac.yaml" || ok=1
+    "${validate[@]}" -k "$v" "$k8s/components/kubeflow/trainer-rbac.yaml" || ok=1
   done
   "$py" scripts/k8s/validate_trainjob.py "$tmp/training.yaml" || ok=1
   # The self-test plants faults in a runtime and a TrainJob: the trainer's golden rendering.

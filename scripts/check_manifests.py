@@ -60,6 +60,37 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentV
                   "CustomResourceDefinition", "PriorityClass"}
 # How the tls component's configurations differ from deploy/<svc>.toml + deploy/security.toml's
 # sections (`check_manifests.py tls-configs` writes them so; `configs` fails on any other change).
+# The ServiceAccount of a trainer that hands jobs to Kubeflow Trainer (components/kubeflow).
+TRAINER_ACCOUNT = "brats-trainer"
+# What its Role may grant: TrainJobs, and only the calls the trainer makes.
+TRAINER_RULES = {("trainer.kubeflow.org", "trainjobs"): {"get", "create", "delete"}}
+
+
+def check_trainer_role(where, by_kind):
+    """The trainer's ServiceAccount is bound to Roles granting at most TRAINER_RULES, and no
+    ClusterRoleBinding names it."""
+    f = []
+    bound = []
+    for b in by_kind.get("RoleBinding", []) + by_kind.get("ClusterRoleBinding", []):
+        if any(s.get("kind") == "ServiceAccount" and s.get("name") == TRAINER_ACCOUNT for s in b.get("subjects") or []):
+            if b["kind"] == "ClusterRoleBinding" or b["roleRef"].get("kind") != "Role":
+                f.append(f"{where}: {b['kind']}/{b['metadata']['name']}: {TRAINER_ACCOUNT} may only be bound to a namespaced Role")
+            bound.append(b["roleRef"].get("name"))
+    if not bound:
+        f.append(f"{where}: the trainer mounts {TRAINER_ACCOUNT}'s token but no RoleBinding gives it anything")
+    for role in by_kind.get("Role", []):
+        if role["metadata"]["name"] not in bound:
+            continue
+        for rule in role.get("rules") or []:
+            for group in rule.get("apiGroups") or [""]:
+                for resource in rule.get("resources") or []:
+                    allowed = TRAINER_RULES.get((group, resource), set())
+                    extra = set(rule.get("verbs") or []) - allowed
+                    if extra:
+                        f.append(f"{where}: Role/{role['metadata']['name']}: {sorted(extra)} on {group or 'core'}/{resource} is more than the trainer needs")
+    return f
+
+
 TLS_DROPPED = {("server", "auth", "jwt"): "an OIDC key set needs an egress NetworkPolicy to the provider"}
 TLS_OVERRIDES = {
     ("server", "audit", "stdout"): (True, "every record also to the cluster's log shipper"),
@@ -418,8 +449,13 @@ def check_policy(docs, where):
         for v in spec.get("volumes") or []:
             if "hostPath" in v:
                 f.append(f"{w}: volume {v.get('name')} is a hostPath")
-        if spec.get("automountServiceAccountToken") is not False:
-            f.append(f"{w}: automountServiceAccountToken is not false (the services call no Kubernetes API)")
+        # Only the trainer calls the Kubernetes API (TrainJobs, components/kubeflow), as the
+        # ServiceAccount whose Role allows exactly that; every other pod mounts no token.
+        api_caller = name == "trainer" and spec.get("serviceAccountName") == TRAINER_ACCOUNT
+        if spec.get("automountServiceAccountToken") is not False and not api_caller:
+            f.append(f"{w}: automountServiceAccountToken is not false (only the trainer, as {TRAINER_ACCOUNT}, calls the Kubernetes API)")
+        if api_caller:
+            f.extend(check_trainer_role(where, by_kind))
         if spec.get("enableServiceLinks") is not False:
             f.append(f"{w}: enableServiceLinks is not false (service variables would reach the BRATS_* loader)")
         names = {k: {x["metadata"]["name"] for x in by_kind.get(k, [])} for k in ("ConfigMap", "PersistentVolumeClaim")}

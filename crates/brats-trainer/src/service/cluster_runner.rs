@@ -187,7 +187,7 @@ impl TrainerService {
                         let note = EventKind::info(format!(
                             "{engine} job {} is pending ({})",
                             submission.engine_id,
-                            if status.reason.is_empty() { &status.state } else { &status.reason }
+                            if status.reason.is_empty() || status.reason == "None" { &status.state } else { &status.reason }
                         ));
                         let _ = self.emit(job, &mut inner, note, Durability::Now).await;
                     }
