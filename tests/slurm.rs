@@ -8,7 +8,8 @@
 //!   followed to a registered model; more nodes than `[cluster.slurm] max_nodes` is refused.
 //! - `scancel` mid-epoch (outside the trainer): the job fails with Slurm's reason and
 //!   ResumeJob finishes it from its checkpoint.
-//! - A worker killed on node 1: the job fails naming the rank and the node.
+//! - A worker killed on node 1: the job fails naming the rank and the node, the cause first (node
+//!   0's worker then fails too, its collective broken).
 //!
 //! The cluster needs root (it runs daemons and installs slurm-wlm and munge when missing).
 
@@ -271,7 +272,7 @@ async fn training_runs_on_a_real_two_node_slurm_cluster() {
     assert!(
         failed.failure_reason.contains("worker rank 1 on node 1 (local rank 0)")
             && failed.failure_reason.contains("SIGKILL")
-            && failed.failure_reason.contains("node 1 ("),
+            && failed.failure_reason.contains("first node 1 (brats-n2)"),
         "{}",
         failed.failure_reason
     );

@@ -460,7 +460,13 @@ fn report_node_failure(outbox: &str, node: usize, failure: &RanksFailed) -> anyh
     let stores = Stores::new(store_config);
     let dir = StoreUri::parse(outbox)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
-    let report = NodeFailure { node, host, failure: failure.describe.clone(), code: failure.code.to_string() };
+    let report = NodeFailure {
+        node,
+        host,
+        failure: failure.describe.clone(),
+        code: failure.code.to_string(),
+        time_ms: brats_train::events::now_ms(),
+    };
     runtime()?.block_on(brats_trainer::cluster::outbox::report_node_failure(&stores, &dir, &report))?;
     Ok(())
 }

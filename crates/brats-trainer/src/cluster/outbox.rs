@@ -42,6 +42,10 @@ pub struct NodeFailure {
     pub failure: String,
     /// The gRPC code name the failure maps to.
     pub code: String,
+    /// When the node saw it, Unix ms: the earliest failure is the cause, later ones (peers
+    /// whose collectives broke) its consequences.
+    #[serde(default)]
+    pub time_ms: i64,
 }
 
 struct Live {
@@ -116,7 +120,7 @@ pub async fn report_node_failure(stores: &Stores, dir: &StoreUri, failure: &Node
     stores.put(&dir.join(&format!("nodes/{:04}.json", failure.node)), Bytes::from(body)).await
 }
 
-/// The failures nodes reported, by node rank.
+/// The failures nodes reported, earliest first.
 pub async fn node_failures(stores: &Stores, dir: &StoreUri) -> Result<Vec<NodeFailure>, CoreError> {
     let mut failures = Vec::new();
     for uri in stores.list(&dir.join("nodes")).await? {
@@ -124,7 +128,7 @@ pub async fn node_failures(stores: &Stores, dir: &StoreUri) -> Result<Vec<NodeFa
             failures.push(f);
         }
     }
-    failures.sort_by_key(|f| f.node);
+    failures.sort_by_key(|f| (f.time_ms, f.node));
     Ok(failures)
 }
 
@@ -215,9 +219,21 @@ mod tests {
         let segments = std::fs::read_dir(dir.path().join("lines")).unwrap().count();
         assert!(segments >= 3, "{segments} segments");
 
-        let failure =
-            NodeFailure { node: 1, host: "n2".into(), failure: "worker rank 3 died".into(), code: "ABORTED".into() };
+        let failure = NodeFailure {
+            node: 1,
+            host: "n2".into(),
+            failure: "worker rank 3 died".into(),
+            code: "ABORTED".into(),
+            time_ms: 2,
+        };
+        let consequence =
+            NodeFailure { node: 0, failure: "worker rank 0 exited with code 1".into(), time_ms: 9, ..failure.clone() };
+        rt.block_on(report_node_failure(&stores, &outbox, &consequence)).unwrap();
         rt.block_on(report_node_failure(&stores, &outbox, &failure)).unwrap();
-        assert_eq!(rt.block_on(node_failures(&stores, &outbox)).unwrap(), vec![failure]);
+        assert_eq!(
+            rt.block_on(node_failures(&stores, &outbox)).unwrap(),
+            vec![failure, consequence],
+            "the cause first"
+        );
     }
 }

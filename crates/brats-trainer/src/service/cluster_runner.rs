@@ -187,7 +187,11 @@ impl TrainerService {
                         let note = EventKind::info(format!(
                             "{engine} job {} is pending ({})",
                             submission.engine_id,
-                            if status.reason.is_empty() || status.reason == "None" { &status.state } else { &status.reason }
+                            if status.reason.is_empty() || status.reason == "None" {
+                                &status.state
+                            } else {
+                                &status.reason
+                            }
                         ));
                         let _ = self.emit(job, &mut inner, note, Durability::Now).await;
                     }
@@ -323,8 +327,9 @@ impl TrainerService {
     ) -> (String, &'static str) {
         let mut reason = end.describe(engine, &submission.engine_id);
         let failures = outbox::node_failures(&self.stores, outbox_dir).await.unwrap_or_default();
-        for f in &failures {
-            reason.push_str(&format!("; node {} ({}): {}", f.node, f.host, f.failure));
+        for (i, f) in failures.iter().enumerate() {
+            let order = if i == 0 { "first" } else { "then" };
+            reason.push_str(&format!("; {order} node {} ({}): {}", f.node, f.host, f.failure));
         }
         if failures.is_empty() {
             reason.push_str("; no node reported a worker failure (the engine stopped the job: preempted, timed out, cancelled outside the trainer, or a node was lost); ResumeJob continues from the latest checkpoint");
