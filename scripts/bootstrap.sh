@@ -212,6 +212,8 @@ install_cuda_headers() {
   unzip_members "$cccl" "$dir.tmp" "nvidia/cu13/include/=cccl/"
   touch "$dir.tmp/.stamp-nccl-2.28.9-cuda-13.0"
   rm -rf "$dir" && mv "$dir.tmp" "$dir"
+  # brats-train's build script watches the headers only once they exist: make it look again.
+  touch "$root/crates/brats-train/build.rs"
 }
 
 dicom_tools_present() { # Debian installs Orthanc in /usr/sbin (not on a user's PATH)

@@ -45,7 +45,7 @@ fn run_case(model: &SegmentationModel, case: &str, blend: Blend) -> brats_infere
         roi: [roi[0], roi[1], roi[2]],
         overlap: index["overlap"].as_f64().unwrap(),
         blend,
-        mirror: false,
+        ..Default::default()
     };
     segment(model, &images, &window, true, &ReadLimits::default()).unwrap()
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use brats_artifacts::registry::{DEFAULT_MODEL_NAME, Registry};
+use brats_artifacts::window::Extent;
 use brats_cli::AuthChannel;
 use brats_model::SegResNetConfig;
 use brats_model::onnx::{ExportOptions, to_onnx_bytes};
@@ -72,6 +73,17 @@ async fn registry_warmup_segment_and_hot_reload() {
     let v = resp.volumes.unwrap();
     assert_eq!((v.tc_ml, v.wt_ml, v.et_ml), (tc, wt, et));
 
+    // The opt-in fast mode reaches the windows: the in-process fast mode's label map.
+    let mut fast = segment_request(&images);
+    fast.options = Some(pb::SegmentOptions { foreground_crop: true, ..Default::default() });
+    let r = client.segment(fast).await.unwrap().into_inner();
+    let brats_core::StoreUri::File(fast_path) = brats_core::StoreUri::parse(&r.label_map_uri).unwrap() else {
+        unreachable!()
+    };
+    let fast_read = brats_core::nifti_io::read_nifti(&std::fs::read(fast_path).unwrap(), "seg", &Default::default());
+    let fast_seg = in_process_with(&onnx, &images, Extent::FOREGROUND);
+    assert_eq!(fast_read.unwrap().data.iter().map(|&v| v as u8).collect::<Vec<_>>(), fast_seg.label);
+
     // ListModels / GetModel.
     let models = client.list_models(pb::ListModelsRequest::default()).await.unwrap().into_inner().models;
     assert_eq!(models.len(), 1);
@@ -100,6 +112,11 @@ async fn registry_warmup_segment_and_hot_reload() {
 
 /// The same segmentation run in-process, to compare the service with.
 fn in_process(onnx: &[u8], images: &[PathBuf]) -> brats_inference::segment::Segmentation {
+    in_process_with(onnx, images, Extent::Full)
+}
+
+/// [`in_process`] with the windows covering `extent`.
+fn in_process_with(onnx: &[u8], images: &[PathBuf], extent: Extent) -> brats_inference::segment::Segmentation {
     let model = brats_inference::runtime::SegmentationModel::load(
         &brats_inference::runtime::default_library(),
         onnx,
@@ -113,7 +130,7 @@ fn in_process(onnx: &[u8], images: &[PathBuf]) -> brats_inference::segment::Segm
             bytes: std::fs::read(p).unwrap().into(),
         })
         .collect();
-    let window = brats_artifacts::window::SlidingWindow { roi: ROI, ..Default::default() };
+    let window = brats_artifacts::window::SlidingWindow { roi: ROI, extent, ..Default::default() };
     brats_inference::segment::segment(&model, &files, &window, false, &Default::default()).unwrap()
 }
 

@@ -2,7 +2,8 @@
 # CPU inference benchmark (issue 4 item 8): ours (`brats-inference segment`, ONNX Runtime CPU) vs
 # MONAI's bundle inference on the same 4 files with the same (deterministic) weights.
 #
-# Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | all]   (default: compare 3)
+# Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] | all]
+#        (default: compare 3)
 #
 # 1. builds brats-inference (release), write_reference_weights and brats-model (dev profile); creates the MONAI
 #    venv if it is missing;
@@ -12,7 +13,11 @@
 # 4. compare: ours and MONAI alternately, ROUNDS rounds, fresh processes; medians, ratio, stage
 #    breakdown, peak RSS (/usr/bin/time -v), label-map check (bench.py, compare.py);
 #    options: ONNX Runtime session options, ours only, one run each, roi X,Y,Z (default full);
-#    ONLY=REGEX (environment) runs only the variants whose name matches.
+#    ONLY=REGEX (environment) runs only the variants whose name matches;
+#    fast: the opt-in fast mode (--foreground-crop) beside the exact mode and MONAI on two
+#    synthetic cases (seeds 1, 2) and the real cases of ../shared/data/real (BRATS_REAL_ROOT)
+#    when present: speed-ups and the fast label map's Dice per region against the exact one
+#    (fast_mode.py).
 #    BEFORE_BIN=PATH BEFORE_MODEL=PATH (environment) add a third side to `compare` in the same
 #    rounds, e.g. the previous release binary with its export, for before/after tables.
 # The models are re-exported whenever brats-model was rebuilt after them (exporter changes).
@@ -50,7 +55,18 @@ echo
 case "$MODE" in
     compare) "$PY" benchmarks/inference/bench.py compare --rounds "${2:-3}" ;;
     options) "$PY" benchmarks/inference/bench.py options --roi "${2:-240,240,160}" ;;
+    fast)
+        REAL="${BRATS_REAL_ROOT:-$ROOT/../shared/data/real}"
+        [ -f "$SYN/synth-00002-t2f.nii.gz" ] || "$TARGET/release/brats-preprocess" synth --shape 240,240,155 --seed 2 --out "$SYN" >&2
+        case_of() { local IFS=,; echo "$1=${*:2}"; }  # name=t1c,t1,t2,flair
+        CASES="$(case_of synthetic-seed-1 "$SYN"/synth-00001-{t1c,t1n,t2w,t2f}.nii.gz)"
+        CASES+=" $(case_of synthetic-seed-2 "$SYN"/synth-00002-{t1c,t1n,t2w,t2f}.nii.gz)"
+        f="$REAL/BraTS-GLI-00001-000/BraTS-GLI-00001-000"
+        [ -f "$f-t1c.nii.gz" ] && CASES+=" $(case_of BraTS-GLI-00001-000 "$f"-{t1c,t1n,t2w,t2f}.nii.gz)"
+        f="$REAL/brainlesion-sri24-case"
+        [ -f "$f/t1c.nii.gz" ] && CASES+=" $(case_of brainlesion-sri24 "$f"/{t1c,t1n,t2w,t2f}.nii.gz)"
+        CASES="$CASES" "$PY" benchmarks/inference/fast_mode.py --rounds "${2:-1}" ;;
     all) "$PY" benchmarks/inference/bench.py compare --rounds "${2:-3}"; echo
          "$PY" benchmarks/inference/bench.py options --roi 240,240,160 ;;
-    *) echo "usage: $0 [compare [ROUNDS] | options [X,Y,Z] | all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] | all]" >&2; exit 2 ;;
 esac

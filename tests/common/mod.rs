@@ -238,18 +238,26 @@ pub(crate) fn bratsctl_exe() -> PathBuf {
     EXE.get_or_init(|| workspace_exe("bratsctl", "bratsctl")).clone()
 }
 
-/// The binary `name` of the workspace package `package`, built next to this test's target
-/// folder: `cargo test` builds no binary of another package, so this asks
-/// cargo once per binary and test run.
+/// The binary `name` of the workspace package `package`, from this test build's target folder.
+/// `cargo test` builds no binary of another package, so the first call in a test process asks
+/// cargo for every target of the workspace: `cargo test --workspace --all-targets` (make test)
+/// has built all of them but the binaries, so this builds only those, with the same features.
+/// (`cargo build -p PACKAGE` would resolve features for that package alone and compile a second
+/// copy of much of the workspace: minutes on two cores.)
 pub(crate) fn workspace_exe(package: &str, name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     // target/<profile>/deps/trainer_service-<hash> → target/<profile>/<name>
     let profile_dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "-p", package, "--bin", name]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().unwrap_or_else(|e| panic!("run cargo build for the {name} binary: {e}"));
-    assert!(status.success(), "cargo build -p {name} failed");
+    BUILT.get_or_init(|| {
+        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.args(["build", "--quiet", "--workspace", "--all-targets"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap_or_else(|e| panic!("run cargo build for the workspace's binaries: {e}"));
+        assert!(status.success(), "cargo build --workspace --all-targets failed");
+    });
+    let exe = profile_dir.join(name);
+    assert!(exe.is_file(), "package {package} has no binary {name} at {}", exe.display());
     profile_dir.join(name)
 }

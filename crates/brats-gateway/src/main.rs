@@ -177,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let session = SessionOptions { providers, intra_threads: threads, ..Default::default() };
             let model = SegmentationModel::load(&default_library(), &onnx, &session)
                 .with_context(|| format!("loading --model {}", model.display()))?;
-            let window = SlidingWindow { roi, overlap, blend: Blend::Constant, mirror: false };
+            let window = SlidingWindow { roi, overlap, blend: Blend::Constant, ..Default::default() };
             let result = segment_study(&loaded, &model, &window, &seg_options)?;
             if let Some(path) = &label_map {
                 write_atomically(path, &result.label_nifti()?)?;

@@ -109,7 +109,7 @@ pub async fn serve(
             roi: config.model.roi,
             overlap: config.model.overlap,
             blend: Blend::Constant,
-            mirror: false,
+            ..Default::default()
         },
         seg_options,
         load_options: LoadOptions { salt: config.salt.clone(), ..LoadOptions::default() },

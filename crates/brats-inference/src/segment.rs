@@ -3,7 +3,7 @@
 
 use crate::postprocess;
 use crate::runtime::{InferenceError, SegmentationModel};
-use brats_artifacts::window::{self, SlidingWindow};
+use brats_artifacts::window::{self, Extent, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::tensors::CaseTensors;
@@ -126,7 +126,14 @@ fn infer_impl(
         return Err(SegmentError::Cancelled);
     }
     let t = Instant::now();
-    let total = window::window_count(shape, window);
+    // The windows cover the whole volume, or with the fast mode only the foreground's box.
+    let covered = match window.extent {
+        Extent::Full => Some(shape),
+        Extent::Foreground { .. } => {
+            window.foreground_box(owned.as_deref().unwrap_or(borrowed), 4, shape).map(|b| b.size)
+        }
+    };
+    let total = covered.map_or(0, |s| window::window_count(s, window));
     let mut done = 0;
     let mut run_model = |w: &[f32], roi: [usize; 3]| {
         if cancel.load(Ordering::Relaxed) {

@@ -36,7 +36,7 @@ pub async fn serve(
             optimization_level: cfg.optimization_level,
             ..SessionOptions::default()
         },
-        window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, mirror: false },
+        window: SlidingWindow { roi: cfg.roi, overlap: cfg.overlap, blend: Blend::Constant, ..Default::default() },
         max_concurrent: cfg.max_concurrent,
         max_queue: cfg.max_queue,
         // `[server.tenants]` is parsed once, by the server shell below.

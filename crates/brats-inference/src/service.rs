@@ -6,7 +6,7 @@ use crate::models::{LoadedModel, ModelManager};
 use crate::runtime::{Provider, SessionOptions};
 use crate::segment::{SegmentError, Segmentation, infer_preprocessed, segment_cancellable};
 use brats_artifacts::registry::Registry;
-use brats_artifacts::window::{Blend, SlidingWindow};
+use brats_artifacts::window::{Blend, Extent, SlidingWindow};
 use brats_core::error::CoreError;
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreUri, Stores};
@@ -265,6 +265,9 @@ impl InferenceService {
                         o.roi_size
                     )));
                 }
+            }
+            if o.foreground_crop {
+                w.extent = Extent::FOREGROUND;
             }
             w.blend = match pb::BlendMode::try_from(o.blend_mode) {
                 Ok(pb::BlendMode::Gaussian) => Blend::Gaussian,

@@ -76,9 +76,9 @@ impl TrainArgs {
 /// What a service worker reports to: the service passes its `[tracking]` settings as
 /// `BRATS_TRAINER_TRACKING` (JSON: `tensorboard`, `mlflow_uri`, `mlflow_experiment`).
 fn worker_tracking() -> anyhow::Result<Tracking> {
-    let Ok(json) = std::env::var("BRATS_TRAINER_TRACKING") else { return Ok(Tracking::default()) };
-    let settings: brats_trainer::config::TrackingConfig =
-        serde_json::from_str(&json).context("BRATS_TRAINER_TRACKING")?;
+    use brats_trainer::cluster::TRACKING_ENV;
+    let Ok(json) = std::env::var(TRACKING_ENV) else { return Ok(Tracking::default()) };
+    let settings: brats_trainer::config::TrackingConfig = serde_json::from_str(&json).context(TRACKING_ENV)?;
     Ok(settings.to_tracking())
 }
 
@@ -453,10 +453,7 @@ struct RanksFailed {
 
 /// Writes `nodes/<node>.json` in a cluster job's outbox, so the trainer names the rank and node.
 fn report_node_failure(outbox: &str, node: usize, failure: &RanksFailed) -> anyhow::Result<()> {
-    let store_config: StoreConfig = match std::env::var("BRATS_TRAINER_STORE") {
-        Ok(json) if !json.is_empty() => serde_json::from_str(&json).context("BRATS_TRAINER_STORE")?,
-        _ => StoreConfig::default(),
-    };
+    let store_config = worker_store_config()?;
     let stores = Stores::new(store_config);
     let dir = StoreUri::parse(outbox)?;
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
@@ -551,11 +548,18 @@ fn is_transient(e: &anyhow::Error) -> bool {
     })
 }
 
-fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow::Result<()> {
-    let store_config: StoreConfig = match std::env::var("BRATS_TRAINER_STORE") {
-        Ok(json) if !json.is_empty() => serde_json::from_str(&json).context("BRATS_TRAINER_STORE")?,
+/// A worker's store settings: `BRATS_TRAINER_STORE` (JSON) as its trainer or node launcher set
+/// it, else the defaults (the local filesystem).
+fn worker_store_config() -> anyhow::Result<StoreConfig> {
+    use brats_trainer::cluster::STORE_ENV;
+    Ok(match std::env::var(STORE_ENV) {
+        Ok(json) if !json.is_empty() => serde_json::from_str(&json).context(STORE_ENV)?,
         _ => StoreConfig::default(),
-    };
+    })
+}
+
+fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow::Result<()> {
+    let store_config = worker_store_config()?;
     let device = match std::env::var("BRATS_TRAINER_DEVICE") {
         Ok(d) => Device::parse(&d).with_context(|| format!("BRATS_TRAINER_DEVICE '{d}'"))?,
         Err(_) => Device::Cpu,
@@ -806,7 +810,7 @@ pub(crate) struct RenderArgs {
 
 /// `brats-trainer render`: prints exactly what the trainer service would submit for a job.
 pub(crate) fn render(a: RenderArgs) -> anyhow::Result<()> {
-    use brats_trainer::cluster::{BackendKind, ClusterBackend, Placement, SubmitRequest, kubernetes, slurm};
+    use brats_trainer::cluster::{BackendKind, Placement, SubmitRequest, kubernetes, slurm};
     let cfg = brats_trainer::config::TrainerConfig::load(a.config.as_deref())?;
     let job_uri = format!("{}/", a.job_uri.trim_end_matches('/'));
     let job_dir = StoreUri::parse(&job_uri).context("--job-uri")?;
@@ -831,45 +835,38 @@ pub(crate) fn render(a: RenderArgs) -> anyhow::Result<()> {
     let backend = if a.backend == "slurm" { BackendKind::Slurm } else { BackendKind::Kubernetes };
     let placement = Placement { backend, nodes: a.nodes.max(1), devices_per_node: a.devices_per_node };
     let outbox_uri = format!("{job_uri}cluster/{attempt}/");
-    let tracking = serde_json::to_string(&cfg.tracking).expect("tracking settings serialise");
-    let mut env = vec![(OUTBOX_ENV.to_string(), outbox_uri.clone()), ("BRATS_TRAINER_TRACKING".to_string(), tracking)];
-    let request = |env: Vec<(String, String)>| SubmitRequest {
-        job_id: job_id.clone(),
+    let (env, secret_env) = brats_trainer::cluster::job_env(backend, &outbox_uri, &cfg.store, &cfg.tracking);
+    let request = SubmitRequest {
+        job_id,
         job_uri: job_uri.clone(),
-        manifest_uri: manifest_uri.clone(),
-        outbox_uri: outbox_uri.clone(),
+        manifest_uri,
+        outbox_uri,
         placement,
         cpu: a.cpu,
         env,
-        secret_env: Vec::new(),
+        secret_env,
     };
     let text = match backend {
         BackendKind::Slurm => {
-            let s = slurm::Slurm::new(cfg.cluster.slurm.clone().unwrap_or_default());
-            anyhow::ensure!(
-                placement.nodes <= s.max_nodes(),
-                "--nodes {}: [cluster.slurm] max_nodes is {}",
-                placement.nodes,
-                s.max_nodes()
-            );
-            s.render(&request(env))
+            render_for(&slurm::Slurm::new(cfg.cluster.slurm.clone().unwrap_or_default()), "[cluster.slurm]", &request)?
         }
-        _ => {
-            let k = kubernetes::Kubernetes::new(cfg.cluster.kubernetes.clone().unwrap_or_default());
-            anyhow::ensure!(
-                placement.nodes <= k.max_nodes(),
-                "--nodes {}: [cluster.kubernetes] max_nodes is {}",
-                placement.nodes,
-                k.max_nodes()
-            );
-            let mut public = cfg.store.clone();
-            public.s3_access_key_id = None;
-            public.s3_secret_access_key = None;
-            public.s3_secret_access_key_file = None;
-            env.push(("BRATS_TRAINER_STORE".to_string(), serde_json::to_string(&public)?));
-            k.render(&request(env))
-        }
+        _ => render_for(
+            &kubernetes::Kubernetes::new(cfg.cluster.kubernetes.clone().unwrap_or_default()),
+            "[cluster.kubernetes]",
+            &request,
+        )?,
     };
     print!("{text}");
     Ok(())
+}
+
+/// What `backend` would submit for `request` (the secret environment is never part of it).
+fn render_for<B: brats_trainer::cluster::ClusterBackend>(
+    backend: &B,
+    section: &str,
+    request: &brats_trainer::cluster::SubmitRequest,
+) -> anyhow::Result<String> {
+    let nodes = request.placement.nodes;
+    anyhow::ensure!(nodes <= backend.max_nodes(), "--nodes {nodes}: {section} max_nodes is {}", backend.max_nodes());
+    Ok(backend.render(request))
 }

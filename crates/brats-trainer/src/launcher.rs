@@ -98,7 +98,7 @@ impl LaunchSpec {
             job_id: job_id.to_string(),
             args: ["worker", "--job-uri", job_uri, "--manifest-uri", manifest_uri].map(OsString::from).to_vec(),
             devices,
-            env: vec![("BRATS_TRAINER_STORE".to_string(), store_json)],
+            env: vec![(crate::cluster::STORE_ENV.to_string(), store_json)],
             output: WorkerOutput::Captured,
             rendezvous: None,
         }

@@ -26,7 +26,7 @@ pub(crate) fn validate(
         } else {
             brats_artifacts::window::Blend::Constant
         },
-        mirror: false,
+        ..Default::default()
     };
     let mut acc = DiceAccumulator::default();
     // The next case is read (from the store, when streamed) while this one is inferred.

@@ -42,12 +42,15 @@ const MAX_NAME: usize = 40;
 #[derive(Debug, Clone)]
 pub struct Kubernetes {
     config: KubernetesConfig,
+    /// The API client with the service account's CA, built on first use and kept (its
+    /// connections are reused); the token is read per request, as projected tokens rotate.
+    client: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Kubernetes {
     /// The backend of a configuration.
     pub fn new(config: KubernetesConfig) -> Self {
-        Kubernetes { config }
+        Kubernetes { config, client: std::sync::OnceLock::new() }
     }
 
     /// The TrainJob's name for a job's submission: `brats-<job id>-<attempt>`, shortened with a
@@ -129,8 +132,11 @@ impl Kubernetes {
         Ok(format!("{}/apis/{API_VERSION}/namespaces/{}/trainjobs", self.api_base()?, self.config.namespace))
     }
 
-    /// A client with the service account's CA (when the file exists) and token.
-    fn client(&self) -> Result<(reqwest::Client, Option<String>), ClusterError> {
+    /// The client with the service account's CA (when the file exists), built once.
+    fn client(&self) -> Result<&reqwest::Client, ClusterError> {
+        if let Some(client) = self.client.get() {
+            return Ok(client);
+        }
         let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
         if let Ok(pem) = std::fs::read(&self.config.ca_file) {
             let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| {
@@ -139,8 +145,12 @@ impl Kubernetes {
             builder = builder.add_root_certificate(ca);
         }
         let client = builder.build().map_err(|e| ClusterError::Unexpected(format!("HTTP client: {e}")))?;
-        let token = std::fs::read_to_string(&self.config.token_file).ok().map(|t| t.trim().to_string());
-        Ok((client, token))
+        Ok(self.client.get_or_init(|| client))
+    }
+
+    /// The service account's token, read afresh (the kubelet rotates projected tokens).
+    fn token(&self) -> Option<String> {
+        std::fs::read_to_string(&self.config.token_file).ok().map(|t| t.trim().to_string())
     }
 
     async fn request(
@@ -150,9 +160,8 @@ impl Kubernetes {
         body: Option<&Value>,
         what: &str,
     ) -> Result<(u16, Value), ClusterError> {
-        let (client, token) = self.client()?;
-        let mut req = client.request(method, &url).header("Accept", "application/json");
-        if let Some(t) = token {
+        let mut req = self.client()?.request(method, &url).header("Accept", "application/json");
+        if let Some(t) = self.token() {
             req = req.bearer_auth(t);
         }
         if let Some(b) = body {

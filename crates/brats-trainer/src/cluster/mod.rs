@@ -133,6 +133,44 @@ pub struct SubmitRequest {
     pub secret_env: Vec<(String, String)>,
 }
 
+/// The environment of every node of a cluster job: where rank 0 reports ([`outbox`]), the
+/// experiment tracking settings, and the store settings. Returns `(env, secret_env)` for
+/// [`SubmitRequest`]: on Slurm the store settings (which may hold credentials) travel through
+/// `sbatch`'s environment, never the script; on Kubernetes the credentials come from the
+/// configured Secret (`AWS_*` variables), so the manifest carries the store settings without them.
+/// The trainer service and `brats-trainer render` both build the request's environment here, so
+/// what is rendered is what is submitted.
+pub fn job_env(
+    kind: BackendKind,
+    outbox_uri: &str,
+    store: &brats_core::StoreConfig,
+    tracking: &crate::config::TrackingConfig,
+) -> (EnvVars, EnvVars) {
+    let tracking = serde_json::to_string(tracking).expect("tracking settings serialise");
+    let mut env = vec![(outbox::OUTBOX_ENV.to_string(), outbox_uri.to_string()), (TRACKING_ENV.to_string(), tracking)];
+    let mut secret_env = Vec::new();
+    if kind == BackendKind::Kubernetes {
+        let public = brats_core::StoreConfig {
+            s3_access_key_id: None,
+            s3_secret_access_key: None,
+            s3_secret_access_key_file: None,
+            ..store.clone()
+        };
+        env.push((STORE_ENV.to_string(), serde_json::to_string(&public).expect("store config serialises")));
+    } else {
+        secret_env.push((STORE_ENV.to_string(), serde_json::to_string(store).expect("store config serialises")));
+    }
+    (env, secret_env)
+}
+
+/// Environment variables, name and value, in order.
+pub type EnvVars = Vec<(String, String)>;
+
+/// The variable carrying a worker's store settings (JSON of [`brats_core::StoreConfig`]).
+pub const STORE_ENV: &str = "BRATS_TRAINER_STORE";
+/// The variable carrying a worker's tracking settings (JSON of [`crate::config::TrackingConfig`]).
+pub const TRACKING_ENV: &str = "BRATS_TRAINER_TRACKING";
+
 /// How far a submission got, in the engine's terms mapped to ours.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {

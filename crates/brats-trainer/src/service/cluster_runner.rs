@@ -16,8 +16,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::cluster::outbox::{self, OUTBOX_ENV, OutboxReader};
-use crate::cluster::{BackendKind, ClusterBackend, EngineStatus, Phase, Placement, SubmitRequest};
+use crate::cluster::outbox::{self, OutboxReader};
+use crate::cluster::{self, BackendKind, ClusterBackend, EngineStatus, Phase, Placement, SubmitRequest};
 use crate::jobs::Submission;
 use brats_train::events::{EventKind, JobState, TrainOutcome};
 use brats_train::spec::{Device, TrainConfig};
@@ -73,23 +73,8 @@ impl TrainerService {
         outbox_uri: String,
     ) -> SubmitRequest {
         let record = job.snapshot();
-        let mut env = vec![(OUTBOX_ENV.to_string(), outbox_uri.clone())];
-        env.push((
-            "BRATS_TRAINER_TRACKING".into(),
-            serde_json::to_string(&self.settings.tracking).expect("tracking settings serialise"),
-        ));
-        let mut secret_env = Vec::new();
-        let store = serde_json::to_string(&self.settings.store_config).expect("store config serialises");
-        if backend.kind() == BackendKind::Kubernetes {
-            // The credentials come from the configured Secret (AWS_* variables), never the manifest.
-            let mut public = self.settings.store_config.clone();
-            public.s3_access_key_id = None;
-            public.s3_secret_access_key = None;
-            public.s3_secret_access_key_file = None;
-            env.push(("BRATS_TRAINER_STORE".into(), serde_json::to_string(&public).expect("store config serialises")));
-        } else {
-            secret_env.push(("BRATS_TRAINER_STORE".into(), store));
-        }
+        let (env, secret_env) =
+            cluster::job_env(backend.kind(), &outbox_uri, &self.settings.store_config, &self.settings.tracking);
         SubmitRequest {
             job_id: job.id.clone(),
             job_uri: record.job_uri.clone(),

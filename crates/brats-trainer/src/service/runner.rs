@@ -123,7 +123,7 @@ impl TrainerService {
             serde_json::to_string(&self.settings.store_config).expect("store config serialises"),
         );
         spec.env.push((
-            "BRATS_TRAINER_TRACKING".into(),
+            crate::cluster::TRACKING_ENV.into(),
             serde_json::to_string(&self.settings.tracking).expect("tracking settings serialise"),
         ));
         {
