@@ -9,17 +9,22 @@
 # and seed right after ours (monai_learning.py, tests/monai/.venv), and the summary says whether
 # we collapse a region in no more seeds than MONAI and reach at least its mean best Dice.
 #
-#   benchmarks/trainer/seeds.sh [SEEDS=5] [--monai]     (≈ 2 min per seed and side on 2 cores)
+#   benchmarks/trainer/seeds.sh [SEEDS=5] [--monai] [--first K]   (≈ 1–2 min per seed and side on 2 cores)
+#
+# --first K runs seeds K..K+SEEDS-1 (to extend an earlier sweep).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 seeds=5
 monai=0
-for arg in "$@"; do
-  case $arg in
+first=0
+while [ $# -gt 0 ]; do
+  case $1 in
     --monai) monai=1 ;;
-    *) seeds=$arg ;;
+    --first) first=$2; shift ;;
+    *) seeds=$1 ;;
   esac
+  shift
 done
 bash scripts/bootstrap.sh >/dev/null
 cargo build -q -p brats-trainer -p brats-preprocessor --bins
@@ -39,7 +44,7 @@ row() { # impl seed tc wt et mean seconds
   [ "$collapsed" = "-" ] && collapsed=""
   echo "$1 $6 $collapsed" >>"$work/rows"
 }
-for ((seed = 0; seed < seeds; seed++)); do
+for ((seed = first; seed < first + seeds; seed++)); do
   start=$(date +%s)
   ./target/debug/brats-trainer train --datalist "$work/data/datalist.json" --epochs 25 --lr 5e-3 \
     --crop 32,32,32 --val-roi 32,32,32 --val-interval 5 --devices cpu --seed "$seed" --model "$model" \

@@ -39,10 +39,18 @@ What runs (MONAI 1.6.1, torch 2.11.0, CPU, float32 unless stated), and what is w
 - manifest["grad_scaler"]: torch.amp.GradScaler("cpu") sequences with inf/NaN injected at known
   steps: scale before/after update, growth tracker, found_inf, and the Adam parameter after each
   iteration; plus a growth-overflow sequence (new scale not finite -> kept).
+- train_steps.safetensors + manifest["train_steps"]: the whole training step end to end: SegResNet
+  (small config, dropout off) from ../segresnet/small.safetensors on ../segresnet/small_input,
+  train mode -> bundle DiceLoss against target_from(7000, thresholds 0.3, -0.2, 0.6) -> backward ->
+  Adam(lr 5e-3, weight_decay 1e-5), 3 steps on that batch: the losses, every parameter's gradient
+  after step 1 and every parameter after step 3 (every 31st element of each), and each gradient's
+  largest magnitude.
 
 Generators: detgen.uniform(stream, n) (tests/monai/detgen.py, reproduced bit for bit in
 brats_model::reference::uniform) for every generated value; stream ids are listed in the manifest.
-Deterministic: re-running rewrites byte-identical files.
+Deterministic: re-running rewrites byte-identical files on the machine that made them. On another
+CPU the Adam and GradScaler values may differ in the last bit (seen between an AVX-512 and an AVX2
+machine: 2e-10 on adam.safetensors); the tests' tolerances are far wider.
 """
 
 import json
@@ -411,12 +419,65 @@ def scaler_fixtures():
     )
 
 
+# ------------------------------------------------------------------------------ training steps
+TRAIN_STEPS = 3
+TRAIN_TARGET_THRESHOLDS = (0.3, -0.2, 0.6)
+TRAIN_STRIDE = 31  # every 31st element of each flattened tensor is stored (the fixtures stay small)
+
+
+def train_steps_fixtures(tensors):
+    """The whole training step, end to end: SegResNet (the small config of
+    make_segresnet_fixtures.py without dropout, whose RNG stream cannot be shared) from
+    ../segresnet/small.safetensors, on ../segresnet/small_input.safetensors, DiceLoss (bundle),
+    backward, Adam(lr 5e-3, weight_decay 1e-5), TRAIN_STEPS steps on the same batch."""
+    from monai.networks.nets import SegResNet
+    from safetensors.torch import load_file
+
+    seg = ROOT / "tests" / "fixtures" / "monai" / "segresnet"
+    config = dict(spatial_dims=3, blocks_down=[1, 1, 1], blocks_up=[1, 1], init_filters=8,
+                  in_channels=4, out_channels=3, dropout_prob=None)
+    net = SegResNet(**config)
+    net.load_state_dict(load_file(str(seg / "small.safetensors")))
+    net.train()
+    x = load_file(str(seg / "small_input.safetensors"))["input"]
+    target = torch.from_numpy(target_from(7000, tuple(x.shape[:1]) + (3,) + tuple(x.shape[2:]), TRAIN_TARGET_THRESHOLDS))
+    loss_fn = DiceLoss(**BUNDLE_LOSS)
+    opt = torch.optim.Adam(net.parameters(), lr=5e-3, weight_decay=1e-5)
+    losses = []
+    for step in range(1, TRAIN_STEPS + 1):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(net(x), target)
+        loss.backward()
+        if step == 1:
+            grad_max = {name: p.grad.abs().max() for name, p in net.named_parameters()}
+            for name, p in net.named_parameters():
+                tensors[f"grad1.{name}"] = p.grad.detach().numpy().reshape(-1)[::TRAIN_STRIDE].copy()
+        opt.step()
+        losses.append(float(loss.detach()))
+    for name, p in net.named_parameters():
+        tensors[f"param{TRAIN_STEPS}.{name}"] = p.detach().numpy().reshape(-1)[::TRAIN_STRIDE].copy()
+    return dict(
+        config=config,
+        weights="../segresnet/small.safetensors",
+        input="../segresnet/small_input.safetensors (input)",
+        target=f"target_from(7000, [1, 3, 16, 16, 16], {list(TRAIN_TARGET_THRESHOLDS)})",
+        loss="DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)",
+        optimizer="Adam(lr=5e-3, betas (0.9, 0.999), eps 1e-8, weight_decay=1e-5), zero_grad(set_to_none=False)",
+        steps=TRAIN_STEPS,
+        losses=losses,
+        stride=TRAIN_STRIDE,
+        grad1_max_abs={name: float(g) for name, g in grad_max.items()},
+        tensors="grad1.<name>: d(loss)/d(param) of step 1, param3.<name>: parameters after the last step; "
+        "each flattened (C order) and every `stride`-th element kept",
+    )
+
+
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     torch.set_num_threads(1)
 
-    loss_t, metric_t, adam_t = {}, {}, {}
+    loss_t, metric_t, adam_t, steps_t = {}, {}, {}, {}
     manifest = dict(
         generated_by="tests/monai/make_trainer_fixtures.py",
         versions=dict(monai=monai.__version__, torch=torch.__version__, numpy=np.__version__),
@@ -426,10 +487,12 @@ def main():
         cosine=cosine_fixtures(),
         warmup_cosine=warmup_cosine_fixtures(),
         grad_scaler=scaler_fixtures(),
+        train_steps=train_steps_fixtures(steps_t),
     )
     save_file(loss_t, str(OUT / "loss.safetensors"))
     save_file(metric_t, str(OUT / "metric.safetensors"))
     save_file(adam_t, str(OUT / "adam.safetensors"))
+    save_file(steps_t, str(OUT / "train_steps.safetensors"))
     with open(OUT / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True, allow_nan=False)
         f.write("\n")
