@@ -496,11 +496,9 @@ fn training_steps_match_monai_end_to_end() {
     let vars = vs.variables();
     let params: Vec<(String, Tensor)> =
         config.parameters().into_iter().map(|p| (p.name.clone(), vars[&p.name].shallow_clone())).collect();
-    let mut adam = Adam::new(
-        params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
-        AdamConfig::adam(1e-5),
-    )
-    .unwrap();
+    let mut adam =
+        Adam::new(params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(), AdamConfig::adam(1e-5))
+            .unwrap();
     let loss_fn = DiceLoss::bundle();
     let strided = |t: &Tensor| f32s(&t.reshape([-1]).slice(0, 0, None, stride));
     let losses: Vec<f64> = m["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -539,4 +537,3 @@ fn fixtures_stay_small() {
     let total: u64 = std::fs::read_dir(fixture_dir()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
     assert!(total < 250_000, "tests/fixtures/monai/trainer is {total} bytes");
 }
-
