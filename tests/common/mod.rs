@@ -259,5 +259,5 @@ pub(crate) fn workspace_exe(package: &str, name: &str) -> PathBuf {
     });
     let exe = profile_dir.join(name);
     assert!(exe.is_file(), "package {package} has no binary {name} at {}", exe.display());
-    profile_dir.join(name)
+    exe
 }

@@ -263,6 +263,14 @@ impl Stores {
         Ok(())
     }
 
+    /// [`Stores::put`] of an object given as consecutive parts (e.g. a file header and a large
+    /// tensor buffer), written in order without first joining them into one buffer.
+    pub async fn put_parts(&self, uri: &StoreUri, parts: Vec<Bytes>) -> Result<()> {
+        let (store, path) = self.store(uri)?;
+        store.put(&path, parts.into_iter().collect()).await.map_err(|e| map_err(uri, e))?;
+        Ok(())
+    }
+
     /// Writes an object only if none exists under `uri` (one atomic create-if-absent: S3's
     /// `If-None-Match: *`, an exclusive create on local disks), so two writers racing for one
     /// name cannot both win; the loser gets [`CoreError::AlreadyExists`].

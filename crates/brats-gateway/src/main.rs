@@ -4,10 +4,10 @@
 //! and the fix; nothing is written.
 
 use anyhow::Context;
-use brats_artifacts::window::{Blend, SlidingWindow};
 use brats_dicom::{LoadOptions, Role, load_study};
 use brats_gateway::offline::{GatewayError, segment_study, volume_files, write_atomically, write_files};
-use brats_inference::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
+use brats_inference::cli::EngineArgs;
+use brats_inference::runtime::{SegmentationModel, default_library};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -95,18 +95,8 @@ enum Command {
         /// Model version recorded in the SEG (default: sha256 prefix of the ONNX file).
         #[arg(long)]
         model_version: Option<String>,
-        /// Execution providers in order, comma-separated: tensorrt, cuda, cpu.
-        #[arg(long, default_value = "cpu")]
-        provider: String,
-        /// Intra-op threads (0 = all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Sliding-window size X,Y,Z.
-        #[arg(long, default_value = "240,240,160")]
-        roi: String,
-        /// Sliding-window overlap.
-        #[arg(long, default_value_t = 0.5)]
-        overlap: f64,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
 }
 
@@ -150,34 +140,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print_selection(&loaded);
             println!("wrote {} (shape {:?})", out.display(), loaded.volumes[0].shape);
         }
-        Command::Segment {
-            study,
-            model,
-            out,
-            label_map,
-            qc,
-            qc_dicom,
-            model_name,
-            model_version,
-            provider,
-            threads,
-            roi,
-            overlap,
-        } => {
+        Command::Segment { study, model, out, label_map, qc, qc_dicom, model_name, model_version, engine } => {
             let options = study.options()?;
-            anyhow::ensure!((0.0..1.0).contains(&overlap), "--overlap {overlap} must be in [0, 1)");
-            let roi = brats_cli::parse_xyz::<usize>(&roi).map_err(|e| anyhow::anyhow!("--roi: {e}"))?;
-            let providers = provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
+            let window = engine.window()?;
+            let session = engine.session()?;
             let onnx = std::fs::read(&model).with_context(|| format!("reading --model {}", model.display()))?;
             let seg_options = brats_gateway::server::seg_options(&model_name, model_version.as_deref(), &onnx);
             let started = std::time::Instant::now();
             let loaded = load_study(&study.dicom, &options).map_err(GatewayError::from)?;
             let read_s = started.elapsed().as_secs_f64();
             print_selection(&loaded);
-            let session = SessionOptions { providers, intra_threads: threads, ..Default::default() };
             let model = SegmentationModel::load(&default_library(), &onnx, &session)
                 .with_context(|| format!("loading --model {}", model.display()))?;
-            let window = SlidingWindow { roi, overlap, blend: Blend::Constant, ..Default::default() };
             let result = segment_study(&loaded, &model, &window, &seg_options)?;
             if let Some(path) = &label_map {
                 write_atomically(path, &result.label_nifti()?)?;

@@ -18,6 +18,7 @@ pub const LABEL_MAP_FILE: &str = "seg.nii.gz";
 pub const PROBABILITIES_FILE: &str = "probabilities.safetensors";
 
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod models;
 pub mod postprocess;

@@ -6,8 +6,9 @@ use brats_artifacts::registry::Registry;
 use brats_artifacts::window::{Blend, Extent, SlidingWindow};
 use brats_core::nifti_io::ReadLimits;
 use brats_core::store::{StoreConfig, StoreUri, Stores};
+use brats_inference::cli::EngineArgs;
 use brats_inference::config::InferenceConfig;
-use brats_inference::runtime::{Provider, SegmentationModel, SessionOptions, default_library};
+use brats_inference::runtime::{SegmentationModel, default_library};
 use brats_inference::segment::segment;
 use brats_preprocess::jobs::fetch_all;
 use clap::{Parser, Subcommand};
@@ -27,12 +28,8 @@ enum Command {
         /// TOML configuration (also BRATS_INFERENCE_CONFIG); BRATS_INFERENCE_* variables override it.
         #[arg(long, env = "BRATS_INFERENCE_CONFIG")]
         config: Option<std::path::PathBuf>,
-        /// gRPC listen address (overrides the configuration).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Metrics listen address; "" disables.
-        #[arg(long)]
-        metrics_listen: Option<String>,
+        #[command(flatten)]
+        flags: brats_service::ServeFlags,
         /// Model registry root URI.
         #[arg(long)]
         registry: Option<String>,
@@ -45,9 +42,6 @@ enum Command {
         /// Sliding-window size X,Y,Z (default 240,240,160).
         #[arg(long)]
         roi: Option<String>,
-        /// Print logs as JSON lines.
-        #[arg(long)]
-        json_logs: bool,
     },
     /// Add a model version to the registry (model.onnx + metadata.json), optionally moving an alias to it.
     Register {
@@ -105,21 +99,8 @@ struct SegmentArgs {
     /// Also write the stitched logits (tensor `logits`, F32 [3,X,Y,Z]) as safetensors.
     #[arg(long)]
     logits: Option<String>,
-    /// Execution providers in order, comma-separated: tensorrt, cuda, cpu.
-    #[arg(long, default_value = "cpu")]
-    provider: String,
-    /// Fall back to the next provider when one fails to load (the fallback is logged).
-    #[arg(long)]
-    allow_fallback: bool,
-    /// Intra-op threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Sliding-window size X,Y,Z.
-    #[arg(long, default_value = "240,240,160")]
-    roi: String,
-    /// Sliding-window overlap.
-    #[arg(long, default_value_t = 0.5)]
-    overlap: f64,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Gaussian instead of constant blending.
     #[arg(long)]
     gaussian: bool,
@@ -135,39 +116,6 @@ struct SegmentArgs {
     /// coronal and sagittal slices through the tumour.
     #[arg(long, value_name = "PNG")]
     qc: Option<String>,
-    #[command(flatten)]
-    ort: OrtFlags,
-}
-
-/// ONNX Runtime session knobs of `segment` (their effect on CPU: benchmarks/README.md, "Inference").
-#[derive(clap::Args)]
-struct OrtFlags {
-    /// Disable ONNX Runtime's CPU memory arena.
-    #[arg(long)]
-    no_arena: bool,
-    /// Disable the memory pattern (pre-planned activation buffers).
-    #[arg(long)]
-    no_mem_pattern: bool,
-    /// Graph optimisation level 0–3 (disable, basic, extended, all).
-    #[arg(long, default_value_t = 3)]
-    opt_level: u8,
-    /// Extra session configuration entry KEY=VALUE (repeatable), e.g.
-    /// session.intra_op.allow_spinning=0.
-    #[arg(long = "ort-config", value_name = "KEY=VALUE")]
-    config: Vec<String>,
-}
-
-impl OrtFlags {
-    fn apply(&self, o: &mut SessionOptions) -> anyhow::Result<()> {
-        o.cpu_arena = !self.no_arena;
-        o.memory_pattern = !self.no_mem_pattern;
-        o.optimization_level = self.opt_level;
-        for kv in &self.config {
-            let (k, v) = kv.split_once('=').with_context(|| format!("--ort-config '{kv}': expected KEY=VALUE"))?;
-            o.config_entries.push((k.to_string(), v.to_string()));
-        }
-        Ok(())
-    }
 }
 
 fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
@@ -177,21 +125,16 @@ fn triple(s: &str) -> anyhow::Result<[usize; 3]> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
+    let json = matches!(&cli.command, Command::Serve { flags, .. } if flags.json_logs);
     brats_service::init_logging(if serving { "info,ort=warn" } else { "warn" }, json);
     brats_service::run_main(run(cli.command))
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
     let a = match command {
-        Command::Serve { config, listen, metrics_listen, registry, output_root, warmup_shape, roi, json_logs: _ } => {
+        Command::Serve { config, flags, registry, output_root, warmup_shape, roi } => {
             let mut cfg = InferenceConfig::load(config.as_deref())?;
-            if let Some(v) = listen {
-                cfg.server.listen = v;
-            }
-            if let Some(v) = metrics_listen {
-                cfg.server.metrics_listen = v;
-            }
+            flags.apply(&mut cfg.server);
             if let Some(v) = registry {
                 cfg.registry = v;
             }
@@ -237,15 +180,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Segment(a) => a,
     };
-    let providers = a.provider.split(',').map(Provider::parse).collect::<Result<Vec<_>, _>>()?;
     let window = SlidingWindow {
-        roi: triple(&a.roi)?,
-        overlap: a.overlap,
         blend: if a.gaussian { Blend::Gaussian } else { Blend::Constant },
         mirror: a.mirror,
         extent: if a.foreground_crop { Extent::FOREGROUND } else { Extent::Full },
+        ..a.engine.window()?
     };
-    anyhow::ensure!((0.0..1.0).contains(&a.overlap), "--overlap {} must be in [0, 1)", a.overlap);
+    let options = a.engine.session()?;
     let out = StoreUri::parse(&a.out)?;
     let logits_uri = a.logits.map(|l| StoreUri::parse(&l)).transpose()?;
     let stores = Stores::new(StoreConfig::default());
@@ -253,9 +194,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
     let onnx = stores.get(&model_uri).await?;
     let uris = a.image.iter().map(|u| StoreUri::parse(u)).collect::<Result<Vec<_>, _>>()?;
     let files = fetch_all(&stores, &uris).await?;
-    let mut options =
-        SessionOptions { providers, allow_fallback: a.allow_fallback, intra_threads: a.threads, ..Default::default() };
-    a.ort.apply(&mut options)?;
     let started = std::time::Instant::now();
     let keep = logits_uri.is_some();
     let t1c = files[0].bytes.clone();

@@ -75,15 +75,19 @@ fn main() -> anyhow::Result<()> {
         let (tensors, timings) = preprocess(&inputs, None, &options, &limits)?;
         drop(inputs);
         let tw = Instant::now();
-        let encoded = tensors.to_bytes()?;
+        let (encoded, metadata) = tensors.encode()?;
         let encode = tw.elapsed().as_secs_f64();
-        std::fs::write(&out, &encoded)?;
+        // As the local store writes an object: each part in turn, no joined buffer.
+        let mut file = std::fs::File::create(&out)?;
+        for part in &encoded.parts {
+            std::io::Write::write_all(&mut file, part)?;
+        }
+        drop(file);
         let write = tw.elapsed().as_secs_f64();
         let total = t0.elapsed().as_secs_f64();
         let cpu = process_cpu() - c0;
-        shape = tensors.metadata.shape;
+        shape = metadata.shape;
         drop(encoded);
-        drop(tensors);
         if i < warmup {
             continue;
         }

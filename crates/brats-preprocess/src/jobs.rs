@@ -137,10 +137,10 @@ pub async fn run_case(stores: Arc<Stores>, job: CaseJob, root: &StoreUri, limits
         let (mut tensors, stage) = pipeline::preprocess(images, label.first(), &options, &limits)?;
         tensors.metadata.case_id = case_id;
         let t = Instant::now();
-        let bytes = tensors.to_bytes()?;
+        let (encoded, metadata) = tensors.encode()?;
         let mut stages: Vec<(String, f64)> = stage.stages().into_iter().map(|(s, v)| (s.to_string(), v)).collect();
         stages.push(("encode".into(), t.elapsed().as_secs_f64()));
-        Ok::<_, CoreError>((Bytes::from(bytes), tensors.metadata, stages))
+        Ok::<_, CoreError>((encoded, metadata, stages))
     })
     .await
     .map_err(|e| CoreError::Internal(format!("preprocessing task failed: {e}")))??;
@@ -148,7 +148,7 @@ pub async fn run_case(stores: Arc<Stores>, job: CaseJob, root: &StoreUri, limits
     metadata.case_id = job.case_id.clone();
 
     let t = Instant::now();
-    stores.put(&tensors_uri, encoded).await?;
+    stores.put_parts(&tensors_uri, encoded.parts).await?;
     let sidecar = Sidecar {
         cache_key: key,
         tensors_uri: tensors_uri.to_string(),

@@ -60,18 +60,11 @@ enum Command {
         /// TOML configuration file (also BRATS_PREPROCESS_CONFIG); BRATS_PREPROCESS_* variables override it.
         #[arg(long, env = "BRATS_PREPROCESS_CONFIG")]
         config: Option<PathBuf>,
-        /// gRPC listen address (overrides the configuration).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Metrics listen address; "" disables (overrides the configuration).
-        #[arg(long)]
-        metrics_listen: Option<String>,
+        #[command(flatten)]
+        flags: brats_service::ServeFlags,
         /// Default output root URI (overrides the configuration).
         #[arg(long)]
         output_root: Option<String>,
-        /// Print logs as JSON lines.
-        #[arg(long)]
-        json_logs: bool,
     },
     /// Write deterministic synthetic BraTS-like cases as .nii.gz files.
     Synth {
@@ -97,7 +90,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
+    let json = matches!(&cli.command, Command::Serve { flags, .. } if flags.json_logs);
     brats_service::init_logging(if serving { "info" } else { "warn" }, json);
     brats_service::run_main(run(cli.command))
 }
@@ -141,9 +134,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 pipeline::preprocess(images, label.first(), &options, &ReadLimits::default())
             })
             .await??;
-            let bytes = tensors.to_bytes()?;
-            stores.put(&out, bytes.into()).await?;
-            let m = &tensors.metadata;
+            let (encoded, m) = tensors.encode()?;
+            stores.put_parts(&out, encoded.parts).await?;
             println!(
                 "wrote {out}: image [4, {}, {}, {}]{} crop {:?}+{:?} in {:.3} s ({})",
                 m.shape[0],
@@ -157,14 +149,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Serve { config, listen, metrics_listen, output_root, json_logs: _ } => {
+        Command::Serve { config, flags, output_root } => {
             let mut cfg = ServiceConfig::load(config.as_deref())?;
-            if let Some(l) = listen {
-                cfg.server.listen = l;
-            }
-            if let Some(m) = metrics_listen {
-                cfg.server.metrics_listen = m;
-            }
+            flags.apply(&mut cfg.server);
             if let Some(o) = output_root {
                 cfg.output_root = o;
             }

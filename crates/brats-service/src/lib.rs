@@ -10,7 +10,7 @@ pub mod security;
 mod server_config;
 
 pub use grpc::{Drain, GrpcServer, ServerError, ServiceHealth};
-pub use server_config::ServerConfig;
+pub use server_config::{ServeFlags, ServerConfig};
 pub use tonic_health::ServingStatus;
 
 use brats_core::error::{CoreError, ErrorKind};

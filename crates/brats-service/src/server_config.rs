@@ -119,3 +119,30 @@ mod tests {
         assert_eq!((s.audit.segment_records, s.audit.flush_interval_s), (100, 5));
     }
 }
+
+/// The `serve` flags every service binary takes, over its [`ServerConfig`] (each binary adds
+/// its own `--config` with its own environment variable, and its service's settings).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeFlags {
+    /// gRPC listen address (overrides the configuration).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Prometheus `/metrics` listen address; "" disables (overrides the configuration).
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Print logs as JSON lines.
+    #[arg(long)]
+    pub json_logs: bool,
+}
+
+impl ServeFlags {
+    /// Writes the given addresses over the configuration's.
+    pub fn apply(&self, server: &mut ServerConfig) {
+        if let Some(v) = &self.listen {
+            server.listen = v.clone();
+        }
+        if let Some(v) = &self.metrics_listen {
+            server.metrics_listen = v.clone();
+        }
+    }
+}

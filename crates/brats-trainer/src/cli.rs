@@ -642,14 +642,12 @@ fn run_worker(job_uri: &str, manifest_uri: &str, cancel: &AtomicBool) -> anyhow:
 
 /// Flags of `brats-trainer serve` that override the configuration.
 pub(crate) struct ServeOverrides {
-    /// gRPC listen address.
-    pub listen: Option<String>,
+    /// The flags every service takes (listen addresses).
+    pub flags: brats_service::ServeFlags,
     /// Store root of jobs.
     pub store_root: Option<String>,
     /// Model registry root.
     pub registry: Option<String>,
-    /// Metrics address.
-    pub metrics_listen: Option<String>,
     /// Preprocessing service endpoint.
     pub preprocess_endpoint: Option<String>,
 }
@@ -657,11 +655,10 @@ pub(crate) struct ServeOverrides {
 /// `brats-trainer serve`.
 pub(crate) async fn serve(config: Option<PathBuf>, o: ServeOverrides) -> anyhow::Result<()> {
     let mut cfg = brats_trainer::config::TrainerConfig::load(config.as_deref())?;
+    o.flags.apply(&mut cfg.server);
     for (field, value) in [
-        (&mut cfg.server.listen, o.listen),
         (&mut cfg.store_root, o.store_root),
         (&mut cfg.registry, o.registry),
-        (&mut cfg.server.metrics_listen, o.metrics_listen),
         (&mut cfg.preprocess_endpoint, o.preprocess_endpoint),
     ] {
         if let Some(v) = value {

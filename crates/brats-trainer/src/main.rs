@@ -53,25 +53,18 @@ enum Command {
         /// TOML configuration (also BRATS_TRAINER_CONFIG); BRATS_TRAINER_* variables override it.
         #[arg(long, env = "BRATS_TRAINER_CONFIG")]
         config: Option<PathBuf>,
-        /// gRPC listen address (overrides the configuration).
-        #[arg(long)]
-        listen: Option<String>,
+        #[command(flatten)]
+        flags: brats_service::ServeFlags,
         /// Store root of jobs (overrides the configuration).
         #[arg(long)]
         store_root: Option<String>,
         /// Model registry root (overrides the configuration).
         #[arg(long)]
         registry: Option<String>,
-        /// Prometheus `/metrics` address; "" disables (overrides the configuration).
-        #[arg(long)]
-        metrics_listen: Option<String>,
         /// Preprocessing service that prepares datasets, e.g. http://127.0.0.1:50051; "" = the
         /// same code in-process (overrides the configuration).
         #[arg(long)]
         preprocess_endpoint: Option<String>,
-        /// Log JSON lines.
-        #[arg(long)]
-        json_logs: bool,
     },
     /// Time training steps of the bundle's network on random data (the Rust side of the
     /// training-step benchmark; benchmarks/trainer runs it beside MONAI's). Prints one JSON line.
@@ -91,7 +84,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.command, Command::Serve { .. });
-    let json = matches!(cli.command, Command::Serve { json_logs: true, .. });
+    let json = matches!(&cli.command, Command::Serve { flags, .. } if flags.json_logs);
     brats_service::init_logging(if serving { "info" } else { "warn" }, json);
     match cli.command {
         Command::Train(args) => training_exit_code(cli::train(args)),
@@ -99,12 +92,9 @@ fn main() -> ExitCode {
         Command::BenchStep(args) => exit_code(cli::bench_step(args)),
         Command::Render(args) => exit_code(cli::render(args)),
         Command::Worker { job_uri, manifest_uri } => cli::worker(&job_uri, &manifest_uri),
-        Command::Serve { config, listen, store_root, registry, metrics_listen, preprocess_endpoint, json_logs: _ } => {
-            brats_service::run_main(cli::serve(
-                config,
-                cli::ServeOverrides { listen, store_root, registry, metrics_listen, preprocess_endpoint },
-            ))
-        }
+        Command::Serve { config, flags, store_root, registry, preprocess_endpoint } => brats_service::run_main(
+            cli::serve(config, cli::ServeOverrides { flags, store_root, registry, preprocess_endpoint }),
+        ),
     }
 }
 
