@@ -2,7 +2,8 @@
 # CPU inference benchmark (issue 4 item 8): ours (`brats-inference segment`, ONNX Runtime CPU) vs
 # MONAI's bundle inference on the same 4 files with the same (deterministic) weights.
 #
-# Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] | all]
+# Usage: benchmarks/inference/run.sh [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] |
+#                                    load [SECONDS=180] [CLIENTS=4] | all]
 #        (default: compare 3)
 #
 # 1. builds brats-inference (release), write_reference_weights and brats-model (dev profile); creates the MONAI
@@ -17,7 +18,10 @@
 #    fast: the opt-in fast mode (--foreground-crop) beside the exact mode and MONAI on two
 #    synthetic cases (seeds 1, 2) and the real cases of ../shared/data/real (BRATS_REAL_ROOT)
 #    when present: speed-ups and the fast label map's Dice per region against the exact one
-#    (fast_mode.py).
+#    (fast_mode.py);
+#    load: CLIENTS clients stream the synthetic case to one running service (max_concurrent 1,
+#    max_queue 2) for SECONDS: cases per minute, p50/p95 latency, refusals with their retry
+#    hints, the service's peak RSS (examples/load.rs).
 #    BEFORE_BIN=PATH BEFORE_MODEL=PATH (environment) add a third side to `compare` in the same
 #    rounds, e.g. the previous release binary with its export, for before/after tables.
 # The models are re-exported whenever brats-model was rebuilt after them (exporter changes).
@@ -66,7 +70,36 @@ case "$MODE" in
         f="$REAL/brainlesion-sri24-case"
         [ -f "$f/t1c.nii.gz" ] && CASES+=" $(case_of brainlesion-sri24 "$f"/{t1c,t1n,t2w,t2f}.nii.gz)"
         CASES="$CASES" "$PY" benchmarks/inference/fast_mode.py --rounds "${2:-1}" ;;
+    load)
+        # Throughput under load: CLIENTS clients stream the full-size synthetic case to one
+        # inference service (release build, CPU, max_concurrent 1, max_queue 2) for SECONDS.
+        secs="${2:-180}" clients="${3:-4}"
+        cargo build --release --quiet -p brats-inference --example load
+        work="$(mktemp -d)"; trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+        "$BIN" register --registry "file:$work/models" --model "$MODEL" --alias production >&2
+        port=$((20000 + RANDOM % 20000))
+        cat >"$work/inference.toml" <<TOML
+registry = "file:$work/models"
+output_root = "file:$work/predictions"
+max_concurrent = 1
+max_queue = 2
+reload_interval_s = 0
+[server]
+listen = "127.0.0.1:$port"
+metrics_listen = ""
+TOML
+        "$BIN" serve --config "$work/inference.toml" 2>"$work/serve.log" &
+        pid=$!
+        for _ in $(seq 600); do grep -q '"serving"\|serving' "$work/serve.log" 2>/dev/null && break; sleep 0.5; done
+        grep -q serving "$work/serve.log" || { cat "$work/serve.log" >&2; exit 1; }
+        rss0=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+        echo "service up (pid $pid, RSS after warm-up $((rss0 / 1024)) MiB); $clients clients for $secs s" >&2
+        # shellcheck disable=SC2086
+        "$TARGET/release/examples/load" --endpoint "http://127.0.0.1:$port" $(printf -- '--image %s ' $IMAGES) \
+            --output-root "file:$work/predictions" --clients "$clients" --seconds "$secs"
+        echo "service peak RSS (VmHWM): $(($(awk '/VmHWM/ {print $2}' "/proc/$pid/status") / 1024)) MiB; max_concurrent 1, max_queue 2"
+        ;;
     all) "$PY" benchmarks/inference/bench.py compare --rounds "${2:-3}"; echo
          "$PY" benchmarks/inference/bench.py options --roi 240,240,160 ;;
-    *) echo "usage: $0 [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] | all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [compare [ROUNDS] | options [X,Y,Z] | fast [ROUNDS] | load [SECONDS] [CLIENTS] | all]" >&2; exit 2 ;;
 esac

@@ -100,6 +100,9 @@ pub struct State {
     max_queue: usize,
     metrics: Metrics,
     counter: AtomicU64,
+    /// Moving average of how long a segmentation holds its slot, in ms (0 until one finished):
+    /// the basis of the retry hint a refused request gets.
+    slot_ms: AtomicU64,
     preprocessor: Option<brats_cli::AuthChannel>,
     /// Where callers may point request URIs.
     pub(crate) uris: UriPolicy,
@@ -207,6 +210,7 @@ impl InferenceService {
             max_queue: settings.max_queue,
             metrics,
             counter: AtomicU64::new(0),
+            slot_ms: AtomicU64::new(0),
             preprocessor: settings.preprocessor,
             uris: settings.uris,
         }))
@@ -310,6 +314,7 @@ impl InferenceService {
             }
         }
         let _permit = self.acquire().await?;
+        let slot_held = Instant::now();
         let queue_seconds = queued_at.elapsed().as_secs_f64();
         let cancel = Arc::new(AtomicBool::new(false));
         let _guard = CancelOnDrop(cancel.clone());
@@ -357,6 +362,9 @@ impl InferenceService {
             })
             .await;
         self.metrics.running.dec();
+        if matches!(result, Ok(Ok(_))) {
+            self.record_slot_time(slot_held.elapsed());
+        }
         let (seg, encode_seconds, label_nifti, probabilities) =
             result.map_err(|e| Status::internal(format!("segmentation task failed: {e}")))?.map_err(segment_status)?;
         let stage = |name: &str| seg.timings.iter().filter(|(s, _)| s == name).map(|(_, v)| v).sum::<f64>();
@@ -387,12 +395,40 @@ impl InferenceService {
         Ok(Outcome { response, label_nifti, probabilities })
     }
 
+    /// Folds one segmentation's slot time into the moving average (weight 1/8 per sample).
+    fn record_slot_time(&self, held: std::time::Duration) {
+        let ms = (held.as_millis() as u64).max(1);
+        let _ = self.slot_ms.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { ms } else { (old * 7 + ms) / 8 })
+        });
+    }
+
+    /// When a refused request should come back: the time for the running and waiting requests
+    /// to drain at the recent pace (1 s before any segmentation has finished).
+    fn retry_after(&self) -> std::time::Duration {
+        let slot_ms = match self.slot_ms.load(Ordering::Relaxed) {
+            0 => 1000,
+            ms => ms,
+        };
+        let rounds = (self.max_queue + self.max_concurrent).div_ceil(self.max_concurrent) as u64;
+        std::time::Duration::from_millis(slot_ms * rounds)
+    }
+
     async fn acquire(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         if self.slots.available_permits() == 0 && self.metrics.queued.get() as usize >= self.max_queue {
-            return Err(Status::resource_exhausted(format!(
-                "{} segmentations running and {} waiting; retry later",
-                self.max_concurrent, self.max_queue
-            )));
+            let after = self.retry_after();
+            let mut status = Status::resource_exhausted(format!(
+                "{} segmentations running and {} waiting; retry in about {:.0} s (grpc-retry-pushback-ms)",
+                self.max_concurrent,
+                self.max_queue,
+                after.as_secs_f64().ceil()
+            ));
+            // gRPC's retry-throttling key: clients with a retry policy wait this long.
+            status.metadata_mut().insert(
+                "grpc-retry-pushback-ms",
+                after.as_millis().to_string().parse().expect("digits are valid metadata"),
+            );
+            return Err(status);
         }
         self.metrics.queued.inc();
         let permit = self.slots.clone().acquire_owned().await;
