@@ -13,6 +13,7 @@ use brats_model::onnx::{ExportOptions, to_onnx_bytes};
 use brats_model::reference::det_state_dict;
 use brats_proto::v1 as pb;
 use brats_proto::v1::inference_client::InferenceClient;
+use common::secured::bratsctl_flags;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -621,4 +622,66 @@ fn the_proto_names_the_files_the_service_writes() {
     for stale in ["label.nii.gz", "probabilities.nii.gz"] {
         assert!(!proto.contains(stale), "inference.proto still promises {stale}");
     }
+}
+
+/// `bratsctl segment` on a busy service (one slot, no queue, kept occupied by another client):
+/// RESOURCE_EXHAUSTED with a retry hint, a wait of that long, and the case sent again, which
+/// succeeds once the other client stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bratsctl_waits_out_a_busy_service_as_it_asks() {
+    let svc = InferenceServer::start(|c| {
+        c.max_concurrent = 1;
+        c.max_queue = 0;
+    })
+    .await;
+    svc.registry.register(DEFAULT_MODEL_NAME, "1", segresnet_onnx().into(), None, Some("production")).await.unwrap();
+    svc.wait_serving().await;
+    let images = case(svc.dir.path(), "busy", 7);
+    let out = svc.dir.path().join("busy-seg.nii.gz");
+    // A landing in a gap between the other client's requests is not busy: try a few times.
+    let mut retried = false;
+    for _ in 0..3 {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hog = {
+            let (mut client, images, stop) = (svc.client().await, images.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client.segment(segment_request(&images)).await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut cmd = tokio::process::Command::new(bratsctl_exe());
+        cmd.args(bratsctl_flags(&svc.security.admin()))
+            .args(["segment", "--server", &svc.url(), "--retries", "50", "--out"])
+            .arg(&out)
+            .arg("--image")
+            .args(&images)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        let mut line = String::new();
+        while tokio::io::AsyncBufReadExt::read_line(&mut stderr, &mut line).await.unwrap() > 0 {
+            if line.contains("retry 1 of 50") {
+                // The first refusal names its wait; now let the retry through.
+                assert!(line.contains("ResourceExhausted") && line.contains("retry in about"), "{line}");
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                retried = true;
+            }
+            log.push_str(&line);
+            line.clear();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let status = child.wait().await.unwrap();
+        hog.await.unwrap();
+        assert!(status.success(), "bratsctl segment failed:\n{log}");
+        assert!(out.is_file(), "no label map written");
+        if retried {
+            break;
+        }
+    }
+    assert!(retried, "bratsctl never found the service busy in three tries");
+    svc.stop().await;
 }

@@ -31,14 +31,57 @@ pub(crate) struct SegmentArgs {
     /// slices through the tumour.
     #[arg(long, value_name = "PNG")]
     qc: Option<PathBuf>,
+    /// When the service is busy (RESOURCE_EXHAUSTED), wait as long as it asks
+    /// (`grpc-retry-pushback-ms`) and send the case again, up to this many times.
+    #[arg(long, default_value_t = 3)]
+    retries: u32,
+}
+
+/// The service refused the request for now (RESOURCE_EXHAUSTED) and said when to come back.
+#[derive(Debug)]
+pub(crate) struct Busy {
+    /// The status as `status_line` prints it.
+    line: String,
+    /// The service's hint (1 s when it gave none).
+    retry_after: std::time::Duration,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.line)
+    }
+}
+
+impl std::error::Error for Busy {}
+
+/// A status as an error: [`Busy`] for RESOURCE_EXHAUSTED (with the retry hint), else
+/// `status_line`.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() != tonic::Code::ResourceExhausted {
+        return status_line(&s);
+    }
+    let ms = s.metadata().get("grpc-retry-pushback-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    Busy { line: status_line(&s).to_string(), retry_after: std::time::Duration::from_millis(ms.unwrap_or(1000)) }.into()
 }
 
 /// Segments the case and prints the volumes and timings.
 pub(crate) async fn run(a: SegmentArgs) -> anyhow::Result<()> {
-    let SegmentArgs { server, image, out, model_version, request_id, qc } = a;
+    let SegmentArgs { server, image, out, model_version, request_id, qc, retries } = a;
     let channel = super::connect(&server).await?;
     let model = model_version.map(|v| pb::ModelSelector { version: v, ..Default::default() });
-    let r = segment_stream(channel, &image, &out, model, request_id.unwrap_or_default(), true).await?;
+    let request_id = request_id.unwrap_or_default();
+    let mut attempt = 0;
+    let r = loop {
+        match segment_stream(channel.clone(), &image, &out, model.clone(), request_id.clone(), true).await {
+            Err(e) if attempt < retries && e.downcast_ref::<Busy>().is_some() => {
+                let wait = e.downcast_ref::<Busy>().map(|b| b.retry_after).unwrap_or_default();
+                attempt += 1;
+                eprintln!("{e}; retry {attempt} of {retries} in {:.1} s", wait.as_secs_f64());
+                tokio::time::sleep(wait).await;
+            }
+            r => break r?,
+        }
+    };
     print_segmentation(&r, &out);
     if let Some(png) = qc {
         write_quick_look(&image[0], &out, &png)?;
@@ -127,12 +170,12 @@ pub(crate) async fn segment_stream(
     let mut stream = client
         .segment_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| status_line(&s))?
+        .map_err(status_error)?
         .into_inner();
     let mut result = None;
     let mut label = Vec::new();
     let mut expected_size = 0u64;
-    while let Some(msg) = stream.message().await.map_err(|s| status_line(&s))? {
+    while let Some(msg) = stream.message().await.map_err(status_error)? {
         match msg.msg {
             Some(Out::Progress(p)) if p.windows_total > 0 => {
                 if bar.length() != Some(p.windows_total as u64) {
