@@ -95,12 +95,11 @@ fn f32_bytes(v: Vec<f32>) -> Bytes {
 /// The safetensors header of a case: `u64` little-endian length, then the JSON (tensor
 /// entries sorted by name, as `safetensors::serialize` orders tensors of these dtypes; the
 /// metadata keys sorted), padded with spaces to a multiple of 8 bytes as that crate does.
-fn header(metadata: &CaseTensorsMetadata<'_>) -> Result<Vec<u8>> {
-    let [x, y, z] = metadata.shape;
+fn header(m: &CaseMetadata, has_label: bool) -> Result<Vec<u8>> {
+    let [x, y, z] = m.shape;
     let image_len = 4 * x * y * z * 4;
     let mut tensors = serde_json::Map::new();
     let mut info = std::collections::BTreeMap::new();
-    let m = metadata.metadata;
     info.insert(METADATA_KEY.to_string(), json(m));
     info.insert("affine".into(), json(&m.affine));
     info.insert("original_shape".into(), json(&m.original_shape));
@@ -112,7 +111,7 @@ fn header(metadata: &CaseTensorsMetadata<'_>) -> Result<Vec<u8>> {
         IMAGE.into(),
         serde_json::json!({"dtype": "F32", "shape": [4, x, y, z], "data_offsets": [0, image_len]}),
     );
-    if metadata.has_label {
+    if has_label {
         let label_len = 3 * x * y * z;
         tensors.insert(
             LABEL.into(),
@@ -125,13 +124,6 @@ fn header(metadata: &CaseTensorsMetadata<'_>) -> Result<Vec<u8>> {
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
     out.extend_from_slice(&json);
     Ok(out)
-}
-
-/// What the header needs to know about a case.
-struct CaseTensorsMetadata<'a> {
-    shape: [usize; 3],
-    has_label: bool,
-    metadata: &'a CaseMetadata,
 }
 
 impl CaseTensors {
@@ -151,20 +143,42 @@ impl CaseTensors {
         {
             return Err(CoreError::Internal(format!("label tensor: {} values for shape [3, {x}, {y}, {z}]", l.len())));
         }
-        let head = header(&CaseTensorsMetadata {
-            shape: self.metadata.shape,
-            has_label: self.label.is_some(),
-            metadata: &self.metadata,
-        })?;
+        self.check_lengths()?;
+        let head = header(&self.metadata, self.label.is_some())?;
         let mut parts = vec![Bytes::from(head), f32_bytes(self.image)];
         parts.extend(self.label.map(Bytes::from));
         Ok((EncodedCase { parts }, self.metadata))
     }
 
-    /// Serialises to safetensors bytes in one buffer (a copy of the case; the services and
-    /// CLIs write [`CaseTensors::encode`]'s parts instead).
+    /// Serialises to safetensors bytes in one buffer: the same bytes as [`CaseTensors::encode`]'s
+    /// parts, joined (one copy of the case; the services and CLIs write the parts instead).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        Ok(self.clone().encode()?.0.concat())
+        self.check_lengths()?;
+        let mut out = header(&self.metadata, self.label.is_some())?;
+        out.reserve(self.image.len() * 4 + self.label.as_ref().map_or(0, Vec::len));
+        for v in &self.image {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out.extend_from_slice(self.label.as_deref().unwrap_or_default());
+        Ok(out)
+    }
+
+    /// Fails unless the image holds `4·X·Y·Z` values and the label (if any) `3·X·Y·Z`.
+    fn check_lengths(&self) -> Result<()> {
+        let [x, y, z] = self.metadata.shape;
+        let n = x * y * z;
+        if self.image.len() != 4 * n {
+            return Err(CoreError::Internal(format!(
+                "image tensor: {} values for shape [4, {x}, {y}, {z}]",
+                self.image.len()
+            )));
+        }
+        if let Some(l) = &self.label
+            && l.len() != 3 * n
+        {
+            return Err(CoreError::Internal(format!("label tensor: {} values for shape [3, {x}, {y}, {z}]", l.len())));
+        }
+        Ok(())
     }
 
     /// Parses safetensors bytes written by [`CaseTensors::to_bytes`]; `file` names it in errors.
@@ -227,6 +241,7 @@ mod tests {
         };
         let t = CaseTensors { image: (0..16).map(|v| v as f32 / 3.0).collect(), label: Some(vec![1; 12]), metadata };
         let bytes = t.to_bytes().unwrap();
+        assert_eq!(bytes, t.clone().encode().unwrap().0.concat(), "to_bytes is encode's parts joined");
         assert_eq!(CaseTensors::from_bytes(&bytes, "x").unwrap(), t);
         let (_, h) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(h.metadata().as_ref().unwrap()["crop_box"], r#"{"start":[1,0,-1],"size":[2,2,1]}"#);
